@@ -1,0 +1,56 @@
+# gatewayd developer entry points. `make demo` and `make test` set up everything they need
+# (Debian packages through apt-get, a virtualenv in .venv) on a fresh Debian 12 machine.
+
+SHELL := /bin/bash
+# Debian's own interpreter, so the venv matches what the .deb runs on.
+PYTHON ?= /usr/bin/python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# Debian packages the tests and the demo need (see ../shared/PLATFORM.md for why each is here).
+APT_PACKAGES := \
+	python3 python3-venv python3-dev gcc pkg-config libtss2-dev libsystemd-dev \
+	swtpm swtpm-tools tpm2-tools tpm2-openssl tpm2-abrmd libtss2-tcti-tabrmd0 dbus \
+	mosquitto mosquitto-clients systemd ca-certificates util-linux openssl
+
+PYTEST_ARGS ?=
+
+.PHONY: deps apt venv test lint typecheck unit demo clean
+
+deps: apt venv
+
+# Idempotent: installs only what is missing, and runs `apt-get update` only then.
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${db:Status-Abbrev}' $$p 2>/dev/null | grep -q '^ii' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "make deps: installing Debian packages:" $$missing; \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "make deps: Debian packages present"; fi
+
+venv: $(VENV)/.stamp
+
+$(VENV)/.stamp: requirements-dev.txt pyproject.toml | apt
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(VPY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+lint: deps
+	$(VENV)/bin/ruff check gatewayd gatewayd_dev tests
+	$(VENV)/bin/ruff format --check gatewayd gatewayd_dev tests
+
+typecheck: deps
+	$(VENV)/bin/mypy
+
+# The whole suite: lint, types, unit, integration and system tests. CI runs exactly this (.ci/run).
+test: lint typecheck
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: deps
+	$(VPY) -m gatewayd_dev.demo
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -1,0 +1,87 @@
+"""`gatewayd [run] --config PATH` runs the daemon; `gatewayd check-config --config PATH` validates.
+
+Exit statuses (documented in README and gatewayd(8)):
+  0   clean stop, or check-config found no problem
+  1   check-config found problems; or the daemon failed at run time (systemd restarts it)
+  78  the daemon's configuration is invalid at start (EX_CONFIG; the unit's RestartPreventExitStatus=)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from gatewayd import __version__
+from gatewayd.core import messages
+from gatewayd.core.errors import ConfigError, GatewaydError
+from gatewayd.service.daemon import run_daemon
+from gatewayd.service.logsetup import setup_logging
+from gatewayd.stores.configfile import config_files, load
+
+DEFAULT_CONFIG = Path("/etc/gatewayd/gatewayd.toml")
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
+
+log = logging.getLogger("gatewayd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help=f"main config file; drop-ins are read from PATH.d/*.toml (default {DEFAULT_CONFIG})",
+    )
+    parser = argparse.ArgumentParser(prog="gatewayd", parents=[common], description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"gatewayd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", parents=[common], help="run the daemon in the foreground (the default)")
+    sub.add_parser("check-config", parents=[common], help="validate the configuration and exit 0 or 1")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    config_path: Path = getattr(args, "config", DEFAULT_CONFIG)
+    if args.command == "check-config":
+        return check_config(config_path)
+    return run(config_path)
+
+
+def check_config(path: Path) -> int:
+    try:
+        load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_FAILURE
+    files = config_files(path)
+    print(f"{path}: OK ({len(files) - 1} drop-in{'s' if len(files) != 2 else ''})")
+    return EXIT_OK
+
+
+def run(path: Path) -> int:
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        setup_logging()
+        for problem in exc.problems:
+            log.error("invalid configuration: %s", problem, extra=messages.extra(messages.CONFIG_INVALID))
+        return EXIT_CONFIG
+    target = setup_logging(config.logging.level)
+    log.debug("logging to %s", target)
+    try:
+        return asyncio.run(run_daemon(path, config))
+    except GatewaydError as exc:
+        log.error("%s", exc, extra=messages.extra(messages.FATAL_ERROR))
+        return EXIT_FAILURE
+    except Exception:
+        log.exception("unexpected error", extra=messages.extra(messages.FATAL_ERROR))
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Configuration schema and validation (pure: takes already-parsed TOML documents).
+
+The schema is a tree of frozen dataclasses. Each field carries a `Spec` (default, bounds, whether it can
+change on SIGHUP, its documentation). `validate()` walks a merged document against the tree and reports
+*every* problem at once as `FILE:section.key: problem`, naming the file that set the offending value.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from typing import Any, TypeVar
+
+from gatewayd.core.errors import ConfigError, ConfigProblem
+
+# Dotted key path -> file that set it (the last file wins, as for the value itself).
+Origins = Mapping[tuple[str, ...], str]
+Check = Callable[[Any], str | None]  # returns a problem text, or None when the value is fine
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class Spec:
+    doc: str
+    live: bool = False  # applied on SIGHUP without a restart
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    check: Check | None = None
+
+
+def opt(default: Any, doc: str, **kw: Any) -> Any:
+    """A config field: its default (or REQUIRED) and its Spec."""
+    return field(default=default, metadata={"spec": Spec(doc=doc, **kw)})
+
+
+# ---------------------------------------------------------------- value checks
+
+# AWS IoT thing names: 1-128 characters of [a-zA-Z0-9:_-] (AWS IoT API reference, CreateThing).
+_THING_NAME = re.compile(r"[A-Za-z0-9:_-]{1,128}")
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def check_thing_name(value: str) -> str | None:
+    if _THING_NAME.fullmatch(value):
+        return None
+    return "must be 1-128 characters of letters, digits, ':', '_' or '-' (AWS IoT thing name rules)"
+
+
+def check_hostname(value: str) -> str | None:
+    labels = value.rstrip(".").split(".")
+    if len(value) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return None
+    return f"{value!r} is not a valid DNS host name"
+
+
+def check_absolute_path(value: str) -> str | None:
+    return None if value.startswith("/") else "must be an absolute path"
+
+
+# ---------------------------------------------------------------- the schema
+
+
+@dataclass(frozen=True)
+class GatewaySection:
+    thing_name: str = opt(
+        REQUIRED,
+        "This gateway's AWS IoT thing name; also its MQTT client id upstream.",
+        check=check_thing_name,
+    )
+    state_dir: str = opt(
+        "/var/lib/gatewayd",
+        "Directory for the gateway's persistent state (identity, registry, spool). Created 0700.",
+        check=check_absolute_path,
+    )
+    control_socket: str = opt(
+        "/run/gatewayd/control.sock",
+        "Unix socket on which the daemon answers gatewayctl.",
+        check=check_absolute_path,
+    )
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    level: str = opt(
+        "info",
+        "Lowest level logged: debug, info, warning or error.",
+        live=True,
+        choices=("debug", "info", "warning", "error"),
+    )
+
+
+@dataclass(frozen=True)
+class UpstreamSection:
+    endpoint: str = opt(
+        REQUIRED,
+        "Your AWS IoT Core device data endpoint (aws iot describe-endpoint --endpoint-type iot:Data-ATS).",
+        check=check_hostname,
+    )
+    port: int = opt(
+        8883, "TCP port of the endpoint: 8883, or 443 (MQTT with ALPN).", minimum=1, maximum=65535
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    gateway: GatewaySection
+    upstream: UpstreamSection
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+# ---------------------------------------------------------------- validation
+
+T = TypeVar("T")
+
+
+class _Walker:
+    def __init__(self, origins: Origins, main_file: str) -> None:
+        self.origins = origins
+        self.main_file = main_file
+        self.problems: list[ConfigProblem] = []
+
+    def where(self, path: tuple[str, ...]) -> str:
+        # The file that set this key, else the closest enclosing table's file, else the main file.
+        for i in range(len(path), 0, -1):
+            if path[:i] in self.origins:
+                return self.origins[path[:i]]
+        return self.main_file
+
+    def problem(self, path: tuple[str, ...], message: str, file: str | None = None) -> None:
+        self.problems.append(ConfigProblem(file or self.where(path), ".".join(path), message))
+
+    def section(self, cls: type[T], doc: Mapping[str, Any], path: tuple[str, ...]) -> T | None:
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        for key in doc:
+            if key not in known:
+                what = "section" if isinstance(doc[key], dict) else "key"
+                self.problem((*path, key), f"unknown {what}")
+        values: dict[str, Any] = {}
+        ok = True
+        for f in fields(cls):  # type: ignore[arg-type]
+            fpath = (*path, f.name)
+            ftype = hints[f.name]
+            if is_dataclass(ftype):
+                sub = doc.get(f.name, {})
+                if not isinstance(sub, dict):
+                    self.problem(fpath, f"expected a table, got {_toml_type(sub)}")
+                    ok = False
+                    continue
+                built = self.section(typing.cast(type, ftype), sub, fpath)
+                ok = ok and built is not None
+                values[f.name] = built
+                continue
+            if f.name not in doc:
+                if f.default is REQUIRED:
+                    self.problem(fpath, "required key is missing", file=self.main_file)
+                    ok = False
+                continue
+            value = self.value(fpath, ftype, f.metadata["spec"], doc[f.name])
+            if value is MISSING:
+                ok = False
+            else:
+                values[f.name] = value
+        return cls(**values) if ok else None
+
+    def value(self, path: tuple[str, ...], ftype: Any, spec: Spec, raw: Any) -> Any:
+        converted = _convert(ftype, raw)
+        if converted is MISSING:
+            self.problem(path, f"expected {_type_name(ftype)}, got {_toml_type(raw)}")
+            return MISSING
+        problem = _check_value(spec, converted)
+        if problem:
+            self.problem(path, problem)
+            return MISSING
+        return converted
+
+
+def _check_value(spec: Spec, value: Any) -> str | None:
+    if spec.choices and value not in spec.choices:
+        return f"{value!r} is not one of: {', '.join(spec.choices)}"
+    if spec.minimum is not None and value < spec.minimum:
+        return f"must be at least {spec.minimum:g}, got {value}"
+    if spec.maximum is not None and value > spec.maximum:
+        return f"must be at most {spec.maximum:g}, got {value}"
+    return spec.check(value) if spec.check else None
+
+
+def _convert(ftype: Any, raw: Any) -> Any:
+    """TOML value -> field value, or MISSING when the TOML type does not fit."""
+    if ftype is bool:
+        return raw if isinstance(raw, bool) else MISSING
+    if ftype is int:
+        return raw if isinstance(raw, int) and not isinstance(raw, bool) else MISSING
+    if ftype is float:
+        return float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else MISSING
+    if ftype is str:
+        return raw if isinstance(raw, str) else MISSING
+    if typing.get_origin(ftype) is tuple:
+        (item_type, _ellipsis) = typing.get_args(ftype)
+        if not isinstance(raw, list):
+            return MISSING
+        items = [_convert(item_type, item) for item in raw]
+        return MISSING if any(i is MISSING for i in items) else tuple(items)
+    raise TypeError(f"unsupported config field type {ftype!r}")  # a schema bug, not a user error
+
+
+def _type_name(ftype: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    if ftype in names:
+        return names[ftype]
+    if typing.get_origin(ftype) is tuple:
+        return f"an array of {_type_name(typing.get_args(ftype)[0]).split(' ', 1)[1]}s"
+    return str(ftype)
+
+
+def _toml_type(raw: Any) -> str:
+    match raw:
+        case bool():
+            return f"boolean {str(raw).lower()}"
+        case int():
+            return f"integer {raw}"
+        case float():
+            return f"float {raw}"
+        case str():
+            return f"string {raw!r}"
+        case list():
+            return "an array"
+        case dict():
+            return "a table"
+        case _:
+            return type(raw).__name__  # dates and times
+
+
+def validate(doc: Mapping[str, Any], origins: Origins, main_file: str) -> Config:
+    """Build a Config from a merged document, or raise ConfigError listing every problem."""
+    walker = _Walker(origins, main_file)
+    config = walker.section(Config, doc, ())
+    if walker.problems or config is None:
+        raise ConfigError(walker.problems)
+    return config
+
+
+# ---------------------------------------------------------------- reload support
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str  # dotted
+    old: Any
+    new: Any
+    live: bool
+
+
+def leaves(obj: Any, path: tuple[str, ...] = ()) -> dict[str, tuple[Any, Spec]]:
+    """Every leaf of a config tree: dotted key -> (value, spec)."""
+    out: dict[str, tuple[Any, Spec]] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            out.update(leaves(value, (*path, f.name)))
+        else:
+            out[".".join((*path, f.name))] = (value, f.metadata["spec"])
+    return out
+
+
+def diff(old: Config, new: Config) -> list[Change]:
+    """The keys whose values differ between two configs, each marked live or restart-only."""
+    before, after = leaves(old), leaves(new)
+    return [
+        Change(key, before[key][0], value, spec.live)
+        for key, (value, spec) in after.items()
+        if before[key][0] != value
+    ]
+
+
+def with_live_changes(running: Config, new: Config) -> Config:
+    """The running config with only the live keys taken from `new` (what a SIGHUP applies)."""
+
+    def merge(cur: Any, nxt: Any) -> Any:
+        updates: dict[str, Any] = {}
+        for f in fields(cur):
+            a, b = getattr(cur, f.name), getattr(nxt, f.name)
+            if is_dataclass(a):
+                updates[f.name] = merge(a, b)
+            elif f.metadata["spec"].live:
+                updates[f.name] = b
+        return type(cur)(**{**{f.name: getattr(cur, f.name) for f in fields(cur)}, **updates})
+
+    return typing.cast(Config, merge(running, new))

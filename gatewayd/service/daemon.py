@@ -1,0 +1,221 @@
+"""The composition root: starts the components, talks to systemd, handles signals and reloads.
+
+Lifecycle (sd_notify(3)):
+- READY=1 only once every component has started; STATUS= on every state change a person cares about.
+- WATCHDOG=1 every WATCHDOG_USEC/2, sent by a coroutine on the event loop itself, so a stalled loop stops the
+  pings and systemd's watchdog fires.
+- SIGHUP: RELOADING=1, re-read the config, apply the live keys, log each restart-only key, READY=1. An invalid
+  config is refused and the running one kept.
+- SIGTERM/SIGINT: STOPPING=1, close components cleanly, exit 0 within SHUTDOWN_BUDGET seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gatewayd import __version__
+from gatewayd.adapters.systemd import Notifier, watchdog_interval
+from gatewayd.core import messages
+from gatewayd.core.config import Config, diff, with_live_changes
+from gatewayd.core.errors import ConfigError, ControlError
+from gatewayd.service.control import ControlServer
+from gatewayd.service.logsetup import apply_level
+from gatewayd.stores.configfile import load
+
+log = logging.getLogger("gatewayd.daemon")
+
+SHUTDOWN_BUDGET = 8.0  # seconds; systemd's TimeoutStopSec must be larger (the unit uses 10 s or more)
+DEBUG_ENV = "GATEWAYD_DEBUG_COMMANDS"  # "1" enables debug-only control commands (tests, never in production)
+
+
+class Daemon:
+    def __init__(self, config_path: Path, config: Config, environ: Mapping[str, str] = os.environ) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.environ = environ
+        self.notifier = Notifier(environ)
+        self.state = "starting"
+        self.state_since = time.time()
+        self.started_monotonic = time.monotonic()
+        self.last_reload: dict[str, Any] | None = None
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+
+    # ------------------------------------------------------------------ status
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            log.info("state %s -> %s", self.state, state)
+            self.state, self.state_since = state, time.time()
+
+    def status_line(self) -> str:
+        gw, up = self.config.gateway, self.config.upstream
+        line = f"{self.state.capitalize()}; thing {gw.thing_name}; endpoint {up.endpoint}:{up.port}"
+        if self.last_reload and not self.last_reload["applied"]:
+            line += f"; last reload refused ({self.last_reload['problems']} problems)"
+        return line
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "since": _iso(self.state_since),
+            "thingName": self.config.gateway.thing_name,
+            "endpoint": self.config.upstream.endpoint,
+            "port": self.config.upstream.port,
+            "configPath": str(self.config_path),
+            "pid": os.getpid(),
+            "version": __version__,
+            "uptimeSeconds": round(time.monotonic() - self.started_monotonic, 3),
+            "lastReload": self.last_reload,
+        }
+
+    # ------------------------------------------------------------------ main
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        self.notifier.status("Starting")
+        _prepare_state_dir(Path(self.config.gateway.state_dir))
+        handlers = {"status": self._cmd_status}
+        if self.environ.get(DEBUG_ENV) == "1":
+            log.warning("debug control commands are enabled (%s=1); never do this in production", DEBUG_ENV)
+            handlers["debug-stall-loop"] = self._cmd_stall
+        try:
+            async with contextlib.AsyncExitStack() as components:
+                await components.enter_async_context(
+                    ControlServer(Path(self.config.gateway.control_socket), handlers)
+                )
+                self._set_state("running")
+                self.notifier.ready(self.status_line())
+                log.info(
+                    "gatewayd %s ready (thing %s)",
+                    __version__,
+                    self.config.gateway.thing_name,
+                    extra=messages.extra(messages.STARTED, thing_name=self.config.gateway.thing_name),
+                )
+                await self._serve_until_stopped()
+                try:
+                    async with asyncio.timeout(SHUTDOWN_BUDGET):
+                        await components.aclose()
+                except TimeoutError:
+                    log.error("components did not close within %s s; exiting anyway", SHUTDOWN_BUDGET)
+                    return 1
+        finally:
+            self.notifier.close()
+        log.info("clean shutdown complete", extra=messages.extra(messages.STOPPED))
+        return 0
+
+    async def _serve_until_stopped(self) -> None:
+        tasks = [asyncio.create_task(self._reload_loop(), name="reload")]
+        interval = watchdog_interval(self.environ)
+        if interval is not None:
+            log.info("systemd watchdog enabled: pinging every %.3f s", interval)
+            tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
+        try:
+            await self._stop.wait()
+            self._set_state("stopping")
+            self.notifier.stopping("Stopping")
+            log.info("stopping on signal", extra=messages.extra(messages.STOPPING))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watchdog(self, interval: float) -> None:
+        # Runs on the event loop: if anything blocks the loop, the pings stop and systemd acts.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    # ------------------------------------------------------------------ reload
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            await self.reload()
+
+    async def reload(self) -> None:
+        self.notifier.reloading()
+        self.notifier.status("Reloading configuration")
+        try:
+            new = await asyncio.to_thread(load, self.config_path)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error(
+                    "reload refused: %s",
+                    problem,
+                    extra=messages.extra(messages.CONFIG_RELOAD_REFUSED, config_key=problem.key),
+                )
+            self.last_reload = {"at": _iso(time.time()), "applied": False, "problems": len(exc.problems)}
+            self.notifier.ready(self.status_line())
+            return
+        changes = diff(self.config, new)
+        for change in changes:
+            if not change.live:
+                log.warning(
+                    "%s changed (%r -> %r) but needs a restart; keeping %r until then",
+                    change.key,
+                    change.old,
+                    change.new,
+                    change.old,
+                    extra=messages.extra(messages.CONFIG_RESTART_REQUIRED, config_key=change.key),
+                )
+        self.config = with_live_changes(self.config, new)
+        apply_level(self.config.logging.level)
+        applied = [c.key for c in changes if c.live]
+        pending = [c.key for c in changes if not c.live]
+        log.info(
+            "configuration reloaded: applied %s; restart needed for %s",
+            ", ".join(applied) or "nothing",
+            ", ".join(pending) or "nothing",
+            extra=messages.extra(
+                messages.CONFIG_RELOADED, applied=",".join(applied), restart=",".join(pending)
+            ),
+        )
+        self.last_reload = {
+            "at": _iso(time.time()),
+            "applied": True,
+            "changed": applied,
+            "restartNeeded": pending,
+        }
+        self.notifier.ready(self.status_line())
+
+    # ------------------------------------------------------------------ control commands
+
+    async def _cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.status()
+
+    async def _cmd_stall(self, args: dict[str, Any]) -> dict[str, Any]:
+        seconds = args.get("seconds")
+        if not isinstance(seconds, int | float) or not 0 < seconds <= 600:
+            raise ControlError("seconds must be a number in (0, 600]")
+        log.warning("debug: blocking the event loop for %s s", seconds)
+        time.sleep(seconds)  # deliberately blocks the loop: this is what the command is for
+        return {"stalled": seconds}
+
+
+def _prepare_state_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        log.warning("state directory %s is accessible to others; tightening to 0700", path)
+        path.chmod(0o700)
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+async def run_daemon(config_path: Path, config: Config) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit status."""
+    return await Daemon(config_path, config).run()

@@ -1,0 +1,1 @@
+"""Stores: disk state, no network (DESIGN.md layer 2)."""
