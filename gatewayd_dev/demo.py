@@ -1,0 +1,155 @@
+"""`make demo`: the dev stack plus a gatewayd on a generated config, its log streamed, Ctrl-C to stop.
+
+Options: --workdir DIR (kept afterwards; default a temp dir removed at exit), --duration S (stop by itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from gatewayd_dev.gateway import Gateway, write_config
+from gatewayd_dev.procs import pid_alive
+from gatewayd_dev.stack import DevStack
+
+THING = "demo-gateway"
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gatewayd-demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", type=Path, help="keep everything in this directory (kept afterwards)")
+    parser.add_argument("--duration", type=float, default=0, help="stop by itself after this many seconds")
+    args = parser.parse_args(argv)
+
+    stop_requested = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gatewayd-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    _say(f"gatewayd demo: working in {workdir}")
+    stack = DevStack(workdir / "stack")
+    gateway: Gateway | None = None
+    tail: LogTail | None = None
+    pids: dict[str, int] = {}
+    try:
+        stack.start()
+        pids.update(stack.pids())
+        endpoint = stack.standin.endpoint("rsa")
+        config = write_config(
+            workdir / "gatewayd.toml",
+            {
+                "gateway": {
+                    "thing_name": THING,
+                    "state_dir": str(workdir / "state"),
+                    "control_socket": str(workdir / "control.sock"),
+                },
+                "upstream": {"endpoint": endpoint.hostname, "port": endpoint.port},
+            },
+        )
+        gateway = Gateway(config, workdir)
+        tail = LogTail(gateway.proc.log_path)
+        pids["gatewayd"] = gateway.pid
+        (workdir / "demo.json").write_text(json.dumps({"pids": pids}))
+        ready = gateway.wait_ready()
+        _banner(stack, workdir, config, pids, ready.get("STATUS", ""))
+        _stream(gateway, tail, lambda: stop_requested, args.duration)
+        _say("\ngatewayd demo: stopping ...")
+    finally:
+        status = gateway.terminate() if gateway is not None else None
+        if gateway is not None:
+            gateway.stop()
+        stack.stop()
+        if tail is not None:
+            tail.flush()  # the daemon's last lines (its clean shutdown)
+        left = [f"{name}={pid}" for name, pid in pids.items() if pid_alive(pid)]
+        _say(
+            f"gatewayd exited with status {status}; "
+            + (f"STILL RUNNING: {left}" if left else "no process left")
+        )
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def _banner(stack: DevStack, workdir: Path, config: Path, pids: dict[str, int], status: str) -> None:
+    rsa, ecc = stack.standin.endpoint("rsa"), stack.standin.endpoint("ecc")
+    venv_bin = Path(sys.executable).parent
+    _say(
+        f"""
+Running (every process is ended by its PID on Ctrl-C):
+  software TPM   swtpm pid {pids["swtpm"]} on 127.0.0.1:{stack.tpm.port},
+                 behind tpm2-abrmd pid {pids["tpm2-abrmd"]}
+                 on a private D-Bus (pid {pids["dbus-daemon"]}); TCTI {stack.tpm.tcti}
+  AWS IoT stand-in  mosquitto pid {pids["mosquitto"]}, endpoint {rsa.hostname}
+                 RSA-rooted mutual TLS on 127.0.0.1:{rsa.port}, ECC-rooted on 127.0.0.1:{ecc.port},
+                 observer (plain, loopback only) on 127.0.0.1:{stack.standin.observer_port}
+  gatewayd       pid {pids["gatewayd"]}, config {config}
+                 systemd status: {status}
+
+Where to look:
+  {venv_bin}/gatewayctl --socket {workdir / "control.sock"} status
+  {venv_bin}/gatewayd check-config --config {config}
+  mosquitto_sub -h 127.0.0.1 -p {stack.standin.observer_port} -t '#' -v     # what reaches the stand-in
+  TPM: env {" ".join(f"{k}={v}" for k, v in stack.tpm.env().items())} tpm2_getcap properties-fixed
+
+gatewayd log follows; Ctrl-C stops everything.
+"""
+    )
+
+
+class LogTail:
+    """Prints what a log file gained since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def flush(self) -> None:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return
+        self.offset += len(data)
+        if data:
+            sys.stdout.write(data.decode(errors="replace"))
+            sys.stdout.flush()
+
+
+def _stream(gateway: Gateway, tail: LogTail, stop: Callable[[], bool], duration: float) -> None:
+    deadline = time.monotonic() + duration if duration > 0 else None
+    while not stop():
+        tail.flush()
+        for msg in gateway.notify.poll():
+            if "STATUS" in msg:
+                _say(f"[sd_notify] STATUS={msg['STATUS']}")
+        if not gateway.proc.alive():
+            _say(f"gatewayd exited unexpectedly with status {gateway.proc.popen.returncode}")
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+    tail.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Run a real gatewayd as a child process, with a test NOTIFY_SOCKET that records what it tells systemd."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gatewayd_dev.procs import Proc
+
+
+def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
+    """Write a small TOML config from {section: {key: value}} (str, int, float, bool, list of str)."""
+
+    def fmt(value: Any) -> str:
+        match value:
+            case bool():
+                return "true" if value else "false"
+            case int() | float():
+                return repr(value)
+            case str():
+                return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            case list():
+                return "[" + ", ".join(fmt(v) for v in value) + "]"
+        raise TypeError(f"cannot write {value!r} as TOML")
+
+    lines: list[str] = []
+    for section, keys in tables.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {fmt(value)}" for key, value in keys.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+class NotifyListener:
+    """A unix datagram socket standing in for systemd's NOTIFY_SOCKET; collects every message."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[dict[str, str]] = []  # each with "_t" (monotonic receive time)
+
+    def poll(self) -> list[dict[str, str]]:
+        new: list[dict[str, str]] = []
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            fields["_t"] = repr(time.monotonic())
+            new.append(fields)
+        self.messages += new
+        return new
+
+    def wait_for(
+        self, key: str, value: str | None = None, timeout: float = 15.0, after: int = 0
+    ) -> dict[str, str]:
+        """The first message (index >= after) carrying `key` (= `value` if given)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.poll()
+            for msg in self.messages[after:]:
+                if key in msg and (value is None or msg[key] == value):
+                    return msg
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"no {key}={value or '*'} from the daemon within {timeout} s: {self.messages}"
+                )
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+class Gateway:
+    """`gatewayd --config PATH` as a child process, output to `workdir/gatewayd.log`."""
+
+    def __init__(
+        self, config: Path, workdir: Path, env: dict[str, str] | None = None, watchdog_usec: int = 0
+    ):
+        self.config = config
+        self.workdir = workdir
+        self.notify = NotifyListener(workdir / "notify.sock")
+        environ = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "INVOCATION_ID")}
+        environ.update(env or {})
+        environ["NOTIFY_SOCKET"] = str(self.notify.path)
+        environ["PYTHONUNBUFFERED"] = "1"
+        if watchdog_usec:
+            environ["WATCHDOG_USEC"] = str(watchdog_usec)
+        self.proc = Proc(
+            "gatewayd",
+            [sys.executable, "-m", "gatewayd.cli.gatewayd", "--config", str(config)],
+            workdir / "gatewayd.log",
+            env=environ,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.proc.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 15.0) -> dict[str, str]:
+        return self.notify.wait_for("READY", "1", timeout)
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.proc.alive():
+            self.signal(signal.SIGTERM)
+        return self.proc.popen.wait(timeout)
+
+    def stop(self) -> None:
+        self.proc.stop()
+        self.notify.close()
