@@ -60,6 +60,13 @@ class NotifyListener:
         self.messages += new
         return new
 
+    def collect(self, seconds: float) -> None:
+        """Poll often for `seconds`, so each message's receive time is accurate to ~10 ms."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.poll()
+            time.sleep(0.01)
+
     def wait_for(
         self, key: str, value: str | None = None, timeout: float = 15.0, after: int = 0
     ) -> dict[str, str]:

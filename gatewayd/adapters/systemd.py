@@ -105,12 +105,12 @@ class JournalHandler(logging.Handler):
             message = record.getMessage()
             if record.exc_info:
                 message += "\n" + "".join(traceback.format_exception(*record.exc_info))
-            fields: dict[str, str] = {
+            fields: dict[str, str | int] = {
                 "PRIORITY": str(_PRIORITY.get(record.levelno, 6)),
                 "SYSLOG_IDENTIFIER": SYSLOG_IDENTIFIER,
                 "GATEWAYD_COMPONENT": component_of(record),
                 "CODE_FILE": record.pathname,
-                "CODE_LINE": str(record.lineno),
+                "CODE_LINE": record.lineno,  # python-systemd formats it with {:d}
                 "CODE_FUNC": record.funcName,
             }
             message_id = getattr(record, "message_id", None)

@@ -89,6 +89,7 @@ class ControlServer:
                 raise TypeError
         except (ValueError, KeyError, TypeError):
             return {"ok": False, "error": 'malformed request: expected {"command": NAME, "args": {...}}'}
+        log.debug("control request %s", command)
         handler = self.handlers.get(command)
         if handler is None:
             return {"ok": False, "error": f"unknown command {command!r}"}

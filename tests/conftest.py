@@ -1,0 +1,63 @@
+"""Shared fixtures: the real dev stack, temp configs, and real gatewayd processes that are always stopped."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gatewayd_dev.gateway import Gateway, write_config
+from gatewayd_dev.stack import DevStack
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def devstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
+    """One software TPM and one AWS IoT stand-in for the whole session (tests must not restart them)."""
+    stack = DevStack(tmp_path_factory.mktemp("devstack")).start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def base_config(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    tables: dict[str, dict[str, Any]] = {
+        "gateway": {
+            "thing_name": "gw-test",
+            "state_dir": str(tmp_path / "state"),
+            "control_socket": str(tmp_path / "control.sock"),
+        },
+        "upstream": {"endpoint": "standin-ats.iot.local.gatewayd.test", "port": 8883},
+    }
+    for name, values in sections.items():
+        tables.setdefault(name, {}).update(values)
+    return tables
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Path]:
+    def make(name: str = "gatewayd.toml", **sections: dict[str, Any]) -> Path:
+        return write_config(tmp_path / name, base_config(tmp_path, **sections))
+
+    return make
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    """Start real gatewayd processes; every one is stopped by PID at teardown, pass or fail."""
+    started: list[Gateway] = []
+
+    def start(config: Path, **kw: Any) -> Gateway:
+        workdir = tmp_path / f"gw{len(started)}"
+        workdir.mkdir()
+        gw = Gateway(config, workdir, **kw)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()

@@ -1,0 +1,241 @@
+"""Configuration: valid files, each kind of error, all errors at once, drop-in order, the reference file."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gatewayd.core.config import Config, diff, leaves, with_live_changes
+from gatewayd.core.errors import ConfigError
+from gatewayd.stores.configfile import load
+
+from .conftest import REPO
+
+MINIMAL = """
+[gateway]
+thing_name = "gw-1"
+[upstream]
+endpoint = "abc123-ats.iot.eu-west-1.amazonaws.com"
+"""
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def problems(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    return [str(p) for p in err.value.problems]
+
+
+def test_minimal_config_gets_defaults(tmp_path: Path) -> None:
+    config = load(write(tmp_path / "g.toml", MINIMAL))
+    assert config.gateway.thing_name == "gw-1"
+    assert config.upstream.endpoint == "abc123-ats.iot.eu-west-1.amazonaws.com"
+    assert config.upstream.port == 8883
+    assert config.gateway.state_dir == "/var/lib/gatewayd"
+    assert config.gateway.control_socket == "/run/gatewayd/control.sock"
+    assert config.logging.level == "info"
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    config = load(write(tmp_path / "g.toml", MINIMAL))
+    with pytest.raises(AttributeError):
+        config.upstream.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("[upstream]\nprot = 8883", "upstream.prot: unknown key"),
+        ("[uplink]\nport = 1", "uplink: unknown section"),
+        ('[upstream]\nport = "8883"', "upstream.port: expected an integer, got string '8883'"),
+        ("[upstream]\nport = true", "upstream.port: expected an integer, got boolean true"),
+        ("[upstream]\nport = 70000", "upstream.port: must be at most 65535, got 70000"),
+        ("[upstream]\nport = 0", "upstream.port: must be at least 1, got 0"),
+        (
+            '[logging]\nlevel = "verbose"',
+            "logging.level: 'verbose' is not one of: debug, info, warning, error",
+        ),
+        ('[gateway]\nstate_dir = "var/lib"', "gateway.state_dir: must be an absolute path"),
+        ("logging = 3", "logging: expected a table, got integer 3"),
+    ],
+)
+def test_each_kind_of_error_names_file_and_key(tmp_path: Path, extra: str, expected: str) -> None:
+    main = write(tmp_path / "g.toml", MINIMAL)
+    dropin = write(tmp_path / "g.toml.d" / "50-x.toml", extra)
+    assert problems(main) == [f"{dropin}:{expected}"]
+
+
+def test_bad_thing_name_and_endpoint(tmp_path: Path) -> None:
+    main = write(
+        tmp_path / "g.toml",
+        '[gateway]\nthing_name = "gw 1"\n[upstream]\nendpoint = "-bad-.example.com"\n',
+    )
+    assert problems(main) == [
+        f"{main}:gateway.thing_name: must be 1-128 characters of letters, digits, ':', '_' or '-' "
+        "(AWS IoT thing name rules)",
+        f"{main}:upstream.endpoint: '-bad-.example.com' is not a valid DNS host name",
+    ]
+
+
+def test_missing_required_keys_are_each_reported(tmp_path: Path) -> None:
+    main = write(tmp_path / "g.toml", "[logging]\nlevel = 'debug'\n")
+    assert problems(main) == [
+        f"{main}:gateway.thing_name: required key is missing",
+        f"{main}:upstream.endpoint: required key is missing",
+    ]
+
+
+def test_three_mistakes_give_three_lines_and_exit_1(tmp_path: Path) -> None:
+    main = write(
+        tmp_path / "g.toml",
+        MINIMAL + '\n[logging]\nlevel = "loud"\nextra = 1\n',
+    )
+    write(tmp_path / "g.toml.d" / "10-port.toml", '[upstream]\nport = "high"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "gatewayd.cli.gatewayd", "check-config", "--config", str(main)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 3, result.stderr
+    assert f"{main}:logging.level: 'loud' is not one of: debug, info, warning, error" in lines
+    assert f"{main}:logging.extra: unknown key" in lines
+    assert (
+        f"{tmp_path / 'g.toml.d' / '10-port.toml'}:upstream.port: expected an integer, got string 'high'"
+        in lines
+    )
+    assert result.stdout == ""
+
+
+def test_toml_syntax_error_and_unreadable_file(tmp_path: Path) -> None:
+    main = write(tmp_path / "g.toml", MINIMAL)
+    bad = write(tmp_path / "g.toml.d" / "20-bad.toml", "[upstream\nport = 1\n")
+    found = problems(main)
+    assert len(found) == 1 and found[0].startswith(f"{bad}: invalid TOML: ")
+    assert "line 1" in found[0]
+    assert problems(tmp_path / "absent.toml") == [
+        f"{tmp_path / 'absent.toml'}: cannot read: No such file or directory"
+    ]
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    main = tmp_path / "g.toml"
+    main.write_bytes(b"[gateway]\nthing_name = '\xff'\n")
+    (found,) = problems(main)
+    assert found.startswith(f"{main}: not UTF-8 text")
+
+
+def test_dropins_override_in_name_order(tmp_path: Path) -> None:
+    main = write(tmp_path / "g.toml", MINIMAL)
+    d = tmp_path / "g.toml.d"
+    write(d / "50-site.toml", "[upstream]\nport = 443\n[logging]\nlevel = 'warning'\n")
+    write(
+        d / "10-fleet.toml", "[upstream]\nport = 8443\nendpoint = 'fleet-ats.iot.us-east-1.amazonaws.com'\n"
+    )
+    write(d / "90-ignored.conf", "[upstream]\nport = 1\n")  # not .toml: ignored
+    write(d / "70-old.toml.dpkg-old", "[upstream]\nport = 2\n")  # not .toml: ignored
+    config = load(main)
+    assert config.upstream.port == 443  # 50-site after 10-fleet
+    assert config.upstream.endpoint == "fleet-ats.iot.us-east-1.amazonaws.com"  # from 10-fleet
+    assert config.logging.level == "warning"
+    assert config.gateway.thing_name == "gw-1"  # main file, untouched by drop-ins
+
+
+def test_dropin_value_replacing_a_bad_one_clears_the_problem(tmp_path: Path) -> None:
+    main = write(tmp_path / "g.toml", MINIMAL + "[logging]\nlevel = 'loud'\n")
+    write(tmp_path / "g.toml.d" / "10-fix.toml", "[logging]\nlevel = 'error'\n")
+    assert load(main).logging.level == "error"
+
+
+def test_dropin_can_supply_required_keys(tmp_path: Path) -> None:
+    main = write(tmp_path / "g.toml", "[logging]\nlevel = 'info'\n")
+    write(tmp_path / "g.toml.d" / "10.toml", MINIMAL)
+    assert load(main).gateway.thing_name == "gw-1"
+
+
+def test_check_config_ok_output(tmp_path: Path) -> None:
+    main = write(tmp_path / "g.toml", MINIMAL)
+    write(tmp_path / "g.toml.d" / "10.toml", "[upstream]\nport = 443\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "gatewayd.cli.gatewayd", "check-config", "--config", str(main)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{main}: OK (1 drop-in)"
+
+
+# ---------------------------------------------------------------- the reference file
+
+
+REFERENCE = REPO / "config" / "gatewayd.toml"
+
+
+def test_reference_config_is_valid() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gatewayd.cli.gatewayd", "check-config", "--config", str(REFERENCE)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def _reference_entries() -> dict[str, tuple[str, str]]:
+    """dotted key -> (value text, the comment block just above it), commented-out keys included."""
+    entries: dict[str, tuple[str, str]] = {}
+    section, comments = "", []
+    for line in REFERENCE.read_text().splitlines():
+        if m := re.fullmatch(r"\[([\w.]+)\]", line):
+            section, comments = m.group(1), []
+        elif m := re.fullmatch(r"#?(\w+) = (.+)", line):
+            entries[f"{section}.{m.group(1)}"] = (m.group(2), " ".join(comments))
+            comments = []
+        elif line.startswith("# "):
+            comments.append(line[2:])
+        elif not line.strip():
+            comments = []  # a blank line ends a key's comment block
+    return entries
+
+
+def test_reference_documents_every_key_with_its_default_and_reload_kind() -> None:
+    import tomllib
+
+    config = load(REFERENCE)
+    entries = _reference_entries()
+    schema = leaves(config)
+    assert set(entries) == set(schema), "reference file and schema disagree on the set of keys"
+    for key, (value_text, comment) in entries.items():
+        value, spec = schema[key]
+        assert comment, f"{key} has no explanation"
+        if spec.live:
+            assert "Live." in comment, f"{key} is live but not documented as such"
+        else:
+            assert "Needs a restart." in comment, f"{key} needs a restart but is not documented as such"
+        if "REQUIRED" not in comment:
+            default = tomllib.loads(f"v = {value_text}")["v"]
+            assert default == value, f"{key}: reference shows {default!r}, code default is {value!r}"
+
+
+# ---------------------------------------------------------------- reload support (pure)
+
+
+def test_diff_marks_live_and_restart_keys(tmp_path: Path) -> None:
+    old: Config = load(write(tmp_path / "g.toml", MINIMAL))
+    new = load(write(tmp_path / "n.toml", MINIMAL.replace("gw-1", "gw-2") + "[logging]\nlevel = 'debug'\n"))
+    changes = {c.key: c for c in diff(old, new)}
+    assert set(changes) == {"logging.level", "gateway.thing_name"}
+    assert changes["logging.level"].live and not changes["gateway.thing_name"].live
+    applied = with_live_changes(old, new)
+    assert applied.logging.level == "debug"
+    assert applied.gateway.thing_name == "gw-1"  # restart-only: kept
+    assert diff(old, old) == []

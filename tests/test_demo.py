@@ -1,0 +1,51 @@
+"""`make demo` (python -m gatewayd_dev.demo) runs until Ctrl-C and leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gatewayd_dev.procs import pid_alive
+
+from .conftest import REPO
+
+
+def test_demo_runs_until_ctrl_c_and_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "demo.out"
+    with out.open("w") as sink:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "gatewayd_dev.demo", "--workdir", str(tmp_path / "run")],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while "gatewayd log follows" not in out.read_text() and time.monotonic() < deadline:
+                assert demo.poll() is None, out.read_text()
+                time.sleep(0.1)
+            pids = json.loads((tmp_path / "run" / "demo.json").read_text())["pids"]
+            assert set(pids) == {"swtpm", "dbus-daemon", "tpm2-abrmd", "mosquitto", "gatewayd"}
+            assert all(pid_alive(p) for p in pids.values())
+            # The status it points at really answers.
+            sock = str(tmp_path / "run" / "control.sock")
+            ctl = subprocess.run(
+                [sys.executable, "-m", "gatewayd.cli.gatewayctl", "--socket", sock, "status"],
+                capture_output=True,
+                text=True,
+            )
+            assert ctl.returncode == 0 and json.loads(ctl.stdout)["thingName"] == "demo-gateway"
+            demo.send_signal(signal.SIGINT)  # Ctrl-C
+            assert demo.wait(30) == 0
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+                demo.wait()
+    text = out.read_text()
+    assert "gatewayd exited with status 0; no process left" in text, text
+    assert "clean shutdown complete" in text
+    assert not [name for name, pid in pids.items() if pid_alive(pid)]

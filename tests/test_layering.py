@@ -1,0 +1,58 @@
+"""DESIGN.md's layers, enforced by parsing imports: each layer imports only the layers above it."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+PACKAGE = REPO / "gatewayd"
+ORDER = ["core", "stores", "adapters", "service", "cli"]
+# Third-party I/O libraries: only adapters import them, one library per adapter module.
+THIRD_PARTY = {"paho", "tpm2_pytss", "pyudev", "systemd"}
+
+
+def imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def modules() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(REPO)))
+def test_module_respects_layers(path: Path) -> None:
+    rel = path.relative_to(PACKAGE).parts
+    if len(rel) == 1:
+        return  # gatewayd/__init__.py: version only
+    layer = rel[0]
+    allowed = set(ORDER[: ORDER.index(layer) + 1])
+    for name in imports(path):
+        top, _, rest = name.partition(".")
+        if top == "gatewayd" and rest:
+            target = rest.split(".")[0]
+            if target in ORDER:
+                assert target in allowed, f"{name} imported by a {layer} module"
+                if layer == "adapters" and target == "adapters":
+                    raise AssertionError(f"adapters do not import each other: {name}")
+        elif top in THIRD_PARTY:
+            assert layer == "adapters", f"third-party I/O library {top} imported outside adapters"
+        elif layer == "core":
+            assert top in sys.stdlib_module_names or top == "__future__", f"core imports non-stdlib {name}"
+
+
+def test_core_does_no_io() -> None:
+    forbidden = {"socket", "threading", "asyncio", "subprocess", "time", "os", "random", "ssl", "select"}
+    for path in (PACKAGE / "core").rglob("*.py"):
+        tops = {name.split(".")[0] for name in imports(path)}
+        assert not tops & forbidden, f"{path.name} imports {tops & forbidden}"
