@@ -93,3 +93,14 @@ def test_permission_denied_is_a_clear_one_line_error(tmp_path: Path) -> None:
     result = asyncio.run(scenario())
     assert result.returncode == 1
     assert result.stderr == f"gatewayctl: permission denied on {path}: run as root or in group gatewayd\n"
+
+
+def test_socket_directory_is_created_traversable_for_its_owner(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "gatewayd" / "c.sock"
+
+    async def scenario() -> None:
+        async with ControlServer(path, {}):
+            assert stat.S_IMODE(path.parent.stat().st_mode) & 0o700 == 0o700
+            assert stat.S_IMODE(path.stat().st_mode) == 0o660
+
+    asyncio.run(scenario())

@@ -248,3 +248,31 @@ def test_gatewayctl_without_daemon_fails_with_one_line(tmp_path: Path) -> None:
         result.stderr == f"gatewayctl: no control socket at {tmp_path / 'none.sock'}: is gatewayd running?\n"
     )
     assert result.stdout == ""
+
+
+def test_unusable_state_dir_is_one_clear_error(tmp_path: Path, start_gateway: Start) -> None:
+    (tmp_path / "afile").write_text("")
+    config = write_config(
+        tmp_path / "g.toml", base_config(tmp_path, gateway={"state_dir": str(tmp_path / "afile/s")})
+    )
+    gw = start_gateway(config)
+    assert gw.proc.popen.wait(10) == 1
+    log = gw.log()
+    assert f"cannot use state directory {tmp_path / 'afile/s'}: Not a directory" in log
+    assert "Traceback" not in log
+    assert messages.FATAL_ERROR.id in log
+
+
+def test_unusable_control_socket_dir_is_one_clear_error(tmp_path: Path, start_gateway: Start) -> None:
+    (tmp_path / "afile").write_text("")
+    sock = tmp_path / "afile" / "c.sock"
+    config = write_config(tmp_path / "g.toml", base_config(tmp_path, gateway={"control_socket": str(sock)}))
+    gw = start_gateway(config)
+    assert gw.proc.popen.wait(10) == 1
+    assert f"cannot listen on {sock}: " in gw.log() and "Traceback" not in gw.log()
+
+
+def test_gatewayctl_usage_error_is_one_line() -> None:
+    result = _gatewayctl("bogus")
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("gatewayctl: argument COMMAND")

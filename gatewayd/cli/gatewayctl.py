@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from gatewayd import __version__
 from gatewayd.core.errors import ConfigError, GatewaydError
@@ -20,8 +20,15 @@ DEFAULT_CONFIG = Path("/etc/gatewayd/gatewayd.toml")
 DEFAULT_SOCKET = Path("/run/gatewayd/control.sock")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit 2), like every other gatewayctl failure."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"gatewayctl: {message} (see gatewayctl --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gatewayctl", description=__doc__.split("\n")[0])
+    parser = _OneLineParser(prog="gatewayctl", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"gatewayctl {__version__}")
     where = parser.add_mutually_exclusive_group()
     where.add_argument(

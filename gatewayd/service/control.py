@@ -38,13 +38,16 @@ class ControlServer:
         self._clients: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> ControlServer:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_socket(self.path)
-        old_umask = os.umask(0o117)  # the socket is created 0660 from the start, never wider
         try:
-            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
-        finally:
-            os.umask(old_umask)
+            self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            _remove_stale_socket(self.path)
+            old_umask = os.umask(0o117)  # the socket is created 0660 from the start, never wider
+            try:
+                self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+            finally:
+                os.umask(old_umask)
+        except OSError as exc:
+            raise ControlError(f"cannot listen on {self.path}: {exc.strerror or exc}") from exc
         log.info("control socket listening on %s", self.path)
         return self
 

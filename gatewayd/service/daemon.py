@@ -25,7 +25,7 @@ from gatewayd import __version__
 from gatewayd.adapters.systemd import Notifier, watchdog_interval
 from gatewayd.core import messages
 from gatewayd.core.config import Config, diff, with_live_changes
-from gatewayd.core.errors import ConfigError, ControlError
+from gatewayd.core.errors import ConfigError, ControlError, GatewaydError
 from gatewayd.service.control import ControlServer
 from gatewayd.service.logsetup import apply_level
 from gatewayd.stores.configfile import load
@@ -206,8 +206,12 @@ class Daemon:
 
 
 def _prepare_state_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o077:
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise GatewaydError(f"cannot use state directory {path}: {exc.strerror or exc}") from exc
+    if mode & 0o077:
         log.warning("state directory %s is accessible to others; tightening to 0700", path)
         path.chmod(0o700)
 
