@@ -14,6 +14,8 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, TypeVar
 
 from gatewayd.core.errors import ConfigError, ConfigProblem
+from gatewayd.core.keys import KEY_BACKENDS, KEY_TYPES
+from gatewayd.core.trust import FILE_MODES, MODES
 
 # Dotted key path -> file that set it (the last file wins, as for the value itself).
 Origins = Mapping[tuple[str, ...], str]
@@ -67,6 +69,32 @@ def check_absolute_path(value: str) -> str | None:
     return None if value.startswith("/") else "must be an absolute path"
 
 
+def check_optional_path(value: str) -> str | None:
+    return None if value == "" or value.startswith("/") else "must be an absolute path (or empty)"
+
+
+def check_ip_address(value: str) -> str | None:
+    import ipaddress
+
+    if value == "":
+        return None
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return f"{value!r} is not an IP address"
+    return None
+
+
+def check_topic_template(value: str) -> str | None:
+    from gatewayd.core.topics import TemplateError, expand
+
+    try:
+        expand(value, {"gateway:ThingName": "x"})
+    except TemplateError as exc:
+        return str(exc)
+    return None
+
+
 # ---------------------------------------------------------------- the schema
 
 
@@ -109,12 +137,101 @@ class UpstreamSection:
     port: int = opt(
         8883, "TCP port of the endpoint: 8883, or 443 (MQTT with ALPN).", minimum=1, maximum=65535
     )
+    validation_mode: str = opt(
+        "rsa",
+        "Which root CAs authenticate the endpoint: rsa (Amazon Root CA 1 and 2), ecc (3 and 4), all (1-4), "
+        "legacy (upstream.ca_file, for pre-ATS endpoints AWS no longer supports), custom (upstream.ca_file).",
+        choices=MODES,
+    )
+    ca_file: str = opt(
+        "",
+        "PEM file of the root CA(s) trusted in legacy and custom modes; unused otherwise.",
+        check=check_optional_path,
+    )
+    system_ca_bundle: str = opt(
+        "/etc/ssl/certs/ca-certificates.crt",
+        "The system's CA bundle, from which the Amazon roots are taken by pinned fingerprint.",
+        check=check_absolute_path,
+    )
+    connect_address: str = opt(
+        "",
+        "Connect to this IP address instead of resolving the endpoint; TLS still verifies the endpoint name. "
+        "Empty: resolve the endpoint.",
+        check=check_ip_address,
+    )
+    alpn: str = opt(
+        "auto",
+        'TLS ALPN: "auto" sends x-amzn-mqtt-ca on port 443 only (as AWS requires there), "x-amzn-mqtt-ca" '
+        'always, "none" never.',
+        choices=("auto", "x-amzn-mqtt-ca", "none"),
+    )
+    keepalive: int = opt(60, "MQTT keepalive in seconds (AWS IoT accepts 30-1200).", minimum=30, maximum=1200)
+    reconnect_max_delay: int = opt(
+        120,
+        "Upper bound in seconds of the reconnect backoff (exponential, full jitter, at least 1 s).",
+        minimum=1,
+    )
+    root_expiry_warning_days: int = opt(
+        180, "Warn this many days before a trusted root CA expires.", live=True, minimum=1
+    )
+
+
+@dataclass(frozen=True)
+class IdentitySection:
+    key_backend: str = opt(
+        "tpm",
+        'Where the private key lives: "tpm" (made inside the TPM, never exportable) or "file" (a software '
+        "key for gateways without a TPM; warned about at every start).",
+        choices=KEY_BACKENDS,
+    )
+    key_type: str = opt(
+        "ecc-p256",
+        "Type of new keys: ecc-p256, ecc-p384, rsa-2048 or rsa-3072.",
+        live=True,
+        choices=KEY_TYPES,
+    )
+    tcti: str = opt(
+        "device:/dev/tpmrm0",
+        "How to reach the TPM (a TCTI string): the kernel resource manager on a Pi; tabrmd:... for abrmd.",
+    )
+    parent_handle: int = opt(
+        0x81000001,
+        "Persistent handle of the storage root key (SRK) new keys are created under; created from the "
+        "standard ECC P-256 template if absent.",
+        minimum=0x81000000,
+        maximum=0x817FFFFF,
+    )
+    common_name: str = opt("", "Subject CN of CSRs; empty means the thing name.", live=True)
+    organization: str = opt("", "Subject O of CSRs; empty means none.", live=True)
+    issuer_ca_file: str = opt(
+        "",
+        "PEM file of the CA(s) that issue the gateway's certificate; when set, an installed certificate must "
+        "chain to it. Empty: no such check.",
+        live=True,
+        check=check_optional_path,
+    )
+    keep_versions: int = opt(
+        3, "How many certificate versions to keep on disk (at least 2).", live=True, minimum=2
+    )
+
+
+@dataclass(frozen=True)
+class StatusSection:
+    topic: str = opt(
+        "gatewayd/${gateway:ThingName}/status",
+        "Topic the gateway publishes its own status on (JSON, QoS 1). ${gateway:ThingName} is replaced.",
+        live=True,
+        check=check_topic_template,
+    )
+    interval: int = opt(60, "Seconds between status messages; 0 turns them off.", live=True, minimum=0)
 
 
 @dataclass(frozen=True)
 class Config:
     gateway: GatewaySection
     upstream: UpstreamSection
+    identity: IdentitySection = field(default_factory=IdentitySection)
+    status: StatusSection = field(default_factory=StatusSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
 
@@ -241,10 +358,31 @@ def _toml_type(raw: Any) -> str:
             return type(raw).__name__  # dates and times
 
 
+def cross_checks(config: Config) -> list[tuple[str, str]]:
+    """Problems that involve more than one key: (dotted key, problem)."""
+    up = config.upstream
+    problems: list[tuple[str, str]] = []
+    if up.validation_mode in FILE_MODES and not up.ca_file:
+        problems.append(("upstream.ca_file", f"required when validation_mode is {up.validation_mode!r}"))
+    if up.validation_mode not in FILE_MODES and up.ca_file:
+        problems.append(
+            (
+                "upstream.ca_file",
+                f"only used with validation_mode legacy or custom, not {up.validation_mode!r}",
+            )
+        )
+    if config.identity.key_backend == "tpm" and not config.identity.tcti:
+        problems.append(("identity.tcti", 'required when key_backend is "tpm"'))
+    return problems
+
+
 def validate(doc: Mapping[str, Any], origins: Origins, main_file: str) -> Config:
     """Build a Config from a merged document, or raise ConfigError listing every problem."""
     walker = _Walker(origins, main_file)
     config = walker.section(Config, doc, ())
+    if config is not None:
+        for key, message in cross_checks(config):
+            walker.problem(tuple(key.split(".")), message)
     if walker.problems or config is None:
         raise ConfigError(walker.problems)
     return config

@@ -88,6 +88,79 @@ FATAL_ERROR = Message(
     "Read the traceback in this entry and report it with the gatewayd version.",
 )
 
+UPLINK_CONNECTED = Message(
+    "UPLINK_CONNECTED",
+    "73e8ecf3f1c14611ba9a302e37e9ac4b",
+    Priority.NOTICE,
+    "The gateway connected to AWS IoT Core with its certificate (mutual TLS, CONNACK accepted).",
+    "",
+)
+UPLINK_DISCONNECTED = Message(
+    "UPLINK_DISCONNECTED",
+    "75fd1d7931d542bb9c140db7169b6408",
+    Priority.WARNING,
+    "The connection to AWS IoT Core was lost; the gateway reconnects with backoff and keeps every message "
+    "not yet acknowledged. The reason is in GATEWAYD_REASON.",
+    "None if it reconnects; otherwise check the network and GATEWAYD_REASON.",
+)
+UPLINK_CONNECT_FAILED = Message(
+    "UPLINK_CONNECT_FAILED",
+    "450e16a5a66b448a9d664aa2a6e2f0f7",
+    Priority.ERR,
+    "A connection attempt to AWS IoT Core failed (TLS, certificate, refused CONNECT, network). "
+    "GATEWAYD_REASON says why; the gateway retries with capped exponential backoff.",
+    "Act on GATEWAYD_REASON: a server certificate rejected by the validation mode, a wrong endpoint, or a "
+    "certificate AWS IoT does not accept (inactive, revoked, policy) will not fix itself.",
+)
+UPLINK_BLOCKED = Message(
+    "UPLINK_BLOCKED",
+    "0415ad79d5d041d79e27c964b4104e92",
+    Priority.ERR,
+    "The gateway cannot try to connect: no certificate installed, the certificate expired or does not match "
+    "its key, or the TPM is unavailable. GATEWAYD_REASON says which; it retries on its own.",
+    "Follow GATEWAYD_REASON, e.g. `gatewayctl identity create-key`, `create-csr`, `install-certificate`.",
+)
+TRUST_ROOT_EXPIRING = Message(
+    "TRUST_ROOT_EXPIRING",
+    "6e085e281c00443dbd777ad284bfa087",
+    Priority.WARNING,
+    "A root CA the validation mode trusts expires within upstream.root_expiry_warning_days "
+    "(GATEWAYD_ROOT, GATEWAYD_NOT_AFTER, GATEWAYD_DAYS_LEFT).",
+    "Update ca-certificates, or choose a validation mode whose roots are current.",
+)
+INSECURE_KEY_BACKEND = Message(
+    "INSECURE_KEY_BACKEND",
+    "fdbf5799a6ab49988d12274970d952e2",
+    Priority.WARNING,
+    'identity.key_backend is "file": the private key is a file, not protected by a TPM. Anyone who can read '
+    "it can impersonate this gateway. Logged at every start.",
+    'Use key_backend = "tpm" on hardware with a TPM.',
+)
+LEGACY_TRUST = Message(
+    "LEGACY_TRUST",
+    "df4bf252c71c46a481321308edddbea4",
+    Priority.WARNING,
+    "validation_mode is legacy: the endpoint is authenticated by a user-supplied VeriSign-era root. AWS no "
+    "longer supports legacy (non-ATS) endpoints. Logged at every start.",
+    "Move to the ATS endpoint (`aws iot describe-endpoint --endpoint-type iot:Data-ATS`), mode rsa or ecc.",
+)
+DEV_TRUST_CATALOG = Message(
+    "DEV_TRUST_CATALOG",
+    "4fff441bd2ac48c8926529797b33100a",
+    Priority.WARNING,
+    "GATEWAYD_DEV_ROOT_CATALOG is set: the Amazon root pins are replaced by a development catalog "
+    "(tests and the demo). Never in production.",
+    "Remove GATEWAYD_DEV_ROOT_CATALOG from the daemon's environment.",
+)
+IDENTITY_CHANGED = Message(
+    "IDENTITY_CHANGED",
+    "d5695610d12044eeb14c37d13b79e297",
+    Priority.NOTICE,
+    "A key was created or a certificate installed "
+    "(GATEWAYD_ACTION, GATEWAYD_CERTIFICATE_ID, GATEWAYD_NOT_AFTER).",
+    "",
+)
+
 ALL: tuple[Message, ...] = (
     STARTED,
     STOPPING,
@@ -97,6 +170,15 @@ ALL: tuple[Message, ...] = (
     CONFIG_RELOAD_REFUSED,
     CONFIG_RESTART_REQUIRED,
     FATAL_ERROR,
+    UPLINK_CONNECTED,
+    UPLINK_DISCONNECTED,
+    UPLINK_CONNECT_FAILED,
+    UPLINK_BLOCKED,
+    TRUST_ROOT_EXPIRING,
+    INSECURE_KEY_BACKEND,
+    LEGACY_TRUST,
+    DEV_TRUST_CATALOG,
+    IDENTITY_CHANGED,
 )
 
 

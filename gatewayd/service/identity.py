@@ -1,0 +1,299 @@
+"""The gateway's identity: create a key (TPM or file), make a CSR, install a certificate, show, and decide
+whether the uplink may connect. Used by the daemon (through the control socket) and by gatewayctl directly
+when the daemon is stopped (holding the state directory's lock). Methods block (TPM, disk): the daemon calls
+them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import NameOID
+
+from gatewayd.adapters import tpm
+from gatewayd.core import der, messages
+from gatewayd.core.config import Config
+from gatewayd.core.keys import Signature
+from gatewayd.stores import softkey
+from gatewayd.stores.identity import IdentityError, IdentityStore, StoredKey, Version
+from gatewayd.stores.x509util import (
+    CertificateError,
+    CertSummary,
+    common_name,
+    is_ca,
+    load_pem_certificates,
+    not_after,
+    not_before,
+    pem,
+    same_public_key,
+)
+
+log = logging.getLogger("gatewayd.identity")
+
+
+def _iso(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The live identity passed every check: the uplink may connect with it."""
+
+    version: Version
+    key: StoredKey
+    summary: CertSummary
+
+
+class Identity:
+    def __init__(self, config: Config, store: IdentityStore) -> None:
+        self.config = config
+        self.store = store
+
+    # ------------------------------------------------------------------ keys
+
+    @property
+    def backend(self) -> str:
+        return self.config.identity.key_backend
+
+    def _public_key_der(self, blob: bytes) -> bytes:
+        return tpm.public_key_der(blob) if self.backend == "tpm" else softkey.public_key_der(blob)
+
+    def _sign(self, key: StoredKey, data: bytes) -> Signature:
+        key_type = key.meta["keyType"]
+        if key.meta["backend"] == "tpm":
+            return tpm.sign(self.config.identity.tcti, key.blob, data, key_type)
+        return softkey.sign(key.blob, data, key_type)
+
+    def create_key(self) -> StoredKey:
+        ident = self.config.identity
+        if ident.key_backend == "tpm":
+            blob = tpm.create_key(ident.tcti, ident.key_type, ident.parent_handle)
+        else:
+            blob = softkey.create_key(ident.key_type)
+        spki = self._public_key_der(blob)
+        meta = {
+            "backend": ident.key_backend,
+            "keyType": ident.key_type,
+            "tpmParent": f"0x{ident.parent_handle:08x}" if ident.key_backend == "tpm" else None,
+            "created": _now(),
+            "publicKeySha256": hashlib.sha256(spki).hexdigest(),
+        }
+        key = self.store.add_key(blob, meta)
+        log.info(
+            "created %s key %s (%s)",
+            ident.key_type,
+            key.number,
+            "inside the TPM" if ident.key_backend == "tpm" else "as a software key file",
+            extra=messages.extra(messages.IDENTITY_CHANGED, action="create-key", key=key.number),
+        )
+        return key
+
+    def csr_key(self) -> StoredKey:
+        """The key a CSR is for: the pending key, else the live certificate's key."""
+        key = self.store.pending_key()
+        if key is not None:
+            return key
+        live = self.store.live()
+        if live is not None:
+            return self.store.key(live.key_number)
+        raise IdentityError("no key yet: run `gatewayctl identity create-key` first")
+
+    # ------------------------------------------------------------------ CSR
+
+    def create_csr(self) -> bytes:
+        """A PEM CSR signed by the stored key, its signature and public key verified before it is returned."""
+        key = self.csr_key()
+        ident = self.config.identity
+        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, ident.common_name or self.config.gateway.thing_name)]
+        if ident.organization:
+            attrs.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, ident.organization))
+        spki = self._public_key_der(key.blob)
+        info = der.certification_request_info(x509.Name(attrs).public_bytes(), spki)
+        sig = self._sign(key, info)
+        csr = x509.load_der_x509_csr(der.certification_request(info, sig.algorithm, sig.der))
+        public = csr.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if not csr.is_signature_valid or public != spki:
+            raise IdentityError("the CSR's signature does not verify; the key store may be damaged")
+        return csr.public_bytes(serialization.Encoding.PEM)
+
+    # ------------------------------------------------------------------ install
+
+    def install_certificate(self, cert_pem: bytes, chain_pem: bytes = b"") -> Version:
+        """Check and install a certificate (and its chain) for a stored key; make it live. All or nothing."""
+        try:
+            certs = load_pem_certificates(cert_pem, "certificate")
+            chain = load_pem_certificates(chain_pem, "chain") if chain_pem.strip() else []
+        except CertificateError as exc:
+            raise IdentityError(str(exc)) from exc
+        leaf, chain = certs[0], certs[1:] + chain  # a full-chain file in place of the certificate works too
+        if is_ca(leaf):
+            raise IdentityError("the certificate is a CA certificate, not the gateway's own")
+        key = self._key_for(leaf)
+        now = _now()
+        if not_before(leaf) > now:
+            raise IdentityError(f"the certificate is not valid before {_iso(not_before(leaf))}")
+        if not_after(leaf) <= now:
+            raise IdentityError(f"the certificate expired at {_iso(not_after(leaf))}")
+        if self.config.identity.issuer_ca_file:
+            self._check_chain(leaf, chain, Path(self.config.identity.issuer_ca_file))
+        summary = CertSummary.of(leaf)
+        version = self.store.add_version(
+            key,
+            pem(leaf),
+            pem(*chain),
+            {"certificateId": summary.certificate_id, "installed": now, "notAfter": summary.not_after},
+        )
+        self.store.promote(version)
+        self.store.keep = self.config.identity.keep_versions
+        self.store.prune()
+        log.info(
+            "installed certificate %s (valid until %s) as version %s",
+            summary.certificate_id,
+            _iso(summary.not_after),
+            version.number,
+            extra=messages.extra(
+                messages.IDENTITY_CHANGED,
+                action="install-certificate",
+                certificate_id=summary.certificate_id,
+                not_after=_iso(summary.not_after),
+            ),
+        )
+        return version
+
+    def _key_for(self, cert: x509.Certificate) -> StoredKey:
+        candidates = [k for k in (self.store.pending_key(), self._live_key()) if k is not None]
+        for key in candidates:
+            public = serialization.load_der_public_key(self._public_key_der(key.blob))
+            if same_public_key(cert.public_key(), public):
+                return key
+        raise IdentityError(
+            "the certificate does not match the gateway's key"
+            + ("" if candidates else " (there is no key: run `gatewayctl identity create-key`)")
+        )
+
+    def _live_key(self) -> StoredKey | None:
+        live = self.store.live()
+        return self.store.key(live.key_number) if live is not None else None
+
+    def _check_chain(self, leaf: x509.Certificate, chain: list[x509.Certificate], ca_file: Path) -> None:
+        try:
+            anchors = load_pem_certificates(ca_file.read_bytes(), str(ca_file))
+        except OSError as exc:
+            raise IdentityError(f"cannot read identity.issuer_ca_file {ca_file}: {exc.strerror}") from exc
+        except CertificateError as exc:
+            raise IdentityError(str(exc)) from exc
+        current, pool = leaf, chain + anchors
+        for _ in range(8):
+            if any(current == a for a in anchors):
+                return
+            issuer = next((c for c in pool if c.subject == current.issuer and _signed_by(current, c)), None)
+            if issuer is None:
+                break
+            if issuer in anchors:
+                return
+            current = issuer
+        raise IdentityError(f"the certificate does not chain to identity.issuer_ca_file ({ca_file})")
+
+    # ------------------------------------------------------------------ the uplink's check
+
+    def check_live(self) -> Ready:
+        """The live identity, fully checked; IdentityError / TPMError say why the gateway cannot use it."""
+        live = self.store.live()
+        if live is None:
+            raise IdentityError(
+                "no certificate installed: run `gatewayctl identity create-key`, `create-csr`, then "
+                "`install-certificate`"
+            )
+        cert = live.certificate()
+        summary = CertSummary.of(cert)
+        now = _now()
+        if summary.not_after <= now:
+            raise IdentityError(
+                f"certificate {summary.certificate_id} expired at {_iso(summary.not_after)}; "
+                "install a new one"
+            )
+        if summary.not_before > now:
+            raise IdentityError(f"certificate not valid before {_iso(summary.not_before)}")
+        key = self.store.key(live.key_number)
+        if key.meta["backend"] != self.backend:
+            raise IdentityError(
+                f"the live key is a {key.meta['backend']} key but identity.key_backend is {self.backend!r}"
+            )
+        public = serialization.load_der_public_key(self._public_key_der(key.blob))
+        if not same_public_key(cert.public_key(), public):
+            raise IdentityError(f"certificate {summary.certificate_id} does not match its key")
+        if self.backend == "tpm":
+            tpm.check_loadable(self.config.identity.tcti, key.blob)
+        return Ready(live, key, summary)
+
+    # ------------------------------------------------------------------ show
+
+    def show(self) -> dict[str, Any]:
+        live, staged, pending = self.store.live(), self.store.staged(), self.store.pending_key()
+        out: dict[str, Any] = {"keyBackend": self.backend, "keyType": self.config.identity.key_type}
+        if self.backend == "tpm":
+            out["tpmParent"] = f"0x{self.config.identity.parent_handle:08x}"
+            out["tcti"] = self.config.identity.tcti
+        if live is not None:
+            s = CertSummary.of(live.certificate())
+            key = self.store.key(live.key_number)
+            out.update(
+                certificateId=s.certificate_id,
+                subject=s.subject,
+                subjectCommonName=common_name(live.certificate().subject),
+                issuer=s.issuer,
+                serial=s.serial,
+                notBefore=_iso(s.not_before),
+                notAfter=_iso(s.not_after),
+                daysLeft=s.days_left(_now()),
+                version=live.number,
+                key={"number": key.number, **key.meta},
+            )
+        else:
+            out["certificateId"] = None
+        out["pendingKey"] = {"number": pending.number, **pending.meta} if pending is not None else None
+        out["versions"] = [
+            {
+                "version": v.number,
+                "certificateId": v.meta.get("certificateId"),
+                "notAfter": v.meta.get("notAfter"),
+                "key": v.key_number,
+                "live": live is not None and v.number == live.number,
+                "staged": staged is not None and v.number == staged.number,
+            }
+            for v in self.store.versions()
+        ]
+        return out
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Signature check that works on cryptography 38 (no verify_directly_issued_by before 40)."""
+    key = issuer.public_key()
+    algorithm = cert.signature_hash_algorithm
+    if algorithm is None:
+        return False
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm))
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True

@@ -1,0 +1,353 @@
+"""The uplink as the daemon sees it: a publish API with per-message acknowledgement, subscriptions, and a
+supervised child process (gatewayd.service.uplink_child) that holds the TLS connection.
+
+The daemon owns every message: `publish()` queues it, at most `window` (AWS IoT Core: 100) are in flight to
+the child at once, and a message is done only when the child reports its PUBACK. A message the child reports
+as not delivered (connection lost, child died) goes back to the head of the queue and is sent again: delivery
+is at-least-once. Subscriptions are kept here and sent again after every reconnect.
+
+Before each child start, `prepare()` (given by the daemon) checks the identity and returns the connection
+parameters, or the reason the gateway cannot connect yet (no certificate, expired, TPM unavailable...); the
+uplink then waits, retrying every `blocked_retry` seconds or at once on `kick()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from gatewayd.core import ipc, messages
+from gatewayd.core.backoff import Backoff
+from gatewayd.core.errors import GatewaydError
+
+log = logging.getLogger("gatewayd.uplink")
+
+EXIT_BAD_SETUP = 3  # uplink_child: certificate/key/bundle unusable
+
+
+class UplinkError(GatewaydError):
+    pass
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """The gateway cannot connect yet, and why (shown in status and logged)."""
+
+    reason: str
+    state: str = "blocked"  # or "waiting-for-tpm"
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    config: dict[str, Any]  # the CONFIG frame: endpoint, port, client_id, files, alpn, keepalive...
+    env: dict[str, str]  # extra environment (OPENSSL_CONF, TPM2OPENSSL_TCTI)
+
+
+@dataclass
+class _Outgoing:
+    id: int
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    done: asyncio.Future[None]
+
+
+@dataclass
+class UplinkStatus:
+    state: str = "starting"
+    since: float = field(default_factory=time.time)
+    last_error: str = ""
+    connected_since: float | None = None
+    child_pid: int | None = None
+    queued: int = 0
+    inflight: int = 0
+
+
+MessageHandler = Callable[[str, bytes, int, bool], None]
+
+
+class Uplink:
+    def __init__(
+        self,
+        prepare: Callable[[], Awaitable[ChildSpec | Blocked]],
+        on_message: MessageHandler,
+        on_state: Callable[[UplinkStatus], None] = lambda s: None,
+        window: int = 100,
+        max_queued: int = 10000,
+        blocked_retry: float = 30.0,
+        reconnect_max_delay: float = 120.0,
+    ) -> None:
+        self.prepare = prepare
+        self.on_message = on_message
+        self.on_state = on_state
+        self.window = window
+        self.max_queued = max_queued
+        self.blocked_retry = blocked_retry
+        self.status = UplinkStatus()
+        self._queue: deque[_Outgoing] = deque()
+        self._inflight: dict[int, _Outgoing] = {}
+        self._ids = 0
+        self._subscriptions: dict[str, int] = {}
+        self._kick = asyncio.Event()
+        self._wake_sender = asyncio.Event()
+        self._writer: asyncio.StreamWriter | None = None
+        self._connected = False
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._restart = Backoff(cap=reconnect_max_delay)
+        self._last_connect_attempt: float | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Returns once AWS IoT acknowledged the message (QoS 1) or it was handed to the socket (QoS 0)."""
+        if len(self._queue) >= self.max_queued:
+            raise UplinkError(f"uplink queue full ({self.max_queued} messages)")
+        self._ids += 1
+        msg = _Outgoing(self._ids, topic, payload, qos, retain, asyncio.get_running_loop().create_future())
+        self._queue.append(msg)
+        self._wake_sender.set()
+        await asyncio.shield(msg.done)
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        self._subscriptions[topic_filter] = qos
+        if self._connected:
+            self._send(ipc.json_frame(ipc.Kind.SUBSCRIBE, {"filters": [[topic_filter, qos]]}))
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        if self._subscriptions.pop(topic_filter, None) is not None and self._connected:
+            self._send(ipc.json_frame(ipc.Kind.UNSUBSCRIBE, {"filters": [topic_filter]}))
+
+    def kick(self) -> None:
+        """Try again now (identity installed, TPM appeared, network changed)."""
+        self._restart.reset_now()
+        self._kick.set()
+
+    def closing(self) -> bool:
+        return self._closing  # a method, so type narrowing of the attribute does not outlive an await
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Uplink:
+        self._task = asyncio.create_task(self._supervise(), name="uplink")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._closing = True
+        self._kick.set()
+        if self._writer is not None:
+            self._send(ipc.frame(ipc.Kind.STOP, b""))
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            try:
+                await asyncio.wait_for(proc.wait(), 3.0)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for msg in [*self._inflight.values(), *self._queue]:
+            if not msg.done.done():
+                msg.done.set_exception(UplinkError("gatewayd is stopping"))
+
+    # ------------------------------------------------------------------ supervision
+
+    def _set(self, state: str, error: str | None = None) -> None:
+        if state != self.status.state:
+            self.status.state, self.status.since = state, time.time()
+        if error is not None:
+            self.status.last_error = error
+        self.status.queued, self.status.inflight = len(self._queue), len(self._inflight)
+        self.on_state(self.status)
+
+    async def _wait_kick(self, seconds: float) -> None:
+        self._kick.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._kick.wait(), seconds)
+
+    async def _supervise(self) -> None:
+        while not self._closing:
+            spec = await self.prepare()
+            if isinstance(spec, Blocked):
+                if self.status.state != spec.state or self.status.last_error != spec.reason:
+                    log.warning(
+                        "cannot connect: %s",
+                        spec.reason,
+                        extra=messages.extra(messages.UPLINK_BLOCKED, reason=spec.reason),
+                    )
+                self._set(spec.state, spec.reason)
+                await self._wait_kick(self.blocked_retry)
+                continue
+            exit_code = await self._run_child(spec)
+            if self.closing():
+                break
+            if exit_code == EXIT_BAD_SETUP:
+                await self._wait_kick(self.blocked_retry)
+                continue
+            self._restart.failed()
+            delay = self._restart.delay(time.monotonic(), random.random())
+            log.warning("uplink process exited with %s; restarting in %.1f s", exit_code, delay)
+            await self._wait_kick(delay)
+
+    async def _run_child(self, spec: ChildSpec) -> int:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
+        env.update(spec.env)
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gatewayd.service.uplink_child",
+                str(child_sock.fileno()),
+                pass_fds=(child_sock.fileno(),),
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            child_sock.close()
+        self.status.child_pid = self._proc.pid
+        reader, self._writer = await asyncio.open_unix_connection(sock=parent_sock)
+        config = dict(spec.config)
+        if self._last_connect_attempt is not None:
+            config["seconds_since_last_attempt"] = time.monotonic() - self._last_connect_attempt
+        self._send(ipc.json_frame(ipc.Kind.CONFIG, config))
+        sender = asyncio.create_task(self._sender(), name="uplink-sender")
+        try:
+            await self._pump(reader)
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+            self._lost_child()
+            self._writer.close()
+            self._writer = None
+        code = await self._proc.wait()
+        self.status.child_pid = None
+        return code
+
+    def _lost_child(self) -> None:
+        """Everything in flight goes back to the head of the queue, in order."""
+        if self._connected:
+            self._connected = False
+        for msg in sorted(self._inflight.values(), key=lambda m: m.id, reverse=True):
+            self._queue.appendleft(msg)
+        self._inflight.clear()
+        if self.status.state == "connected":
+            self._set("disconnected", "uplink process ended")
+
+    async def _pump(self, reader: asyncio.StreamReader) -> None:
+        decoder = ipc.Decoder()
+        while True:
+            data = await reader.read(262144)
+            if not data:
+                return
+            for f in decoder.feed(data):
+                self._on_frame(f)
+
+    def _on_frame(self, f: ipc.Frame) -> None:
+        match f.kind:
+            case ipc.Kind.ACK:
+                self._on_ack(ipc.decode_ack(f.body))
+            case ipc.Kind.MESSAGE:
+                m = ipc.decode_message(f.body)
+                try:
+                    self.on_message(m.topic, m.payload, m.qos, m.retain)
+                except Exception:
+                    log.exception("handler for inbound message on %s failed", m.topic)
+            case ipc.Kind.STATE:
+                self._on_state(f.json())
+            case ipc.Kind.SUBACK:
+                body = f.json()
+                if body.get("error") or any(code == 0x80 for code in body.get("codes", [])):
+                    log.warning("subscription refused upstream: %s %s", body.get("filters"), body)
+
+    def _on_ack(self, ack: ipc.Ack) -> None:
+        msg = self._inflight.pop(ack.id, None)
+        if msg is None:
+            return
+        if ack.ok:
+            if not msg.done.done():
+                msg.done.set_result(None)
+        else:
+            self._queue.appendleft(msg)  # not delivered: send again after reconnect
+        self._wake_sender.set()
+
+    def _on_state(self, body: dict[str, Any]) -> None:
+        state, error = body["state"], body.get("error", "")
+        match state:
+            case "connecting":
+                self._last_connect_attempt = time.monotonic()
+                self._set("connecting")
+            case "connected":
+                self._connected = True
+                self.status.connected_since = time.time()
+                self._restart.succeeded()
+                self._set("connected", "")
+                log.info(
+                    "connected to AWS IoT",
+                    extra=messages.extra(messages.UPLINK_CONNECTED, child_pid=self.status.child_pid),
+                )
+                for start in range(0, len(self._subscriptions), 8):  # AWS IoT: 8 filters per SUBSCRIBE
+                    batch = [[t, q] for t, q in list(self._subscriptions.items())[start : start + 8]]
+                    self._send(ipc.json_frame(ipc.Kind.SUBSCRIBE, {"filters": batch}))
+                self._wake_sender.set()
+            case "disconnected":
+                was = self._connected
+                self._connected = False
+                self.status.connected_since = None
+                self._set("disconnected", error)
+                if was:
+                    log.warning(
+                        "connection to AWS IoT lost: %s",
+                        error or "closed",
+                        extra=messages.extra(messages.UPLINK_DISCONNECTED, reason=error),
+                    )
+            case "failed" | "refused" | "setup-failed":
+                self._set(state, error)
+                log.error(
+                    "connection to AWS IoT failed: %s",
+                    error,
+                    extra=messages.extra(messages.UPLINK_CONNECT_FAILED, reason=error),
+                )
+            case "waiting":
+                self._set("waiting")
+
+    async def _sender(self) -> None:
+        while True:
+            await self._wake_sender.wait()
+            self._wake_sender.clear()
+            while self._connected and self._queue and len(self._inflight) < self.window:
+                msg = self._queue.popleft()
+                if msg.done.done():
+                    continue
+                self._inflight[msg.id] = msg
+                self._send(
+                    ipc.encode_publish(ipc.Publish(msg.id, msg.qos, msg.retain, msg.topic, msg.payload))
+                )
+            if self._writer is not None:
+                await self._writer.drain()
+
+    def _send(self, data: bytes) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(data)
