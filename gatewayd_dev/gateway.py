@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from gatewayd_dev.procs import Proc
+from gatewayd_dev.stack import DevStack
 
 
 def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
@@ -132,3 +135,61 @@ class Gateway:
     def stop(self) -> None:
         self.proc.stop()
         self.notify.close()
+
+
+def standin_config(
+    stack: DevStack, workdir: Path, thing: str, endpoint: str = "rsa", **sections: Any
+) -> dict[str, dict[str, Any]]:
+    """Config tables for a gatewayd that uses the dev stack's TPM and connects to a stand-in endpoint."""
+    ep = stack.standin.endpoint(endpoint)
+    mode = "ecc" if endpoint == "ecc" else "rsa"
+    tables: dict[str, dict[str, Any]] = {
+        "gateway": {
+            "thing_name": thing,
+            "state_dir": str(workdir / "state"),
+            "control_socket": str(workdir / "control.sock"),
+        },
+        "identity": {"tcti": stack.tpm.tcti},
+        "upstream": {
+            "endpoint": ep.hostname,
+            "port": ep.port,
+            "connect_address": "127.0.0.1",
+            "validation_mode": mode,
+            "system_ca_bundle": str(stack.standin.system_bundle_file),
+        },
+        "status": {"interval": 5},
+    }
+    for name, values in sections.items():
+        tables.setdefault(name, {}).update(values)
+    return tables
+
+
+def gateway_env(stack: DevStack) -> dict[str, str]:
+    """What a gatewayd (or gatewayctl) needs in its environment to use the dev stack."""
+    return {**stack.tpm.env(), **stack.standin.gateway_env()}
+
+
+def gatewayctl(config: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    """Run gatewayctl --config CONFIG ARGS...; returns its JSON output, raises with its one-line error."""
+    result = subprocess.run(
+        [sys.executable, "-m", "gatewayd.cli.gatewayctl", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"gatewayctl {' '.join(args)} failed: {result.stderr.strip()}")
+    return json.loads(result.stdout)
+
+
+def provision(stack: DevStack, config: Path, days: float = 365, new_key: bool = True) -> dict[str, Any]:
+    """Key in the TPM (via gatewayctl), CSR, certificate from the stand-in CA, installed. Returns `show`."""
+    env = gateway_env(stack)
+    if new_key:
+        gatewayctl(config, "identity", "create-key", env=env)
+    csr = gatewayctl(config, "identity", "create-csr", env=env)["csrPem"].encode()
+    cert = config.parent / f"cert-{time.monotonic_ns()}.pem"
+    cert.write_bytes(stack.standin.sign_csr(csr, days))
+    result: dict[str, Any] = gatewayctl(config, "identity", "install-certificate", str(cert), env=env)
+    return result

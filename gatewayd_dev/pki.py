@@ -114,6 +114,28 @@ def make_intermediate(issuer: Issued, cn: str, kind: str, validity: Validity | N
     return Issued(_sign(builder, issuer.key), key)
 
 
+def make_cross_signed(subject: Issued, issuer: Issued, validity: Validity | None = None) -> x509.Certificate:
+    """`subject`'s CA certificate re-issued by `issuer` (how AWS's roots are cross-signed by Starfield)."""
+    assert subject.key is not None and issuer.key is not None
+    builder = (
+        _builder(
+            subject.cert.subject,
+            issuer.cert.subject,
+            subject.key.public_key(),
+            validity or Validity.days(3650),
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(subject.key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False
+        )
+    )
+    return _sign(builder, issuer.key)
+
+
 def make_server(
     issuer: Issued,
     hostnames: list[str],
@@ -159,6 +181,14 @@ def make_client(issuer: Issued, cn: str, kind: str = "ecc", validity: Validity |
     key = new_key(kind)
     csr = x509.CertificateSigningRequestBuilder().subject_name(_name(cn)).sign(key, hashes.SHA256())
     return Issued(sign_client_csr(issuer, csr.public_bytes(serialization.Encoding.PEM), validity), key)
+
+
+def cn(cert: x509.Certificate) -> str:
+    return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
 
 
 def write(path: Path, data: bytes, mode: int = 0o644) -> Path:

@@ -6,12 +6,20 @@
   device CA.
 - `observer` listener: plain MQTT on 127.0.0.1 only, the stand-in's back office for tests and the demo to
   watch what arrives (AWS IoT has no such thing; it is never the gateway's target).
+- Faulty endpoints for refusal tests, all RSA-rooted: `expired` (server certificate expired), `wrongname`
+  (certificate for another host name), and `cross` (a chain ending in the RSA root cross-signed by a
+  "Starfield"-like root, as AWS's chains are).
+- `catalog.json` and `system-bundle.pem`: the stand-in roots in the roles of Amazon's (RSA root in mode rsa,
+  ECC root in mode ecc, both in all), for gatewayd's GATEWAYD_DEV_ROOT_CATALOG and upstream.system_ca_bundle;
+  the bundle also holds the Starfield-like root, which no mode selects.
 
 Ports are ephemeral and kept across restart(), so a client can reconnect to the same address.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import socket
 import ssl
 from dataclasses import dataclass
@@ -42,7 +50,7 @@ class StandIn:
         self.workdir = workdir
         self.endpoint_name = endpoint_name
         self.proc: Proc | None = None
-        self.ports = {"rsa": 0, "ecc": 0, "observer": 0}
+        self.ports = {"rsa": 0, "ecc": 0, "observer": 0, "expired": 0, "wrongname": 0, "cross": 0}
         self._device_ca: pki.Issued | None = None
 
     # -------------------------------------------------------------- PKI
@@ -57,8 +65,48 @@ class StandIn:
             pki.write(d / f"root-{kind}.pem", root.cert_pem())
             pki.write(d / f"server-{kind}-chain.pem", pki.pem(server.cert, inter.cert))
             pki.write(d / f"server-{kind}.key", server.key_pem(), 0o600)
+            if kind == "rsa":
+                rsa_root, rsa_inter = root, inter
+            else:
+                ecc_root = root
         self._device_ca = pki.make_root("Stand-in Device CA", "ecc")
         pki.write(d / "device-ca.pem", self._device_ca.cert_pem())
+        # Faulty endpoints, all under the RSA root.
+        past = pki.Validity(
+            dt.datetime.now(dt.UTC) - dt.timedelta(days=30), dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+        )
+        expired = pki.make_server(rsa_inter, [self.endpoint_name], "rsa", past)
+        wrong = pki.make_server(rsa_inter, ["other-ats.iot.local.gatewayd.test"], "rsa")
+        starfield = pki.make_root("Stand-in Starfield Services Root", "rsa")
+        cross = pki.make_cross_signed(rsa_root, starfield)
+        good = pki.make_server(rsa_inter, [self.endpoint_name], "rsa")
+        for name, server, chain in (
+            ("expired", expired, [rsa_inter.cert]),
+            ("wrongname", wrong, [rsa_inter.cert]),
+            ("cross", good, [rsa_inter.cert, cross]),
+        ):
+            pki.write(d / f"server-{name}-chain.pem", pki.pem(server.cert, *chain))
+            pki.write(d / f"server-{name}.key", server.key_pem(), 0o600)
+        pki.write(d / "starfield-root.pem", starfield.cert_pem())
+
+        # The stand-in roots in Amazon's roles, selected by fingerprint like the real ones.
+        def entry(issued: pki.Issued, algorithm: str) -> dict[str, str]:
+            return {
+                "name": pki.cn(issued.cert),
+                "sha256": pki.fingerprint(issued.cert),
+                "algorithm": algorithm,
+            }
+
+        catalog = {
+            "roots": [entry(rsa_root, "RSA 2048"), entry(ecc_root, "ECC P-256")],
+            "modes": {
+                "rsa": [pki.cn(rsa_root.cert)],
+                "ecc": [pki.cn(ecc_root.cert)],
+                "all": [pki.cn(rsa_root.cert), pki.cn(ecc_root.cert)],
+            },
+        }
+        pki.write(d / "catalog.json", json.dumps(catalog, indent=2).encode())
+        pki.write(d / "system-bundle.pem", pki.pem(starfield.cert, rsa_root.cert, ecc_root.cert))
 
     @property
     def device_ca(self) -> pki.Issued:
@@ -70,7 +118,20 @@ class StandIn:
         return self.workdir / "device-ca.pem"
 
     def endpoint(self, name: str) -> Endpoint:
-        return Endpoint(name, self.ports[name], self.endpoint_name, self.workdir / f"root-{name}.pem")
+        root = "ecc" if name == "ecc" else "rsa"
+        return Endpoint(name, self.ports[name], self.endpoint_name, self.workdir / f"root-{root}.pem")
+
+    @property
+    def catalog_file(self) -> Path:
+        return self.workdir / "catalog.json"
+
+    @property
+    def system_bundle_file(self) -> Path:
+        return self.workdir / "system-bundle.pem"
+
+    def gateway_env(self) -> dict[str, str]:
+        """Environment for a gatewayd that should treat the stand-in roots as Amazon's."""
+        return {"GATEWAYD_DEV_ROOT_CATALOG": str(self.catalog_file)}
 
     @property
     def observer_port(self) -> int:
@@ -105,7 +166,7 @@ class StandIn:
             "",
             f"listener {self.ports['observer']} 127.0.0.1",
         ]
-        for kind in ("rsa", "ecc"):
+        for kind in ("rsa", "ecc", "expired", "wrongname", "cross"):
             lines += [
                 "",
                 f"listener {self.ports[kind]} 127.0.0.1",

@@ -3,7 +3,8 @@
 Exit statuses (documented in README and gatewayd(8)):
   0   clean stop, or check-config found no problem
   1   check-config found problems; or the daemon failed at run time (systemd restarts it)
-  78  the daemon's configuration is invalid at start (EX_CONFIG; the unit's RestartPreventExitStatus=)
+  78  the configuration, or the trust store it selects, is unusable at start (EX_CONFIG; the unit's
+      RestartPreventExitStatus=): an operator must act, restarting cannot help
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from gatewayd.core.errors import ConfigError, GatewaydError
 from gatewayd.service.daemon import run_daemon
 from gatewayd.service.logsetup import setup_logging
 from gatewayd.stores.configfile import config_files, load
+from gatewayd.stores.truststore import TrustError
 
 DEFAULT_CONFIG = Path("/etc/gatewayd/gatewayd.toml")
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
@@ -75,6 +77,9 @@ def run(path: Path) -> int:
     log.debug("logging to %s", target)
     try:
         return asyncio.run(run_daemon(path, config))
+    except TrustError as exc:  # the operator must act (ca-certificates, ca_file): restarting cannot help
+        log.error("%s", exc, extra=messages.extra(messages.CONFIG_INVALID))
+        return EXIT_CONFIG
     except GatewaydError as exc:
         log.error("%s", exc, extra=messages.extra(messages.FATAL_ERROR))
         return EXIT_FAILURE

@@ -124,6 +124,10 @@ def _remove_stale_socket(path: Path) -> None:
     raise ControlError(f"another gatewayd is already answering on {path}")
 
 
+class DaemonUnreachable(ControlError):
+    """No daemon listens on the control socket (it is not running)."""
+
+
 def request(path: Path, command: str, args: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
     """Client side (blocking): send one command, return its result or raise ControlError."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -138,9 +142,9 @@ def request(path: Path, command: str, args: dict[str, Any] | None = None, timeou
                     break
                 data += chunk
         except FileNotFoundError as exc:
-            raise ControlError(f"no control socket at {path}: is gatewayd running?") from exc
+            raise DaemonUnreachable(f"no control socket at {path}: is gatewayd running?") from exc
         except ConnectionRefusedError as exc:
-            raise ControlError(f"nothing answers on {path}: is gatewayd running?") from exc
+            raise DaemonUnreachable(f"nothing answers on {path}: is gatewayd running?") from exc
         except PermissionError as exc:
             raise ControlError(f"permission denied on {path}: run as root or in group gatewayd") from exc
         except OSError as exc:

@@ -25,10 +25,13 @@ from gatewayd import __version__
 from gatewayd.adapters.systemd import Notifier, watchdog_interval
 from gatewayd.core import messages
 from gatewayd.core.config import Config, diff, with_live_changes
-from gatewayd.core.errors import ConfigError, ControlError, GatewaydError
+from gatewayd.core.errors import ConfigError, ControlError
 from gatewayd.service.control import ControlServer
 from gatewayd.service.logsetup import apply_level
+from gatewayd.service.upstream import Upstream, build_trust
 from gatewayd.stores.configfile import load
+from gatewayd.stores.identity import IdentityStore
+from gatewayd.stores.statedir import ensure_state_dir
 
 log = logging.getLogger("gatewayd.daemon")
 
@@ -48,6 +51,8 @@ class Daemon:
         self.last_reload: dict[str, Any] | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        self.upstream: Upstream | None = None
+        self._last_status = ""
 
     # ------------------------------------------------------------------ status
 
@@ -57,11 +62,19 @@ class Daemon:
             self.state, self.state_since = state, time.time()
 
     def status_line(self) -> str:
-        gw, up = self.config.gateway, self.config.upstream
-        line = f"{self.state.capitalize()}; thing {gw.thing_name}; endpoint {up.endpoint}:{up.port}"
+        if self.state != "running" or self.upstream is None:
+            line = f"{self.state.capitalize()}; thing {self.config.gateway.thing_name}"
+        else:
+            line = self.upstream.status_line()
         if self.last_reload and not self.last_reload["applied"]:
             line += f"; last reload refused ({self.last_reload['problems']} problems)"
         return line
+
+    def _status_changed(self) -> None:
+        line = self.status_line()
+        if line != self._last_status and self.state == "running":
+            self._last_status = line
+            self.notifier.status(line)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -75,6 +88,7 @@ class Daemon:
             "version": __version__,
             "uptimeSeconds": round(time.monotonic() - self.started_monotonic, 3),
             "lastReload": self.last_reload,
+            "uplink": self.upstream.summary() if self.upstream is not None else None,
         }
 
     # ------------------------------------------------------------------ main
@@ -85,13 +99,22 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)
         self.notifier.status("Starting")
-        _prepare_state_dir(Path(self.config.gateway.state_dir))
-        handlers = {"status": self._cmd_status}
+        state_dir = Path(self.config.gateway.state_dir)
+        ensure_state_dir(state_dir)
+        handlers = {"status": self._cmd_status, "identity": self._cmd_identity}
         if self.environ.get(DEBUG_ENV) == "1":
             log.warning("debug control commands are enabled (%s=1); never do this in production", DEBUG_ENV)
             handlers["debug-stall-loop"] = self._cmd_stall
         try:
             async with contextlib.AsyncExitStack() as components:
+                store = components.enter_context(
+                    IdentityStore(state_dir, self.config.identity.keep_versions).locked()
+                )
+                for cleaned in store.recover():
+                    log.warning("identity store: removed %s left by an interrupted write", cleaned)
+                trust = build_trust(self.config)
+                self.upstream = Upstream(self.config, store, trust, on_change=self._status_changed)
+                await components.enter_async_context(self.upstream)
                 await components.enter_async_context(
                     ControlServer(Path(self.config.gateway.control_socket), handlers)
                 )
@@ -173,6 +196,9 @@ class Daemon:
                 )
         self.config = with_live_changes(self.config, new)
         apply_level(self.config.logging.level)
+        if self.upstream is not None:
+            self.upstream.reconfigure(self.config)
+            self.upstream.uplink.kick()  # a reload also means "try to connect again now"
         applied = [c.key for c in changes if c.live]
         pending = [c.key for c in changes if not c.live]
         log.info(
@@ -196,6 +222,10 @@ class Daemon:
     async def _cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
         return self.status()
 
+    async def _cmd_identity(self, args: dict[str, Any]) -> Any:
+        assert self.upstream is not None
+        return await self.upstream.cmd_identity(str(args.get("action", "")), args)
+
     async def _cmd_stall(self, args: dict[str, Any]) -> dict[str, Any]:
         seconds = args.get("seconds")
         if not isinstance(seconds, int | float) or not 0 < seconds <= 600:
@@ -203,17 +233,6 @@ class Daemon:
         log.warning("debug: blocking the event loop for %s s", seconds)
         time.sleep(seconds)  # deliberately blocks the loop: this is what the command is for
         return {"stalled": seconds}
-
-
-def _prepare_state_dir(path: Path) -> None:
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise GatewaydError(f"cannot use state directory {path}: {exc.strerror or exc}") from exc
-    if mode & 0o077:
-        log.warning("state directory %s is accessible to others; tightening to 0700", path)
-        path.chmod(0o700)
 
 
 def _iso(ts: float) -> str:

@@ -317,7 +317,9 @@ class Uplink:
                 self._connected = False
                 self.status.connected_since = None
                 self._set("disconnected", error)
-                if was:
+                if was and self.closing():
+                    log.info("disconnected from AWS IoT (stopping)")
+                elif was:
                     log.warning(
                         "connection to AWS IoT lost: %s",
                         error or "closed",

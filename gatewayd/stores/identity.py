@@ -4,7 +4,7 @@ Layout under STATE_DIR/identity (certbot-style, every write atomic and durable, 
 
     keys/K/key.pem, key.json           a key (TSS2 blob or software key) and its metadata; never changed
     archive/N/cert.pem, chain.pem,     a certificate version for key K; never changed
-              version.json
+              fullchain.pem, version.json
     live        -> archive/N           the identity the uplink uses (promoted)
     staged      -> archive/M           a version being proven before promotion (renewal)
     pending-key -> keys/K              a key created for a CSR that has no certificate yet
@@ -73,6 +73,11 @@ class Version:
     @property
     def chain_file(self) -> Path:
         return self.path / "chain.pem"
+
+    @property
+    def fullchain_file(self) -> Path:
+        """Certificate followed by its chain: what the gateway presents in the TLS handshake."""
+        return self.path / "fullchain.pem"
 
     @property
     def key_number(self) -> int:
@@ -187,6 +192,7 @@ class IdentityStore:
         tmp.mkdir(mode=0o700)
         _write(tmp / "cert.pem", cert_pem, 0o644)
         _write(tmp / "chain.pem", chain_pem, 0o644)
+        _write(tmp / "fullchain.pem", cert_pem + chain_pem, 0o644)
         _write(tmp / "version.json", _json({**meta, "key": key.number}), 0o644)
         atomic.publish_dir(tmp, self.archive_dir / str(number))
         return self.version(number)

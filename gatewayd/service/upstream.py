@@ -1,0 +1,283 @@
+"""The gateway's side of AWS IoT Core: trust bundle, identity, the supervised uplink, and status messages.
+
+One component of the daemon (an async context manager). It exposes the uplink's publish/subscribe API to the
+rest of the daemon, the identity operations to the control socket, and a status summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from gatewayd import __version__
+from gatewayd.adapters import tls
+from gatewayd.adapters.tpm import TPMError, TPMUnavailable
+from gatewayd.core import messages
+from gatewayd.core.config import Config
+from gatewayd.core.errors import GatewaydError
+from gatewayd.core.topics import expand
+from gatewayd.core.trust import AMAZON, FILE_MODES, expiry_warnings
+from gatewayd.service.identity import Identity, Ready
+from gatewayd.service.uplink import Blocked, ChildSpec, MessageHandler, Uplink, UplinkStatus
+from gatewayd.stores import atomic, truststore
+from gatewayd.stores.identity import IdentityError, IdentityStore
+from gatewayd.stores.x509util import CertificateError
+
+log = logging.getLogger("gatewayd.upstream")
+
+
+def _iso(ts: float | dt.datetime) -> str:
+    value = ts if isinstance(ts, dt.datetime) else dt.datetime.fromtimestamp(ts, dt.UTC)
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def build_trust(config: Config) -> truststore.TrustBundle:
+    """The CA bundle for the validation mode (a TrustError stops the daemon at start)."""
+    up = config.upstream
+    catalog = truststore.catalog_from_env(AMAZON)
+    if catalog is not AMAZON:
+        log.warning(
+            "using %s instead of the Amazon root pins",
+            catalog.origin,
+            extra=messages.extra(messages.DEV_TRUST_CATALOG),
+        )
+    if up.validation_mode == "legacy":
+        log.warning(
+            "validation_mode legacy: trusting %s; AWS no longer supports legacy endpoints",
+            up.ca_file,
+            extra=messages.extra(messages.LEGACY_TRUST),
+        )
+    return truststore.build(
+        up.validation_mode,
+        catalog,
+        Path(up.system_ca_bundle),
+        Path(up.ca_file) if up.validation_mode in FILE_MODES else None,
+        Path(config.gateway.state_dir),
+    )
+
+
+class Upstream:
+    def __init__(
+        self,
+        config: Config,
+        store: IdentityStore,
+        trust: truststore.TrustBundle,
+        on_change: Any = lambda: None,
+        on_message: MessageHandler | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.trust = trust
+        self.identity = Identity(config, store)
+        self.on_change = on_change
+        self.ready: Ready | None = None
+        self.started = time.monotonic()
+        self.root_warnings: list[dict[str, Any]] = []
+        self.uplink = Uplink(
+            self._prepare,
+            on_message or self._unhandled_message,
+            on_state=self._on_uplink_state,
+            reconnect_max_delay=config.upstream.reconnect_max_delay,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Upstream:
+        if self.config.identity.key_backend == "file":
+            log.warning(
+                'identity.key_backend is "file": the private key is not protected by a TPM',
+                extra=messages.extra(messages.INSECURE_KEY_BACKEND),
+            )
+        self.check_roots()
+        await self.uplink.__aenter__()
+        self._tasks = [
+            asyncio.create_task(self._status_loop(), name="status-publisher"),
+            asyncio.create_task(self._root_check_loop(), name="root-expiry"),
+        ]
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.uplink.__aexit__(exc_type, exc, tb)
+
+    def reconfigure(self, config: Config) -> None:
+        """Live keys changed (SIGHUP)."""
+        self.config = config
+        self.identity = Identity(config, self.store)
+        self.check_roots()
+
+    # ------------------------------------------------------------------ trust
+
+    def check_roots(self) -> None:
+        now = dt.datetime.now(dt.UTC)
+        found = expiry_warnings(
+            truststore.root_expiries(self.trust), now, self.config.upstream.root_expiry_warning_days
+        )
+        self.root_warnings = [
+            {"root": w.name, "notAfter": _iso(w.not_after), "daysLeft": w.days_left} for w in found
+        ]
+        for w in found:
+            log.warning(
+                "trusted root %s expires at %s (%s days)",
+                w.name,
+                _iso(w.not_after),
+                w.days_left,
+                extra=messages.extra(
+                    messages.TRUST_ROOT_EXPIRING,
+                    root=w.name,
+                    not_after=_iso(w.not_after),
+                    days_left=w.days_left,
+                ),
+            )
+
+    async def _root_check_loop(self) -> None:
+        while True:
+            await asyncio.sleep(86400)
+            self.check_roots()
+
+    # ------------------------------------------------------------------ uplink
+
+    async def _prepare(self) -> ChildSpec | Blocked:
+        try:
+            ready = await asyncio.to_thread(self.identity.check_live)
+        except TPMUnavailable as exc:
+            self.ready = None
+            return Blocked(f"waiting for the TPM: {exc}", "waiting-for-tpm")
+        except (IdentityError, TPMError, CertificateError) as exc:
+            self.ready = None
+            return Blocked(str(exc))
+        self.ready = ready
+        up, ident = self.config.upstream, self.config.identity
+        env: dict[str, str] = {}
+        if ident.key_backend == "tpm":
+            conf = Path(self.config.gateway.state_dir) / "uplink" / "openssl-tpm2.cnf"
+            conf.parent.mkdir(mode=0o700, exist_ok=True)
+            if not conf.exists() or conf.read_text() != tls.OPENSSL_TPM2_CONF:
+                atomic.write_file(conf, tls.OPENSSL_TPM2_CONF.encode(), 0o600)
+            env = {"OPENSSL_CONF": str(conf), "TPM2OPENSSL_TCTI": ident.tcti}
+        config = {
+            "endpoint": up.endpoint,
+            "port": up.port,
+            "connect_address": up.connect_address,
+            "client_id": self.config.gateway.thing_name,
+            "keepalive": up.keepalive,
+            "alpn": tls.alpn_protocols(up.alpn, up.port),
+            "ca_bundle": str(self.trust.path),
+            "cert_file": str(ready.version.fullchain_file),
+            "key_file": str(ready.key.key_file),
+            "reconnect_max_delay": up.reconnect_max_delay,
+        }
+        return ChildSpec(config, env)
+
+    def _on_uplink_state(self, status: UplinkStatus) -> None:
+        self.on_change()
+
+    def _unhandled_message(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        log.debug("message on %s with no handler (%d bytes)", topic, len(payload))
+
+    # ------------------------------------------------------------------ status
+
+    def days_left(self) -> float | None:
+        if self.ready is None:
+            return None
+        return self.ready.summary.days_left(dt.datetime.now(dt.UTC))
+
+    def summary(self) -> dict[str, Any]:
+        s, up = self.uplink.status, self.config.upstream
+        return {
+            "state": s.state,
+            "since": _iso(s.since),
+            "lastError": s.last_error,
+            "connectedSince": _iso(s.connected_since) if s.connected_since else None,
+            "endpoint": up.endpoint,
+            "port": up.port,
+            "validationMode": up.validation_mode,
+            "trustedRoots": list(self.trust.names),
+            "trustBundle": str(self.trust.path),
+            "rootWarnings": self.root_warnings,
+            "certificateId": self.ready.summary.certificate_id if self.ready else None,
+            "certificateNotAfter": _iso(self.ready.summary.not_after) if self.ready else None,
+            "certificateDaysLeft": self.days_left(),
+            "queued": s.queued,
+            "inflight": s.inflight,
+            "uplinkPid": s.child_pid,
+        }
+
+    def status_line(self) -> str:
+        s = self.uplink.status
+        up = self.config.upstream
+        if s.state == "connected":
+            line = f"Connected to {up.endpoint}:{up.port}"
+        elif s.last_error:
+            line = f"Uplink {s.state}: {s.last_error}"
+        else:
+            line = f"Uplink {s.state}"
+        days = self.days_left()
+        if days is not None and self.ready is not None:
+            line += f"; certificate {self.ready.summary.certificate_id[:12]} {days:.0f} days left"
+        if self.root_warnings:
+            first = self.root_warnings[0]
+            line += f"; root CA {first['root']} expires in {first['daysLeft']} days"
+        return line
+
+    async def _status_loop(self) -> None:
+        while True:
+            interval = self.config.status.interval
+            if interval <= 0:
+                await asyncio.sleep(60)
+                continue
+            if self.uplink.connected:
+                topic = expand(
+                    self.config.status.topic, {"gateway:ThingName": self.config.gateway.thing_name}
+                )
+                body = {
+                    "thingName": self.config.gateway.thing_name,
+                    "state": self.uplink.status.state,
+                    "certificateDaysLeft": self.days_left(),
+                    "uptimeSeconds": round(time.monotonic() - self.started, 1),
+                    "version": __version__,
+                    "timestamp": _iso(time.time()),
+                }
+                with contextlib.suppress(TimeoutError, GatewaydError):
+                    await asyncio.wait_for(
+                        self.uplink.publish(topic, json.dumps(body).encode(), qos=1), interval
+                    )
+            await asyncio.sleep(interval)
+
+    # ------------------------------------------------------------------ control commands
+
+    async def cmd_identity(self, action: str, args: dict[str, Any]) -> Any:
+        result = await asyncio.to_thread(run_identity_action, self.identity, action, args)
+        if action == "install-certificate":
+            self.uplink.kick()  # connect with the new identity now
+        return result
+
+
+def run_identity_action(identity: Identity, action: str, args: dict[str, Any]) -> Any:
+    """One `gatewayctl identity` action, in the daemon or offline; JSON-ready result."""
+    match action:
+        case "create-key":
+            key = identity.create_key()
+            return {"key": key.number, **key.meta}
+        case "create-csr":
+            return {"csrPem": identity.create_csr().decode()}
+        case "install-certificate":
+            cert = str(args.get("certificatePem", "")).encode()
+            chain = str(args.get("chainPem", "")).encode()
+            version = identity.install_certificate(cert, chain)
+            return {"version": version.number, **identity.show()}
+        case "show":
+            return identity.show()
+    raise IdentityError(f"unknown identity action {action!r}")
