@@ -102,6 +102,15 @@ class SoftTPM:
         self.procs.append(abrmd)
         wait_for("tpm2-abrmd", self.answers, abrmd)
 
+    def stop_abrmd(self) -> None:
+        """Make the TPM unreachable (as a missing /dev/tpmrm0 would), keeping its state."""
+        abrmd = next(p for p in self.procs if p.name == "tpm2-abrmd")
+        abrmd.stop()
+        self.procs.remove(abrmd)
+
+    def start_abrmd(self) -> None:
+        self._start_abrmd()
+
     def answers(self) -> bool:
         """True when a TPM command through abrmd succeeds."""
         result = subprocess.run(

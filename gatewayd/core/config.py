@@ -245,6 +245,7 @@ class _Walker:
         self.origins = origins
         self.main_file = main_file
         self.problems: list[ConfigProblem] = []
+        self.values: dict[str, Any] = {}  # dotted key -> value, for every leaf that is valid on its own
 
     def where(self, path: tuple[str, ...]) -> str:
         # The file that set this key, else the closest enclosing table's file, else the main file.
@@ -282,12 +283,15 @@ class _Walker:
                 if f.default is REQUIRED:
                     self.problem(fpath, "required key is missing", file=self.main_file)
                     ok = False
+                else:
+                    self.values[".".join(fpath)] = f.default
                 continue
             value = self.value(fpath, ftype, f.metadata["spec"], doc[f.name])
             if value is MISSING:
                 ok = False
             else:
                 values[f.name] = value
+                self.values[".".join(fpath)] = value
         return cls(**values) if ok else None
 
     def value(self, path: tuple[str, ...], ftype: Any, spec: Spec, raw: Any) -> Any:
@@ -358,20 +362,20 @@ def _toml_type(raw: Any) -> str:
             return type(raw).__name__  # dates and times
 
 
-def cross_checks(config: Config) -> list[tuple[str, str]]:
-    """Problems that involve more than one key: (dotted key, problem)."""
-    up = config.upstream
+def cross_checks(values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Problems that involve more than one key: (dotted key, problem). `values` holds every key that is
+    valid on its own, so these are reported together with all other problems; a check whose inputs are
+    themselves invalid is skipped (their own problems are already reported)."""
     problems: list[tuple[str, str]] = []
-    if up.validation_mode in FILE_MODES and not up.ca_file:
-        problems.append(("upstream.ca_file", f"required when validation_mode is {up.validation_mode!r}"))
-    if up.validation_mode not in FILE_MODES and up.ca_file:
-        problems.append(
-            (
-                "upstream.ca_file",
-                f"only used with validation_mode legacy or custom, not {up.validation_mode!r}",
+    mode, ca_file = values.get("upstream.validation_mode"), values.get("upstream.ca_file")
+    if mode is not None and ca_file is not None:
+        if mode in FILE_MODES and not ca_file:
+            problems.append(("upstream.ca_file", f"required when validation_mode is {mode!r}"))
+        if mode not in FILE_MODES and ca_file:
+            problems.append(
+                ("upstream.ca_file", f"only used with validation_mode legacy or custom, not {mode!r}")
             )
-        )
-    if config.identity.key_backend == "tpm" and not config.identity.tcti:
+    if values.get("identity.key_backend") == "tpm" and values.get("identity.tcti") == "":
         problems.append(("identity.tcti", 'required when key_backend is "tpm"'))
     return problems
 
@@ -380,9 +384,8 @@ def validate(doc: Mapping[str, Any], origins: Origins, main_file: str) -> Config
     """Build a Config from a merged document, or raise ConfigError listing every problem."""
     walker = _Walker(origins, main_file)
     config = walker.section(Config, doc, ())
-    if config is not None:
-        for key, message in cross_checks(config):
-            walker.problem(tuple(key.split(".")), message)
+    for key, message in cross_checks(walker.values):
+        walker.problem(tuple(key.split(".")), message)
     if walker.problems or config is None:
         raise ConfigError(walker.problems)
     return config
