@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,34 +42,41 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
 
 
 class NotifyListener:
-    """A unix datagram socket standing in for systemd's NOTIFY_SOCKET; collects every message."""
+    """A unix datagram socket standing in for systemd's NOTIFY_SOCKET; a thread collects every message at
+    once (as systemd does), each stamped with its arrival time in "_t" (monotonic)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
-        self.sock.setblocking(False)
-        self.messages: list[dict[str, str]] = []  # each with "_t" (monotonic receive time)
+        self.sock.settimeout(0.2)
+        self.messages: list[dict[str, str]] = []
+        self._seen = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
 
-    def poll(self) -> list[dict[str, str]]:
-        new: list[dict[str, str]] = []
-        while True:
+    def _collect(self) -> None:
+        while not self._closed:
             try:
                 data = self.sock.recv(65536)
-            except BlockingIOError:
-                break
+            except TimeoutError:
+                continue
+            except OSError:
+                return
             fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
             fields["_t"] = repr(time.monotonic())
-            new.append(fields)
-        self.messages += new
+            self.messages.append(fields)
+
+    def poll(self) -> list[dict[str, str]]:
+        """Messages received since the last poll()."""
+        new = self.messages[self._seen :]
+        self._seen += len(new)
         return new
 
     def collect(self, seconds: float) -> None:
-        """Poll often for `seconds`, so each message's receive time is accurate to ~10 ms."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            self.poll()
-            time.sleep(0.01)
+        """Wait `seconds` while the collector thread records what arrives."""
+        time.sleep(seconds)
 
     def wait_for(
         self, key: str, value: str | None = None, timeout: float = 15.0, after: int = 0
@@ -87,6 +95,8 @@ class NotifyListener:
             time.sleep(0.02)
 
     def close(self) -> None:
+        self._closed = True
+        self._thread.join(2)
         self.sock.close()
         self.path.unlink(missing_ok=True)
 

@@ -46,8 +46,10 @@ def test_ready_only_after_components_started(
 ) -> None:
     gw = start_gateway(make_config())
     ready = gw.wait_ready()
-    # READY=1 came with a STATUS a person can read, after a "Starting" status.
-    assert "Running; thing gw-test" in ready["STATUS"]
+    # READY=1 came with a STATUS a person can read, after "Starting"; then why the uplink cannot connect.
+    assert ready["STATUS"].startswith("Uplink ")
+    blocked = gw.notify.wait_for("STATUS", after=gw.notify.messages.index(ready) + 1)
+    assert blocked["STATUS"].startswith("Uplink blocked: no certificate installed: run `gatewayctl identity")
     first_status = next(m for m in gw.notify.messages if "STATUS" in m)
     assert first_status["STATUS"] == "Starting" and "READY" not in first_status
     # The control socket was serving before READY was sent: it answers at once.
@@ -142,8 +144,7 @@ def test_sighup_applies_live_keys_and_reports_restart_keys(
     gw.signal(signal.SIGHUP)
     reloading = gw.notify.wait_for("RELOADING", "1", after=mark)
     assert int(reloading["MONOTONIC_USEC"]) > 0
-    ready = gw.notify.wait_for("READY", "1", after=gw.notify.messages.index(reloading))
-    assert "thing gw-test" in ready["STATUS"]  # the thing name needs a restart: still the old one
+    gw.notify.wait_for("READY", "1", after=gw.notify.messages.index(reloading))
 
     st = status(tmp_path)
     assert st["thingName"] == "gw-test"
@@ -195,15 +196,21 @@ def test_invalid_config_at_start_exits_78_with_every_problem(tmp_path: Path, sta
     assert not [m for m in gw.notify.messages if "READY" in m]
 
 
-def test_second_daemon_on_same_socket_exits_1_and_first_keeps_running(
+def test_second_daemon_on_same_state_dir_or_socket_exits_1_and_first_keeps_running(
     tmp_path: Path, make_config: Callable[..., Path], start_gateway: Start
 ) -> None:
     config = make_config()
     first = start_gateway(config)
     first.wait_ready()
-    second = start_gateway(config)
-    assert second.proc.popen.wait(10) == 1
-    assert "another gatewayd is already answering on" in second.log()
+    same_state = start_gateway(config)
+    assert same_state.proc.popen.wait(10) == 1
+    assert (
+        f"{tmp_path / 'state' / 'identity'} is in use by another process (is gatewayd running?)"
+        in same_state.log()
+    )
+    same_socket = start_gateway(make_config("other.toml", gateway={"state_dir": str(tmp_path / "state2")}))
+    assert same_socket.proc.popen.wait(10) == 1
+    assert "another gatewayd is already answering on" in same_socket.log()
     assert first.proc.alive() and status(tmp_path)["pid"] == first.pid
 
 

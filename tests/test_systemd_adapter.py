@@ -66,3 +66,18 @@ def test_stderr_format_carries_message_id_and_fields() -> None:
     assert line.endswith(
         f"WARNING control: hello x [message_id={messages.CONFIG_RESTART_REQUIRED.id} config_key=a.b]"
     )
+
+
+def test_notifier_never_blocks_when_nobody_reads(tmp_path: Path) -> None:
+    """A unix datagram send blocks once the receiver's queue is full; the daemon's loop must not."""
+    import time
+
+    path = tmp_path / "full.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))  # never read from
+        notifier = Notifier({"NOTIFY_SOCKET": str(path)})
+        t0 = time.monotonic()
+        for i in range(5000):
+            notifier.status(f"state {i}")
+        assert time.monotonic() - t0 < 2.0
+        notifier.close()

@@ -43,8 +43,10 @@ class Notifier:
             return
         payload = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
         try:
-            self._sock.sendto(payload, self._address)
-        except OSError as exc:  # systemd gone or socket full: never fatal for the daemon
+            # Never block: a unix datagram send waits when the receiver's queue is full, and the daemon's
+            # event loop must not stall on systemd. A dropped message is superseded by the next one.
+            self._sock.sendto(payload, socket.MSG_DONTWAIT, self._address)
+        except OSError as exc:  # systemd gone or queue full: never fatal for the daemon
             logging.getLogger("gatewayd.systemd").debug("sd_notify failed: %s", exc)
 
     def ready(self, status: str) -> None:

@@ -107,9 +107,10 @@ class Child:
     # ---------------------------------------------------------------- MQTT events
 
     def drain_events(self) -> None:
-        assert self.client is not None
-        while self.client.events:
-            self.on_event(self.client.events.popleft())
+        client = self.client
+        # An event may end the connection (and clear self.client): stop there, the rest are moot.
+        while client is not None and client is self.client and client.events:
+            self.on_event(client.events.popleft())
 
     def on_event(self, ev: Event) -> None:
         match ev.kind:

@@ -167,7 +167,7 @@ class IdentityStore:
     def versions(self) -> list[Version]:
         return [self.version(n) for n in self._numbers(self.archive_dir)]
 
-    def keys(self) -> list[StoredKey]:
+    def stored_keys(self) -> list[StoredKey]:
         return [self.key(n) for n in self._numbers(self.keys_dir)]
 
     # ------------------------------------------------------------------ writing
