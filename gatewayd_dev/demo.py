@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from gatewayd_dev.gateway import Gateway, write_config
-from gatewayd_dev.procs import pid_alive
+from gatewayd_dev.gateway import Gateway, gateway_env, provision, standin_config, write_config
+from gatewayd_dev.procs import Proc, pid_alive
 from gatewayd_dev.stack import DevStack
 
 THING = "demo-gateway"
@@ -47,35 +47,43 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"gatewayd demo: working in {workdir}")
     stack = DevStack(workdir / "stack")
     gateway: Gateway | None = None
+    watcher: Proc | None = None
     tail: LogTail | None = None
     pids: dict[str, int] = {}
     try:
         stack.start()
         pids.update(stack.pids())
-        endpoint = stack.standin.endpoint("rsa")
         config = write_config(
             workdir / "gatewayd.toml",
-            {
-                "gateway": {
-                    "thing_name": THING,
-                    "state_dir": str(workdir / "state"),
-                    "control_socket": str(workdir / "control.sock"),
-                },
-                "upstream": {"endpoint": endpoint.hostname, "port": endpoint.port},
-            },
+            standin_config(stack, workdir, THING, "rsa", status={"interval": 5}),
         )
-        gateway = Gateway(config, workdir)
-        tail = LogTail(gateway.proc.log_path)
+        _say("Provisioning: key generated inside the software TPM, CSR signed by it, certificate from the")
+        _say("stand-in CA, installed (gatewayctl identity create-key / create-csr / install-certificate) ...")
+        shown = provision(stack, config)
+        _say(f"  certificate {shown['certificateId']}")
+        _say(f"  subject {shown['subject']}, valid until {shown['notAfter']}")
+        _say(f"  {shown['keyType']} key inside the TPM under the storage key at {shown['tpmParent']}")
+        watcher = Proc(
+            "mosquitto_sub",
+            ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(stack.standin.observer_port), "-t", "#", "-v"],
+            workdir / "standin-traffic.log",
+        )
+        pids["mosquitto_sub"] = watcher.pid
+        traffic = LogTail(watcher.log_path, prefix="[at the stand-in] ")
+        gateway = Gateway(config, workdir, env=gateway_env(stack))
         pids["gatewayd"] = gateway.pid
+        tail = LogTail(gateway.proc.log_path)
         (workdir / "demo.json").write_text(json.dumps({"pids": pids}))
         ready = gateway.wait_ready()
         _banner(stack, workdir, config, pids, ready.get("STATUS", ""))
-        _stream(gateway, tail, lambda: stop_requested, args.duration)
+        _stream(gateway, [tail, traffic], lambda: stop_requested, args.duration)
         _say("\ngatewayd demo: stopping ...")
     finally:
         status = gateway.terminate() if gateway is not None else None
         if gateway is not None:
             gateway.stop()
+        if watcher is not None:
+            watcher.stop()
         stack.stop()
         if tail is not None:
             tail.flush()  # the daemon's last lines (its clean shutdown)
@@ -102,12 +110,14 @@ Running (every process is ended by its PID on Ctrl-C):
                  RSA-rooted mutual TLS on 127.0.0.1:{rsa.port}, ECC-rooted on 127.0.0.1:{ecc.port},
                  observer (plain, loopback only) on 127.0.0.1:{stack.standin.observer_port}
   gatewayd       pid {pids["gatewayd"]}, config {config}
+                 its uplink: mutual TLS with the TPM-held key, in a child process
                  systemd status: {status}
+  mosquitto_sub  pid {pids["mosquitto_sub"]}, printing what reaches the stand-in ("[at the stand-in]")
 
 Where to look:
   {venv_bin}/gatewayctl --socket {workdir / "control.sock"} status
+  {venv_bin}/gatewayctl --socket {workdir / "control.sock"} identity show
   {venv_bin}/gatewayd check-config --config {config}
-  mosquitto_sub -h 127.0.0.1 -p {stack.standin.observer_port} -t '#' -v     # what reaches the stand-in
   TPM: env {" ".join(f"{k}={v}" for k, v in stack.tpm.env().items())} tpm2_getcap properties-fixed
 
 gatewayd log follows; Ctrl-C stops everything.
@@ -116,10 +126,11 @@ gatewayd log follows; Ctrl-C stops everything.
 
 
 class LogTail:
-    """Prints what a log file gained since the last call."""
+    """Prints what a log file gained since the last call (whole lines, with an optional prefix)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, prefix: str = "") -> None:
         self.path = path
+        self.prefix = prefix
         self.offset = 0
 
     def flush(self) -> None:
@@ -129,16 +140,19 @@ class LogTail:
                 data = f.read()
         except OSError:
             return
+        data = data[: data.rfind(b"\n") + 1]  # whole lines only
         self.offset += len(data)
         if data:
-            sys.stdout.write(data.decode(errors="replace"))
+            lines = data.decode(errors="replace").splitlines()
+            sys.stdout.write("".join(f"{self.prefix}{line}\n" for line in lines))
             sys.stdout.flush()
 
 
-def _stream(gateway: Gateway, tail: LogTail, stop: Callable[[], bool], duration: float) -> None:
+def _stream(gateway: Gateway, tails: list[LogTail], stop: Callable[[], bool], duration: float) -> None:
     deadline = time.monotonic() + duration if duration > 0 else None
     while not stop():
-        tail.flush()
+        for tail in tails:
+            tail.flush()
         for msg in gateway.notify.poll():
             if "STATUS" in msg:
                 _say(f"[sd_notify] STATUS={msg['STATUS']}")
@@ -148,7 +162,8 @@ def _stream(gateway: Gateway, tail: LogTail, stop: Callable[[], bool], duration:
         if deadline is not None and time.monotonic() > deadline:
             return
         time.sleep(0.2)
-    tail.flush()
+    for tail in tails:
+        tail.flush()
 
 
 if __name__ == "__main__":

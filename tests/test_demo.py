@@ -25,11 +25,19 @@ def test_demo_runs_until_ctrl_c_and_leaves_nothing(tmp_path: Path) -> None:
         )
         try:
             deadline = time.monotonic() + 60
-            while "gatewayd log follows" not in out.read_text() and time.monotonic() < deadline:
+            while "[at the stand-in] gatewayd/demo-gateway/status" not in out.read_text():
+                assert time.monotonic() < deadline, out.read_text()
                 assert demo.poll() is None, out.read_text()
                 time.sleep(0.1)
             pids = json.loads((tmp_path / "run" / "demo.json").read_text())["pids"]
-            assert set(pids) == {"swtpm", "dbus-daemon", "tpm2-abrmd", "mosquitto", "gatewayd"}
+            assert set(pids) == {
+                "swtpm",
+                "dbus-daemon",
+                "tpm2-abrmd",
+                "mosquitto",
+                "mosquitto_sub",
+                "gatewayd",
+            }
             assert all(pid_alive(p) for p in pids.values())
             # The status it points at really answers.
             sock = str(tmp_path / "run" / "control.sock")
@@ -38,7 +46,10 @@ def test_demo_runs_until_ctrl_c_and_leaves_nothing(tmp_path: Path) -> None:
                 capture_output=True,
                 text=True,
             )
-            assert ctl.returncode == 0 and json.loads(ctl.stdout)["thingName"] == "demo-gateway"
+            assert ctl.returncode == 0, ctl.stderr
+            st = json.loads(ctl.stdout)
+            assert st["thingName"] == "demo-gateway" and st["uplink"]["state"] == "connected"
+            uplink_pid = st["uplink"]["uplinkPid"]
             demo.send_signal(signal.SIGINT)  # Ctrl-C
             assert demo.wait(30) == 0
         finally:
@@ -49,3 +60,11 @@ def test_demo_runs_until_ctrl_c_and_leaves_nothing(tmp_path: Path) -> None:
     assert "gatewayd exited with status 0; no process left" in text, text
     assert "clean shutdown complete" in text
     assert not [name for name, pid in pids.items() if pid_alive(pid)]
+    assert not pid_alive(uplink_pid)
+    assert "Provisioning: key generated inside the software TPM" in text
+    status = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("[at the stand-in] gatewayd/demo-gateway/status")
+    )
+    assert json.loads(status.split(" ", 4)[4])["state"] == "connected"

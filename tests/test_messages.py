@@ -1,10 +1,11 @@
-"""MESSAGE_IDs: well formed, unique, and every one documented in docs/messages.md."""
+"""MESSAGE_IDs: well formed, unique, and documented (docs/messages.md is generated from the code)."""
 
 from __future__ import annotations
 
 import re
 
 from gatewayd.core import messages
+from gatewayd_dev.docgen import messages_md
 
 from .conftest import REPO
 
@@ -21,12 +22,8 @@ def test_all_lists_every_message_defined() -> None:
     assert defined == set(messages.ALL)
 
 
-def test_every_message_is_documented() -> None:
-    doc = (REPO / "docs" / "messages.md").read_text()
+def test_docs_page_is_current() -> None:
+    committed = (REPO / "docs" / "messages.md").read_text()
+    assert committed == messages_md(), "docs/messages.md is stale: run python -m gatewayd_dev.docgen"
     for m in messages.ALL:
-        section = re.search(rf"^## {m.name}\n(.*?)(?=^## |\Z)", doc, re.S | re.M)
-        assert section, f"{m.name} missing from docs/messages.md"
-        assert f"`{m.id}`" in section.group(1), f"{m.name}: id missing or wrong in docs/messages.md"
-        assert f"priority {m.priority.value} ({m.priority.name.lower()})" in section.group(1), m.name
-    documented = re.findall(r"^## (\w+)$", doc, re.M)
-    assert sorted(documented) == sorted(m.name for m in messages.ALL), "docs list a message the code lacks"
+        assert f"## {m.name}\n\n- id: `{m.id}`" in committed

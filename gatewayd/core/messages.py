@@ -27,6 +27,7 @@ class Message:
     priority: Priority
     summary: str
     action: str  # what an operator should do; "" when nothing
+    fields: str = ""  # the event's own journal fields, for the docs
 
 
 STARTED = Message(
@@ -35,6 +36,7 @@ STARTED = Message(
     Priority.NOTICE,
     "gatewayd started all its components and told systemd it is ready.",
     "",
+    fields="GATEWAYD_THING_NAME",
 )
 STOPPING = Message(
     "STOPPING",
@@ -57,6 +59,7 @@ CONFIG_INVALID = Message(
     "The configuration is invalid at start; gatewayd exits with status 78 and systemd does not restart it.",
     "Fix every FILE:section.key line logged with this message, check with "
     "`gatewayd check-config --config PATH`, then start the service again.",
+    fields="none; MESSAGE holds one FILE:section.key: problem (one entry per problem)",
 )
 CONFIG_RELOADED = Message(
     "CONFIG_RELOADED",
@@ -64,6 +67,7 @@ CONFIG_RELOADED = Message(
     Priority.NOTICE,
     "SIGHUP (systemctl reload): the configuration was re-read and the live keys were applied.",
     "",
+    fields="GATEWAYD_APPLIED (keys applied live), GATEWAYD_RESTART (keys that need a restart)",
 )
 CONFIG_RELOAD_REFUSED = Message(
     "CONFIG_RELOAD_REFUSED",
@@ -71,6 +75,7 @@ CONFIG_RELOAD_REFUSED = Message(
     Priority.ERR,
     "SIGHUP: the new configuration is invalid, so it was refused; the running configuration stays in force.",
     "Fix the problems logged with this message, then reload again.",
+    fields="GATEWAYD_CONFIG_KEY (one entry per problem)",
 )
 CONFIG_RESTART_REQUIRED = Message(
     "CONFIG_RESTART_REQUIRED",
@@ -79,6 +84,7 @@ CONFIG_RESTART_REQUIRED = Message(
     "SIGHUP: a changed key cannot be applied live; the running value stays until the service restarts. "
     "The key is in the GATEWAYD_CONFIG_KEY field.",
     "Restart the service (`systemctl restart gatewayd`) when convenient.",
+    fields="GATEWAYD_CONFIG_KEY",
 )
 FATAL_ERROR = Message(
     "FATAL_ERROR",
@@ -94,6 +100,7 @@ UPLINK_CONNECTED = Message(
     Priority.NOTICE,
     "The gateway connected to AWS IoT Core with its certificate (mutual TLS, CONNACK accepted).",
     "",
+    fields="GATEWAYD_CHILD_PID (the uplink process)",
 )
 UPLINK_DISCONNECTED = Message(
     "UPLINK_DISCONNECTED",
@@ -102,6 +109,7 @@ UPLINK_DISCONNECTED = Message(
     "The connection to AWS IoT Core was lost; the gateway reconnects with backoff and keeps every message "
     "not yet acknowledged. The reason is in GATEWAYD_REASON.",
     "None if it reconnects; otherwise check the network and GATEWAYD_REASON.",
+    fields="GATEWAYD_REASON",
 )
 UPLINK_CONNECT_FAILED = Message(
     "UPLINK_CONNECT_FAILED",
@@ -111,6 +119,7 @@ UPLINK_CONNECT_FAILED = Message(
     "GATEWAYD_REASON says why; the gateway retries with capped exponential backoff.",
     "Act on GATEWAYD_REASON: a server certificate rejected by the validation mode, a wrong endpoint, or a "
     "certificate AWS IoT does not accept (inactive, revoked, policy) will not fix itself.",
+    fields="GATEWAYD_REASON",
 )
 UPLINK_BLOCKED = Message(
     "UPLINK_BLOCKED",
@@ -119,6 +128,7 @@ UPLINK_BLOCKED = Message(
     "The gateway cannot try to connect: no certificate installed, the certificate expired or does not match "
     "its key, or the TPM is unavailable. GATEWAYD_REASON says which; it retries on its own.",
     "Follow GATEWAYD_REASON, e.g. `gatewayctl identity create-key`, `create-csr`, `install-certificate`.",
+    fields="GATEWAYD_REASON",
 )
 TRUST_ROOT_EXPIRING = Message(
     "TRUST_ROOT_EXPIRING",
@@ -127,6 +137,7 @@ TRUST_ROOT_EXPIRING = Message(
     "A root CA the validation mode trusts expires within upstream.root_expiry_warning_days "
     "(GATEWAYD_ROOT, GATEWAYD_NOT_AFTER, GATEWAYD_DAYS_LEFT).",
     "Update ca-certificates, or choose a validation mode whose roots are current.",
+    fields="GATEWAYD_ROOT, GATEWAYD_NOT_AFTER, GATEWAYD_DAYS_LEFT",
 )
 INSECURE_KEY_BACKEND = Message(
     "INSECURE_KEY_BACKEND",
@@ -159,6 +170,7 @@ IDENTITY_CHANGED = Message(
     "A key was created or a certificate installed "
     "(GATEWAYD_ACTION, GATEWAYD_CERTIFICATE_ID, GATEWAYD_NOT_AFTER).",
     "",
+    fields="GATEWAYD_ACTION, GATEWAYD_KEY or GATEWAYD_CERTIFICATE_ID and GATEWAYD_NOT_AFTER",
 )
 
 ALL: tuple[Message, ...] = (

@@ -238,22 +238,20 @@ class Upstream:
             if interval <= 0:
                 await asyncio.sleep(60)
                 continue
-            if self.uplink.connected:
-                topic = expand(
-                    self.config.status.topic, {"gateway:ThingName": self.config.gateway.thing_name}
-                )
-                body = {
-                    "thingName": self.config.gateway.thing_name,
-                    "state": self.uplink.status.state,
-                    "certificateDaysLeft": self.days_left(),
-                    "uptimeSeconds": round(time.monotonic() - self.started, 1),
-                    "version": __version__,
-                    "timestamp": _iso(time.time()),
-                }
-                with contextlib.suppress(TimeoutError, GatewaydError):
-                    await asyncio.wait_for(
-                        self.uplink.publish(topic, json.dumps(body).encode(), qos=1), interval
-                    )
+            if not self.uplink.connected:
+                await asyncio.sleep(min(1, interval))  # publish promptly once connected
+                continue
+            topic = expand(self.config.status.topic, {"gateway:ThingName": self.config.gateway.thing_name})
+            body = {
+                "thingName": self.config.gateway.thing_name,
+                "state": self.uplink.status.state,
+                "certificateDaysLeft": self.days_left(),
+                "uptimeSeconds": round(time.monotonic() - self.started, 1),
+                "version": __version__,
+                "timestamp": _iso(time.time()),
+            }
+            with contextlib.suppress(TimeoutError, GatewaydError):
+                await asyncio.wait_for(self.uplink.publish(topic, json.dumps(body).encode(), qos=1), interval)
             await asyncio.sleep(interval)
 
     # ------------------------------------------------------------------ control commands
