@@ -12,11 +12,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := \
 	python3 python3-venv python3-dev gcc pkg-config libtss2-dev libsystemd-dev \
 	swtpm swtpm-tools tpm2-tools tpm2-openssl tpm2-abrmd libtss2-tcti-tabrmd0 dbus \
-	mosquitto mosquitto-clients systemd ca-certificates util-linux openssl
+	mosquitto mosquitto-clients systemd ca-certificates util-linux openssl sudo \
+	python3-tpm2-pytss python3-paho-mqtt python3-cryptography python3-systemd python3-pyudev \
+	python3-pytest python3-hypothesis
 
 PYTEST_ARGS ?=
 
-.PHONY: deps apt venv test lint typecheck unit demo clean
+.PHONY: deps apt venv test test-venv test-debian lint typecheck demo clean
 
 deps: apt venv
 
@@ -45,9 +47,17 @@ lint: deps
 typecheck: deps
 	$(VENV)/bin/mypy
 
-# The whole suite: lint, types, unit, integration and system tests. CI runs exactly this (.ci/run).
-test: lint typecheck
+# The whole suite: lint, types, then every test twice: on the pinned PyPI libraries in .venv, and on
+# Debian's own python3-* packages (what the .deb runs on). CI runs exactly this (.ci/run).
+test: lint typecheck test-venv test-debian
+
+test-venv: deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-debian: deps
+	@echo "== the same suite on Debian's packages: $$(dpkg-query -W -f='$${Package} $${Version}, ' \
+	    python3-tpm2-pytss python3-paho-mqtt python3-cryptography)"
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: deps
 	$(VPY) -m gatewayd_dev.demo
