@@ -317,3 +317,19 @@ def test_config_of_identity_is_validated(tmp_path: Path) -> None:
         "identity.parent_handle",
         "upstream.ca_file",
     ]
+
+
+def test_staged_version_is_not_live_until_promoted(make_identity: MakeIdentity, devstack: DevStack) -> None:
+    ident = make_identity("gw-stage")
+    provisioned(devstack, ident)
+    store = ident.store
+    old = store.live()
+    key = ident.create_key()
+    cert = sign(devstack, ident.create_csr())
+    version = store.add_version(key, cert, b"", {"certificateId": "x"})
+    store.stage(version)
+    assert store.staged().number == version.number and store.live().number == old.number  # type: ignore[union-attr]
+    assert store.prune() == []  # neither the live nor the staged version is ever pruned
+    store.promote(version)
+    assert store.live().number == version.number and store.staged() is None  # type: ignore[union-attr]
+    assert store.pending_key() is None  # the promoted version used the pending key

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -359,3 +360,65 @@ def test_backoff_is_full_jitter_with_a_one_second_floor() -> None:
     assert b.delay(now, 0.0) == MIN_INTERVAL  # even with zero jitter, one second after the last attempt
     b.succeeded()
     assert b.delay(now + 5, 0.9) == 0.0  # after a success, reconnect at once (a second has passed)
+
+
+# ------------------------------------------------------------------ start-up checks and warnings
+
+
+def test_client_id_is_the_thing_name(make_gw: Callable[..., GW]) -> None:
+    gw = make_gw("gw-clientid")
+    gw.provision()
+    gw.start()
+    gw.wait_connected()
+    log = (gw.stack.standin.workdir / "mosquitto.log").read_text()
+    assert re.search(r"New client connected from 127\.0\.0\.1:\d+ as gw-clientid ", log), log[-2000:]
+
+
+def test_file_backend_works_and_warns_at_every_start(make_gw: Callable[..., GW]) -> None:
+    gw = make_gw("gw-filekey", identity={"key_backend": "file"})
+    shown = gw.provision()
+    assert shown["keyBackend"] == "file" and "tpmParent" not in shown
+    gw.start()
+    gw.wait_connected()
+    assert gw.log().count(messages.INSECURE_KEY_BACKEND.id) == 1
+    gw.stop()
+    gw.start()  # the log file is appended to
+    gw.wait_connected()
+    assert gw.log().count(messages.INSECURE_KEY_BACKEND.id) == 2
+
+
+def test_root_expiry_is_warned_in_log_and_status(make_gw: Callable[..., GW]) -> None:
+    gw = make_gw("gw-rootwarn", upstream={"root_expiry_warning_days": 100000})
+    gw.provision()
+    daemon = gw.start()
+    uplink = gw.wait_connected()
+    (warning,) = uplink["rootWarnings"]
+    assert warning["root"] == "Stand-in Root CA RSA" and warning["daysLeft"] > 3000
+    assert messages.TRUST_ROOT_EXPIRING.id in gw.log()
+    daemon.notify.wait_for("STATUS")
+    assert any(
+        "root CA Stand-in Root CA RSA expires in" in m.get("STATUS", "") for m in daemon.notify.messages
+    )
+
+
+def test_missing_amazon_root_stops_the_start_with_78(make_gw: Callable[..., GW], tmp_path: Path) -> None:
+    only_starfield = tmp_path / "bundle.pem"
+    gw = make_gw("gw-noroot", upstream={"system_ca_bundle": str(only_starfield)})
+    only_starfield.write_bytes((gw.stack.standin.workdir / "starfield-root.pem").read_bytes())
+    daemon = Gateway(gw.config, gw.workdir, env=gateway_env(gw.stack))
+    gw.daemon = daemon
+    assert daemon.proc.popen.wait(15) == 78
+    assert "Stand-in Root CA RSA (SHA-256 " in daemon.log() and "is not in" in daemon.log()
+
+
+def test_create_csr_out_writes_the_file(make_gw: Callable[..., GW]) -> None:
+    from cryptography import x509
+
+    gw = make_gw("gw-csrout", identity={"common_name": "custom-cn"})
+    env = gateway_env(gw.stack)
+    gatewayctl(gw.config, "identity", "create-key", env=env)
+    out = gw.workdir / "gw.csr"
+    result = gatewayctl(gw.config, "identity", "create-csr", "--out", str(out), env=env)
+    assert result["csrFile"] == str(out) and out.read_text() == result["csrPem"]
+    csr = x509.load_pem_x509_csr(out.read_bytes())
+    assert csr.is_signature_valid and csr.subject.rfc4514_string() == "CN=custom-cn"
