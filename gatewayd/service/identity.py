@@ -34,6 +34,7 @@ from gatewayd.stores.x509util import (
     not_after,
     not_before,
     pem,
+    read_certificates,
     same_public_key,
 )
 
@@ -192,9 +193,7 @@ class Identity:
 
     def _check_chain(self, leaf: x509.Certificate, chain: list[x509.Certificate], ca_file: Path) -> None:
         try:
-            anchors = load_pem_certificates(ca_file.read_bytes(), str(ca_file))
-        except OSError as exc:
-            raise IdentityError(f"cannot read identity.issuer_ca_file {ca_file}: {exc.strerror}") from exc
+            anchors = read_certificates(ca_file, "identity.issuer_ca_file")
         except CertificateError as exc:
             raise IdentityError(str(exc)) from exc
         current, pool = leaf, chain + anchors

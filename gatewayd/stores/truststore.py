@@ -24,10 +24,10 @@ from gatewayd.stores.x509util import (
     CertificateError,
     common_name,
     is_ca,
-    load_pem_certificates,
     not_after,
     pem,
     pem_blocks_der,
+    read_certificates,
 )
 
 DEV_CATALOG_ENV = "GATEWAYD_DEV_ROOT_CATALOG"  # tests and the demo: the stand-in's roots play Amazon's
@@ -68,9 +68,7 @@ def select(
         if ca_file is None:
             raise TrustError(f"validation_mode {mode!r} needs upstream.ca_file")
         try:
-            certs = load_pem_certificates(ca_file.read_bytes(), str(ca_file))
-        except OSError as exc:
-            raise TrustError(f"cannot read upstream.ca_file {ca_file}: {exc.strerror}") from exc
+            certs = read_certificates(ca_file, "upstream.ca_file")
         except CertificateError as exc:
             raise TrustError(str(exc)) from exc
         not_ca = [common_name(c.subject) or c.subject.rfc4514_string() for c in certs if not is_ca(c)]

@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -33,6 +34,15 @@ def load_pem_certificates(data: bytes, what: str = "file") -> list[x509.Certific
         except ValueError as exc:
             raise CertificateError(f"{what}: not a valid certificate: {exc}") from exc
     return certs
+
+
+def read_certificates(path: Path, what: str) -> list[x509.Certificate]:
+    """Every certificate in a PEM file; CertificateError names `what` and the path when that fails."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CertificateError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    return load_pem_certificates(data, str(path))
 
 
 def pem_blocks_der(data: bytes) -> list[bytes]:
