@@ -4,6 +4,7 @@ SIGHUP with good and bad configs, and exit statuses."""
 from __future__ import annotations
 
 import itertools
+import re
 import signal
 import subprocess
 import sys
@@ -49,7 +50,11 @@ def test_ready_only_after_components_started(
     # READY=1 came with a STATUS a person can read, after "Starting"; then why the uplink cannot connect.
     assert ready["STATUS"].startswith("Uplink ")
     blocked = gw.notify.wait_for("STATUS", after=gw.notify.messages.index(ready) + 1)
-    assert blocked["STATUS"].startswith("Uplink blocked: no certificate installed: run `gatewayctl identity")
+    assert re.fullmatch(
+        r"Uplink blocked since \S+Z: no certificate installed: run `gatewayctl identity create-key`.*"
+        r"; trust rsa",
+        blocked["STATUS"],
+    ), blocked
     first_status = next(m for m in gw.notify.messages if "STATUS" in m)
     assert first_status["STATUS"] == "Starting" and "READY" not in first_status
     # The control socket was serving before READY was sent: it answers at once.

@@ -124,7 +124,10 @@ def test_connects_in_the_mode_of_its_endpoint(
     assert status["thingName"] == gw.name and status["state"] == "connected"
     assert 29 < status["certificateDaysLeft"] <= 30 and status["uptimeSeconds"] >= 0
     assert any(
-        "Connected to standin-ats" in m.get("STATUS", "")
+        re.fullmatch(
+            r"Connected to standin-ats\S+ since \S+Z; trust (rsa|ecc); certificate \w{12} 30 days left",
+            m.get("STATUS", ""),
+        )
         for m in daemon.notify.messages + daemon.notify.poll()
     )
     assert messages.UPLINK_CONNECTED.id in gw.log()

@@ -216,14 +216,16 @@ class Upstream:
         }
 
     def status_line(self) -> str:
-        s = self.uplink.status
-        up = self.config.upstream
+        """The summary of `gatewayctl status` in one line, for sd_notify STATUS=."""
+        s, up = self.uplink.status, self.config.upstream
+        since = _iso(s.since)
         if s.state == "connected":
-            line = f"Connected to {up.endpoint}:{up.port}"
+            line = f"Connected to {up.endpoint}:{up.port} since {since}"
         elif s.last_error:
-            line = f"Uplink {s.state}: {s.last_error}"
+            line = f"Uplink {s.state} since {since}: {s.last_error}"
         else:
-            line = f"Uplink {s.state}"
+            line = f"Uplink {s.state} since {since}"
+        line += f"; trust {up.validation_mode}"
         days = self.days_left()
         if days is not None and self.ready is not None:
             line += f"; certificate {self.ready.summary.certificate_id[:12]} {days:.0f} days left"
