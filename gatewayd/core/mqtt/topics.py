@@ -1,0 +1,159 @@
+"""Topic filters, per-sensor policy, AWS IoT Core's topic limits, and the sensor <-> upstream topic mapping.
+
+Pure functions over strings. Matching follows MQTT 5.0 section 4.7 (same in 3.1.1): '+' matches one level,
+'#' the rest (including the parent level), and a filter starting with a wildcard does not match topics
+starting with '$' (section 4.7.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gatewayd.core.mqtt.codec import ProtocolError, check_topic_filter
+from gatewayd.core.mqtt.packets import MQTT_5
+from gatewayd.core.topics import TemplateError, expand
+
+# AWS IoT Core limits on topics (AWS IoT Core quotas, "Message broker and protocol limits").
+AWS_MAX_TOPIC_BYTES = 256
+AWS_MAX_SLASHES = 7
+AWS_RESERVED_PREFIX = "$aws/"
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """Does `topic_filter` match the topic name `topic`?"""
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    flevels, tlevels = topic_filter.split("/"), topic.split("/")
+    for i, f in enumerate(flevels):
+        if f == "#":
+            return True
+        if i >= len(tlevels):
+            return False
+        if f != "+" and f != tlevels[i]:
+            return False
+    return len(flevels) == len(tlevels)
+
+
+def filter_covers(outer: str, inner: str) -> bool:
+    """Does `outer` match every topic `inner` can match? (Is a subscription to `inner` within `outer`?)"""
+    olevels, ilevels = outer.split("/"), inner.split("/")
+    for i, o in enumerate(olevels):
+        if o == "#":
+            return not (i == 0 and ilevels[0].startswith("$"))
+        if i >= len(ilevels):
+            return False
+        n = ilevels[i]
+        if n == "#":
+            return False
+        if o == "+":
+            if i == 0 and n.startswith("$"):
+                return False
+            continue
+        if o != n:
+            return False
+    return len(olevels) == len(ilevels)
+
+
+def policy_variables(client_id: str, common_name: str, thing_name: str) -> dict[str, str]:
+    return {
+        "iot:ClientId": client_id,
+        "iot:Certificate.Subject.CommonName": common_name,
+        "gateway:ThingName": thing_name,
+    }
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Allowed and denied topic filters, variables not yet expanded; deny wins."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    deny_publish: tuple[str, ...] = ()
+    deny_subscribe: tuple[str, ...] = ()
+
+    def bind(self, variables: Mapping[str, str]) -> BoundPolicy:
+        def each(filters: tuple[str, ...]) -> tuple[str, ...]:
+            out = []
+            for f in filters:
+                value = variables.get("iot:ClientId", "")
+                if any(c in value for c in "+#/") and "${iot:ClientId}" in f:
+                    continue  # a client id with wildcards or '/' must not widen a filter: drop the rule
+                out.append(expand(f, variables))
+            return tuple(out)
+
+        return BoundPolicy(
+            each(self.publish), each(self.subscribe), each(self.deny_publish), each(self.deny_subscribe)
+        )
+
+
+@dataclass(frozen=True)
+class BoundPolicy:
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    deny_publish: tuple[str, ...]
+    deny_subscribe: tuple[str, ...]
+
+    def may_publish(self, topic: str) -> bool:
+        if any(matches(f, topic) for f in self.deny_publish):
+            return False
+        return any(matches(f, topic) for f in self.publish)
+
+    def may_subscribe(self, topic_filter: str) -> bool:
+        """Allowed when an allowed filter covers it and no denied filter could match what it matches."""
+        if any(filter_covers(d, topic_filter) or filter_covers(topic_filter, d) for d in self.deny_subscribe):
+            return False
+        return any(filter_covers(f, topic_filter) for f in self.subscribe)
+
+
+def check_policy_filters(filters: tuple[str, ...]) -> str | None:
+    """Config check: every entry expands with the known variables to a valid filter."""
+    sample = policy_variables("client", "cn", "thing")
+    for f in filters:
+        try:
+            expanded = expand(f, sample)
+        except TemplateError as exc:
+            return f"{f!r}: {exc}"
+        try:
+            check_topic_filter(expanded, MQTT_5)
+        except ProtocolError as exc:
+            return f"{f!r} is not a valid topic filter: {exc}"
+    return None
+
+
+def aws_topic_problem(topic: str) -> str | None:
+    """Why AWS IoT Core would reject this topic, or None (checked on the upstream topic, after mapping)."""
+    if topic.startswith(AWS_RESERVED_PREFIX):
+        return "topics under $aws/ are reserved by AWS IoT"
+    if len(topic.encode()) > AWS_MAX_TOPIC_BYTES:
+        return f"topic longer than {AWS_MAX_TOPIC_BYTES} bytes"
+    if topic.count("/") > AWS_MAX_SLASHES:
+        return f"topic has more than {AWS_MAX_SLASHES} slashes"
+    return None
+
+
+@dataclass(frozen=True)
+class TopicMap:
+    """Sensor topics <-> upstream topics through a template ending in ${topic}.
+
+    Example: "${gateway:ThingName}/${topic}" maps sensors/s1/t to gw-1/sensors/s1/t and back.
+    """
+
+    prefix: str  # the expanded part before ${topic}
+
+    @classmethod
+    def from_template(cls, template: str, thing_name: str) -> TopicMap:
+        head, sep, tail = template.partition("${topic}")
+        if not sep or tail or "${topic}" in head:
+            raise TemplateError("the upstream topic template must end with ${topic}, once")
+        return cls(expand(head, {"gateway:ThingName": thing_name}))
+
+    def upstream(self, sensor_topic: str) -> str:
+        return self.prefix + sensor_topic
+
+    def downstream(self, upstream_topic: str) -> str | None:
+        """The sensor topic for an upstream topic, or None when it is not under the prefix."""
+        if not upstream_topic.startswith(self.prefix):
+            return None
+        rest = upstream_topic[len(self.prefix) :]
+        return rest or None
