@@ -1,0 +1,429 @@
+"""One downstream MQTT connection, server side, as a sans-IO state machine (in the manner of h11).
+
+`receive(data, now)` turns bytes from the sensor into events for the broker; the broker answers with
+`accept_connect`, `ack_message`, `suback`, ... and `deliver`; `data_to_send()` returns the bytes to write.
+Protocol errors never raise: they end in a `Closed` event (with the DISCONNECT to send, in 5.0).
+
+`SessionState` is what outlives a connection for a persistent session (3.1.1 clean session 0, 5.0 session
+expiry > 0): subscriptions, outbound messages not yet acknowledged, inbound QoS 2 packet ids awaiting PUBREL.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from gatewayd.core.mqtt.codec import Decoder, ProtocolError, encode
+from gatewayd.core.mqtt.packets import (
+    MQTT_5,
+    Connack,
+    Connect,
+    Disconnect,
+    Packet,
+    Pingreq,
+    Pingresp,
+    Prop,
+    Properties,
+    Puback,
+    Pubcomp,
+    Publish,
+    Pubrec,
+    Pubrel,
+    Reason,
+    Suback,
+    Subscribe,
+    Subscription,
+    Unsuback,
+    Unsubscribe,
+    Will,
+)
+
+# 3.1.1 CONNACK return codes for the 5.0 reasons a server refuses a connection with (3.1.1 section 3.2.2.3).
+CONNACK_311 = {
+    Reason.UNSUPPORTED_PROTOCOL_VERSION: 0x01,
+    Reason.CLIENT_IDENTIFIER_NOT_VALID: 0x02,
+    Reason.SERVER_UNAVAILABLE: 0x03,
+    Reason.SERVER_BUSY: 0x03,
+    Reason.BAD_USER_NAME_OR_PASSWORD: 0x04,
+    Reason.NOT_AUTHORIZED: 0x05,
+    Reason.BANNED: 0x05,
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_packet_size: int = 128 * 1024  # also announced in CONNACK (5.0)
+    receive_maximum: int = 100  # inbound QoS 1/2 messages not yet acknowledged by us
+    topic_alias_maximum: int = 16
+    max_inflight: int = 20  # outbound QoS 1/2 not yet acknowledged by the sensor (and its receive maximum)
+    max_queued: int = 1000  # outbound messages waiting for the window
+    max_queued_bytes: int = 1024 * 1024
+    connect_timeout: float = 10.0
+    max_keepalive: int = 65535
+
+
+class State(Enum):
+    AWAIT_CONNECT = "await-connect"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+
+
+@dataclass
+class Outbound:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    properties: Properties
+    expires_at: float | None = None  # monotonic; from Message Expiry Interval (5.0)
+    packet_id: int | None = None
+    released: bool = False  # QoS 2: PUBREC received, PUBREL sent
+
+
+@dataclass
+class SessionState:
+    client_id: str
+    subscriptions: dict[str, Subscription] = field(default_factory=dict)
+    inflight: dict[int, Outbound] = field(
+        default_factory=dict
+    )  # packet id -> message (QoS 1/2, unacknowledged)
+    queued: deque[Outbound] = field(default_factory=deque)
+    queued_bytes: int = 0
+    qos2_received: set[int] = field(default_factory=set)  # inbound packet ids awaiting PUBREL
+    expiry_interval: int = 0  # seconds after disconnect (5.0); 0: ends with the connection
+    next_id: int = 1
+    dropped: int = 0
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class ConnectRequest:
+    connect: Connect
+
+
+@dataclass(frozen=True)
+class MessageReceived:
+    """A PUBLISH from the sensor. For QoS 1/2 the broker must call ack_message(token, reason)."""
+
+    token: int
+    publish: Publish  # topic already resolved from a topic alias
+
+
+@dataclass(frozen=True)
+class SubscribeRequest:
+    packet_id: int
+    subscriptions: tuple[Subscription, ...]
+    properties: Properties
+
+
+@dataclass(frozen=True)
+class UnsubscribeRequest:
+    packet_id: int
+    topic_filters: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Closed:
+    reason: int  # 5.0 reason code (0 for a normal DISCONNECT)
+    message: str
+    will: Will | None  # to publish now (abnormal end, or DISCONNECT 0x04)
+
+
+Event = ConnectRequest | MessageReceived | SubscribeRequest | UnsubscribeRequest | Closed
+
+
+class ServerConnection:
+    def __init__(self, now: float, limits: Limits = Limits()) -> None:
+        self.limits = limits
+        self.state = State.AWAIT_CONNECT
+        self.decoder = Decoder(max_packet_size=limits.max_packet_size)
+        self.version = 0
+        self.connect: Connect | None = None
+        self.session: SessionState | None = None
+        self.keepalive = 0
+        self.last_seen = now
+        self.created = now
+        self._out = bytearray()
+        self._aliases: dict[int, str] = {}
+        self._unacked_in: dict[int, int] = {}  # inbound packet id -> QoS, not yet acknowledged by the broker
+        self._peer_receive_max = limits.max_inflight
+        self._peer_max_packet = 0  # 0: no limit announced
+        self._will: Will | None = None
+        self.bytes_in = self.bytes_out = self.messages_in = self.messages_out = 0
+
+    # ------------------------------------------------------------------ input
+
+    def receive(self, data: bytes, now: float) -> list[Event]:
+        if self.state is State.CLOSED:
+            return []
+        self.last_seen = now
+        self.bytes_in += len(data)
+        try:
+            packets = self.decoder.feed(data)
+        except ProtocolError as exc:
+            return [self._close(exc.reason, str(exc), with_will=True)]
+        events: list[Event] = []
+        for packet in packets:
+            try:
+                events += self._handle(packet, now)
+            except ProtocolError as exc:
+                events.append(self._close(exc.reason, str(exc), with_will=True))
+            if self.closed:  # a property: mypy's narrowing of self.state must not outlive _handle()
+                break
+        return events
+
+    def connection_lost(self) -> list[Event]:
+        """The network connection ended without a DISCONNECT."""
+        if self.state is State.CLOSED:
+            return []
+        return [self._close(Reason.UNSPECIFIED_ERROR, "connection lost", with_will=True, send=False)]
+
+    def tick(self, now: float) -> list[Event]:
+        """Timeouts: CONNECT within connect_timeout; a packet within 1.5 x keepalive (section 3.1.2.10)."""
+        if self.state is State.AWAIT_CONNECT and now - self.created > self.limits.connect_timeout:
+            return [
+                self._close(Reason.MAXIMUM_CONNECT_TIME, "no CONNECT in time", with_will=False, send=False)
+            ]
+        if self.state is State.CONNECTED and self.keepalive and now - self.last_seen > 1.5 * self.keepalive:
+            return [self._close(Reason.KEEP_ALIVE_TIMEOUT, "keepalive timeout", with_will=True)]
+        return []
+
+    def _handle(self, packet: Packet, now: float) -> list[Event]:
+        if self.state is State.AWAIT_CONNECT:
+            if not isinstance(packet, Connect):
+                raise ProtocolError(Reason.PROTOCOL_ERROR, "first packet was not CONNECT")
+            self.connect, self.version = packet, packet.protocol_level
+            return [ConnectRequest(packet)]
+        match packet:
+            case Connect():
+                raise ProtocolError(Reason.PROTOCOL_ERROR, "second CONNECT")  # section 3.1
+            case Publish():
+                return self._on_publish(packet, now)
+            case Puback(packet_id=pid) | Pubcomp(packet_id=pid):
+                self._settle(pid, now)
+            case Pubrec(packet_id=pid, reason_code=code):
+                msg = self._inflight().get(pid)
+                if msg is not None and code < 0x80:
+                    msg.released = True
+                    self._send(Pubrel(pid))
+                else:
+                    self._settle(pid, now)
+            case Pubrel(packet_id=pid):
+                known = pid in self._session().qos2_received
+                self._session().qos2_received.discard(pid)
+                self._send(
+                    Pubcomp(pid, 0 if known or self.version != MQTT_5 else Reason.PACKET_IDENTIFIER_NOT_FOUND)
+                )
+            case Subscribe():
+                return [SubscribeRequest(packet.packet_id, packet.subscriptions, packet.properties)]
+            case Unsubscribe():
+                return [UnsubscribeRequest(packet.packet_id, packet.topic_filters)]
+            case Pingreq():
+                self._send(Pingresp())
+            case Disconnect(reason_code=code):
+                with_will = code == Reason.DISCONNECT_WITH_WILL
+                return [self._close(code, "client disconnected", with_will=with_will, send=False)]
+            case _:
+                raise ProtocolError(
+                    Reason.PROTOCOL_ERROR, f"unexpected {type(packet).__name__} from a client"
+                )
+        return []
+
+    def _on_publish(self, p: Publish, now: float) -> list[Event]:
+        topic = p.topic
+        if self.version == MQTT_5:
+            alias = p.properties.get(Prop.TOPIC_ALIAS)
+            if alias is not None:
+                if alias > self.limits.topic_alias_maximum:
+                    raise ProtocolError(Reason.TOPIC_ALIAS_INVALID, f"topic alias {alias} above the maximum")
+                if topic:
+                    self._aliases[alias] = topic
+                elif alias in self._aliases:
+                    topic = self._aliases[alias]
+                else:
+                    raise ProtocolError(Reason.PROTOCOL_ERROR, f"unknown topic alias {alias}")
+        props = Properties(tuple((k, v) for k, v in p.properties.items if k != Prop.TOPIC_ALIAS))
+        resolved = Publish(topic, p.payload, p.qos, p.retain, p.dup, p.packet_id, props)
+        self.messages_in += 1
+        if p.qos == 0:
+            return [MessageReceived(0, resolved)]
+        assert p.packet_id is not None
+        if p.qos == 2 and p.packet_id in self._session().qos2_received:
+            self._send(Pubrec(p.packet_id))  # a resend of one we have: acknowledge, do not deliver again
+            return []
+        if p.packet_id in self._unacked_in:
+            return []  # the broker is still deciding on this one
+        if len(self._unacked_in) >= self.limits.receive_maximum:
+            raise ProtocolError(Reason.RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded")
+        self._unacked_in[p.packet_id] = p.qos
+        return [MessageReceived(p.packet_id, resolved)]
+
+    # ------------------------------------------------------------------ the broker's answers
+
+    def accept_connect(
+        self, session: SessionState, session_present: bool, assigned_client_id: str | None = None
+    ) -> None:
+        assert self.connect is not None and self.state is State.AWAIT_CONNECT
+        c = self.connect
+        self.session = session
+        self.state = State.CONNECTED
+        self.keepalive = min(c.keepalive, self.limits.max_keepalive)
+        self._will = c.will
+        props: list[tuple[int, object]] = []
+        if self.version == MQTT_5:
+            self._peer_receive_max = min(
+                self.limits.max_inflight, c.properties.get(Prop.RECEIVE_MAXIMUM, self.limits.max_inflight)
+            )
+            self._peer_max_packet = c.properties.get(Prop.MAXIMUM_PACKET_SIZE, 0)
+            props = [
+                (Prop.RECEIVE_MAXIMUM, self.limits.receive_maximum),
+                (Prop.TOPIC_ALIAS_MAXIMUM, self.limits.topic_alias_maximum),
+                (Prop.MAXIMUM_PACKET_SIZE, self.limits.max_packet_size),
+                (Prop.SHARED_SUBSCRIPTION_AVAILABLE, 0),
+                (Prop.SUBSCRIPTION_IDENTIFIER_AVAILABLE, 0),
+            ]
+            if assigned_client_id:
+                props.append((Prop.ASSIGNED_CLIENT_IDENTIFIER, assigned_client_id))
+            if c.keepalive > self.limits.max_keepalive:
+                props.append((Prop.SERVER_KEEP_ALIVE, self.keepalive))
+        self._send(Connack(session_present, 0, Properties.of(props)))
+        if session_present:  # resend what the sensor has not acknowledged (section 4.4)
+            for pid, msg in sorted(session.inflight.items()):
+                self._send_outbound(msg, pid, dup=not msg.released)
+
+    def reject_connect(self, reason: int, message: str = "") -> Closed:
+        code = reason if self.version == MQTT_5 else CONNACK_311.get(Reason(reason), 0x05)
+        self._send(Connack(False, code))
+        return self._close(
+            reason, message or f"connection refused (0x{reason:02x})", with_will=False, send=False
+        )
+
+    def ack_message(self, token: int, reason: int = 0) -> None:
+        """Acknowledge an inbound QoS 1/2 PUBLISH (token = its packet id): PUBACK, or PUBREC for QoS 2.
+
+        3.1.1 has no reason codes: a refused message is acknowledged all the same (and dropped by the broker).
+        """
+        qos = self._unacked_in.pop(token, None)
+        if qos is None or self.state is not State.CONNECTED:
+            return
+        code = reason if self.version == MQTT_5 else 0
+        if qos == 1:
+            self._send(Puback(token, code))
+            return
+        self._send(Pubrec(token, code))
+        if code < 0x80:  # keep the id until PUBREL; a refused one is released at once (section 4.3.3)
+            self._session().qos2_received.add(token)
+
+    def _session(self) -> SessionState:
+        assert self.session is not None
+        return self.session
+
+    def _inflight(self) -> dict[int, Outbound]:
+        return self._session().inflight
+
+    def suback(self, packet_id: int, codes: list[int]) -> None:
+        if self.version != MQTT_5:
+            codes = [c if c < 0x80 else 0x80 for c in codes]
+        self._send(Suback(packet_id, tuple(codes)))
+
+    def unsuback(self, packet_id: int, codes: list[int]) -> None:
+        self._send(Unsuback(packet_id, tuple(codes) if self.version == MQTT_5 else ()))
+
+    def deliver(
+        self, topic: str, payload: bytes, qos: int, retain: bool, properties: Properties, now: float
+    ) -> bool:
+        """Queue a message for the sensor. False when it was dropped (queue full, or too large for it)."""
+        session = self._session()
+        expiry = properties.get(Prop.MESSAGE_EXPIRY_INTERVAL)
+        msg = Outbound(topic, payload, qos, retain, properties, now + expiry if expiry is not None else None)
+        if qos == 0 and self.state is not State.CONNECTED:
+            return False  # QoS 0 is not kept for a disconnected session (section 3.1.2.4)
+        if len(session.queued) >= self.limits.max_queued or (
+            session.queued_bytes + len(payload) > self.limits.max_queued_bytes
+        ):
+            session.dropped += 1
+            return False
+        session.queued.append(msg)
+        session.queued_bytes += len(payload)
+        self._pump(now)
+        return True
+
+    def disconnect(self, reason: int, message: str) -> Closed:
+        """Server-initiated close (takeover, revocation, shutdown): DISCONNECT in 5.0, then close."""
+        return self._close(reason, message, with_will=reason != Reason.SUCCESS)
+
+    # ------------------------------------------------------------------ output
+
+    def data_to_send(self) -> bytes:
+        data = bytes(self._out)
+        self._out.clear()
+        self.bytes_out += len(data)
+        return data
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    def _send(self, packet: Packet) -> None:
+        self._out += encode(packet, self.version or 4)
+
+    def _pump(self, now: float) -> None:
+        """Move queued messages into flight while the sensor's window allows."""
+        if self.state is not State.CONNECTED:
+            return
+        session = self._session()
+        while session.queued and (
+            session.queued[0].qos == 0 or len(session.inflight) < self._peer_receive_max
+        ):
+            msg = session.queued.popleft()
+            session.queued_bytes -= len(msg.payload)
+            if msg.expires_at is not None and msg.expires_at <= now:
+                continue  # expired while waiting (section 3.3.2.3.3)
+            if msg.expires_at is not None:
+                remaining = int(msg.expires_at - now)
+                others = tuple((k, v) for k, v in msg.properties.items if k != Prop.MESSAGE_EXPIRY_INTERVAL)
+                msg.properties = Properties(((Prop.MESSAGE_EXPIRY_INTERVAL, max(remaining, 0)), *others))
+            pid = None
+            if msg.qos:
+                pid = self._next_id(session)
+                session.inflight[pid] = msg
+            if not self._send_outbound(msg, pid, dup=False) and pid is not None:
+                del session.inflight[pid]
+
+    def _send_outbound(self, msg: Outbound, pid: int | None, dup: bool) -> bool:
+        if msg.released and pid is not None:
+            self._send(Pubrel(pid))
+            return True
+        props = msg.properties if self.version == MQTT_5 else Properties()
+        packet = Publish(msg.topic, msg.payload, msg.qos, msg.retain, dup, pid, props)
+        data = encode(packet, self.version)
+        if self._peer_max_packet and len(data) > self._peer_max_packet:
+            self._session().dropped += 1  # larger than the sensor accepts: discarded (section 3.1.2.11.4)
+            return False
+        self._out += data
+        self.messages_out += 1
+        return True
+
+    def _settle(self, pid: int, now: float) -> None:
+        self._session().inflight.pop(pid, None)
+        self._pump(now)
+
+    @staticmethod
+    def _next_id(session: SessionState) -> int:
+        for _ in range(65535):
+            pid = session.next_id
+            session.next_id = pid % 65535 + 1
+            if pid not in session.inflight:
+                return pid
+        raise RuntimeError("no free packet identifier")  # cannot happen: inflight is bounded far below
+
+    def _close(self, reason: int, message: str, with_will: bool, send: bool = True) -> Closed:
+        if send and self.version == MQTT_5 and self.state is State.CONNECTED:
+            self._send(Disconnect(reason))
+        will = self._will if with_will and self.state is State.CONNECTED else None
+        self.state = State.CLOSED
+        self._will = None
+        return Closed(reason, message, will)
