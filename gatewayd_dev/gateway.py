@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gatewayd_dev.procs import Proc
+from gatewayd_dev.procs import Proc, free_port
 from gatewayd_dev.stack import DevStack
 
 
@@ -35,8 +35,14 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
     lines: list[str] = []
     for section, keys in tables.items():
         lines.append(f"[{section}]")
-        lines += [f"{key} = {fmt(value)}" for key, value in keys.items()]
+        arrays = {k: v for k, v in keys.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+        lines += [f"{key} = {fmt(value)}" for key, value in keys.items() if key not in arrays]
         lines.append("")
+        for key, items in arrays.items():  # arrays of tables: [[section.key]]
+            for item in items:
+                lines.append(f"[[{section}.{key}]]")
+                lines += [f"{k} = {fmt(v)}" for k, v in item.items()]
+                lines.append("")
     path.write_text("\n".join(lines))
     return path
 
@@ -147,6 +153,11 @@ class Gateway:
         self.notify.close()
 
 
+def loopback_listener(tls: bool = True) -> dict[str, Any]:
+    """A sensor listener on 127.0.0.1 and a free port (tests and the demo never listen beyond loopback)."""
+    return {"address": "127.0.0.1", "port": free_port(), "tls": tls, "require_client_cert": tls}
+
+
 def standin_config(
     stack: DevStack, workdir: Path, thing: str, endpoint: str = "rsa", **sections: Any
 ) -> dict[str, dict[str, Any]]:
@@ -168,6 +179,7 @@ def standin_config(
             "system_ca_bundle": str(stack.standin.system_bundle_file),
         },
         "status": {"interval": 5},
+        "downstream": {"listener": [loopback_listener()]},
     }
     for name, values in sections.items():
         tables.setdefault(name, {}).update(values)

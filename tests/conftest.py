@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gatewayd_dev.gateway import Gateway, write_config
+from gatewayd_dev.gateway import Gateway, loopback_listener, write_config
 from gatewayd_dev.stack import DevStack
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,7 +24,13 @@ def devstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
         stack.stop()
 
 
+_LISTENERS: dict[Path, dict[str, Any]] = {}
+
+
 def base_config(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    listener = _LISTENERS.setdefault(
+        tmp_path, loopback_listener()
+    )  # the same port for every config of a test
     tables: dict[str, dict[str, Any]] = {
         "gateway": {
             "thing_name": "gw-test",
@@ -32,6 +38,7 @@ def base_config(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, dict[st
             "control_socket": str(tmp_path / "control.sock"),
         },
         "upstream": {"endpoint": "standin-ats.iot.local.gatewayd.test", "port": 8883},
+        "downstream": {"listener": [listener]},
     }
     for name, values in sections.items():
         tables.setdefault(name, {}).update(values)

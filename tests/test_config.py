@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -191,12 +192,24 @@ def test_reference_config_is_valid() -> None:
 
 
 def _reference_entries() -> dict[str, tuple[str, str]]:
-    """dotted key -> (value text, the comment block just above it), commented-out keys included."""
+    """dotted key -> (value text, the comment block just above it), commented-out keys included.
+
+    An array of tables (#[[section.name]] followed by #key = value lines) becomes one entry whose value text
+    is a TOML inline array holding that one table.
+    """
     entries: dict[str, tuple[str, str]] = {}
-    section, comments = "", []
+    section, comments, array, array_comment = "", [], "", ""
+    items: list[str] = []
     for line in REFERENCE.read_text().splitlines():
-        if m := re.fullmatch(r"\[([\w.]+)\]", line):
-            section, comments = m.group(1), []
+        if m := re.fullmatch(r"#\[\[([\w.]+)\]\]", line):
+            array, array_comment, items = m.group(1), " ".join(comments), []
+        elif array and (m := re.fullmatch(r"#(\w+) = (.+)", line)):
+            items.append(f"{m.group(1)} = {m.group(2)}")
+            assert comments, f"{array}.{m.group(1)} has no explanation"
+            comments = []
+            entries[array] = ("[{" + ", ".join(items) + "}]", array_comment)
+        elif m := re.fullmatch(r"\[([\w.]+)\]", line):
+            section, comments, array = m.group(1), [], ""
         elif m := re.fullmatch(r"#?(\w+) = (.+)", line):
             entries[f"{section}.{m.group(1)}"] = (m.group(2), " ".join(comments))
             comments = []
@@ -223,6 +236,10 @@ def test_reference_documents_every_key_with_its_default_and_reload_kind() -> Non
             assert "Needs a restart." in comment, f"{key} needs a restart but is not documented as such"
         if "REQUIRED" not in comment:
             default = tomllib.loads(f"v = {value_text}")["v"]
+            if isinstance(default, list) and default and isinstance(default[0], dict):
+                value = [dataclasses.asdict(v) for v in value]  # an array of tables: compare as dicts
+            elif isinstance(default, list):
+                default = tuple(default)
             assert default == value, f"{key}: reference shows {default!r}, code default is {value!r}"
 
 

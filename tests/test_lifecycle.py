@@ -19,7 +19,7 @@ import pytest
 from gatewayd.core import messages
 from gatewayd.core.errors import ControlError
 from gatewayd.service.control import request
-from gatewayd_dev.gateway import Gateway, write_config
+from gatewayd_dev.gateway import Gateway, loopback_listener, write_config
 
 from .conftest import base_config
 
@@ -47,9 +47,13 @@ def test_ready_only_after_components_started(
 ) -> None:
     gw = start_gateway(make_config())
     ready = gw.wait_ready()
-    # READY=1 came with a STATUS a person can read, after "Starting"; then why the uplink cannot connect.
+    # READY=1 came with a STATUS a person can read, after "Starting"; then (or already) why the uplink waits.
     assert ready["STATUS"].startswith("Uplink ")
-    blocked = gw.notify.wait_for("STATUS", after=gw.notify.messages.index(ready) + 1)
+    deadline = time.monotonic() + 15
+    while not any(m.get("STATUS", "").startswith("Uplink blocked") for m in gw.notify.messages):
+        assert time.monotonic() < deadline, gw.notify.messages
+        time.sleep(0.05)
+    blocked = next(m for m in gw.notify.messages if m.get("STATUS", "").startswith("Uplink blocked"))
     assert re.fullmatch(
         r"Uplink blocked since \S+Z: no certificate installed: run `gatewayctl identity create-key`.*"
         r"; trust rsa",
@@ -213,7 +217,15 @@ def test_second_daemon_on_same_state_dir_or_socket_exits_1_and_first_keeps_runni
         f"{tmp_path / 'state' / 'identity'} is in use by another process (is gatewayd running?)"
         in same_state.log()
     )
-    same_socket = start_gateway(make_config("other.toml", gateway={"state_dir": str(tmp_path / "state2")}))
+    same_port = start_gateway(make_config("port.toml", gateway={"state_dir": str(tmp_path / "state2")}))
+    assert same_port.proc.popen.wait(10) == 1
+    assert (
+        "cannot open the sensor listener:" in same_port.log() and "address already in use" in same_port.log()
+    )
+    other = {"listener": [loopback_listener()]}
+    same_socket = start_gateway(
+        make_config("sock.toml", gateway={"state_dir": str(tmp_path / "state3")}, downstream=other)
+    )
     assert same_socket.proc.popen.wait(10) == 1
     assert "another gatewayd is already answering on" in same_socket.log()
     assert first.proc.alive() and status(tmp_path)["pid"] == first.pid

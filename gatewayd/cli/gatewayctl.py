@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     inst.add_argument("--chain", type=Path, help="intermediate CA certificates (PEM)")
     ident.add_parser("show", help="certificate id, subject, issuer, validity, key and stored versions")
+    sub.add_parser(
+        "list-connections", help="sensors connected now: client id, certificate id, address, traffic"
+    )
+    disc = sub.add_parser("disconnect", help="close a sensor's connection")
+    disc.add_argument("--client-id", required=True)
     stall = sub.add_parser("debug-stall-loop", help=argparse.SUPPRESS)
     stall.add_argument("--seconds", type=float, required=True)
     return parser
@@ -80,6 +85,8 @@ def _command(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     match args.command:
         case "debug-stall-loop":
             return args.command, {"seconds": args.seconds}
+        case "disconnect":
+            return args.command, {"clientId": args.client_id}
         case "identity":
             body: dict[str, Any] = {"action": args.action}
             if args.action == "install-certificate":

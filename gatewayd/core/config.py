@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from gatewayd.core.errors import ConfigError, ConfigProblem
 from gatewayd.core.keys import KEY_BACKENDS, KEY_TYPES
+from gatewayd.core.topics import TemplateError
 from gatewayd.core.trust import FILE_MODES, MODES
 
 # Dotted key path -> file that set it (the last file wins, as for the value itself).
@@ -215,6 +216,135 @@ class IdentitySection:
     )
 
 
+def check_listener_address(value: str) -> str | None:
+    if value.startswith("unix:"):
+        return None if value[5:].startswith("/") else "a unix socket address is unix:/absolute/path"
+    return check_ip_address(value) if value else "must not be empty"
+
+
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    return address.startswith("unix:") or ipaddress.ip_address(address).is_loopback
+
+
+def check_listeners(listeners: tuple[Any, ...]) -> str | None:
+    seen: set[tuple[str, int]] = set()
+    for i, lst in enumerate(listeners):
+        where = f"listener[{i}]"
+        key = (lst.address, 0 if lst.address.startswith("unix:") else lst.port)
+        if key in seen:
+            return f"{where}: {lst.address} port {lst.port} is configured twice"
+        seen.add(key)
+        if lst.require_client_cert and not lst.tls:
+            return f"{where}: require_client_cert needs tls = true"
+        if not lst.tls and not lst.allow_insecure and not _loopback(lst.address):
+            return (
+                f"{where}: plain MQTT on {lst.address} would expose sensors' traffic; "
+                "use tls, a loopback address, or allow_insecure = true"
+            )
+    return None
+
+
+def check_policy(filters: tuple[str, ...]) -> str | None:
+    from gatewayd.core.mqtt.topics import check_policy_filters
+
+    return check_policy_filters(filters)
+
+
+def check_upstream_template(value: str) -> str | None:
+    from gatewayd.core.mqtt.topics import TopicMap
+
+    try:
+        TopicMap.from_template(value, "thing")
+    except TemplateError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass(frozen=True)
+class ListenerSection:
+    address: str = opt(
+        "0.0.0.0", "IP address to listen on (0.0.0.0 or :: for all), or unix:/path for a unix socket.",
+        check=check_listener_address,
+    )  # fmt: skip
+    port: int = opt(8883, "TCP port; unused for a unix socket.", minimum=1, maximum=65535)
+    tls: bool = opt(True, "TLS with a server certificate from the gateway's local CA.")
+    require_client_cert: bool = opt(True, "Sensors must present a certificate from a trusted sensor CA.")
+    allow_insecure: bool = opt(
+        False, "Allow plain MQTT on a non-loopback address (sensors' traffic unprotected)."
+    )
+
+
+@dataclass(frozen=True)
+class PolicySection:
+    publish: tuple[str, ...] = opt(
+        ("sensors/${iot:ClientId}/#",),
+        "Topic filters a sensor may publish to.",
+        live=True,
+        check=check_policy,
+    )
+    subscribe: tuple[str, ...] = opt(
+        ("commands/${iot:ClientId}/#",),
+        "Topic filters a sensor may subscribe to.",
+        live=True,
+        check=check_policy,
+    )
+    deny_publish: tuple[str, ...] = opt(
+        (), "Topic filters a sensor may never publish to (deny wins).", live=True, check=check_policy
+    )
+    deny_subscribe: tuple[str, ...] = opt(
+        (), "Topic filters a sensor may never subscribe to.", live=True, check=check_policy
+    )
+
+
+@dataclass(frozen=True)
+class DownstreamSection:
+    listener: tuple[ListenerSection, ...] = opt(
+        (ListenerSection(),), "The listeners for sensors.", check=check_listeners
+    )
+    client_ca_file: str = opt(
+        "", "PEM file of sensor CAs whose certificates are admitted (besides the gateway's local CA).",
+        check=check_optional_path,
+    )  # fmt: skip
+    client_id_must_match_cn: bool = opt(
+        True, "A sensor's MQTT client id must equal its certificate's CN.", live=True
+    )
+    connect_timeout: int = opt(10, "Seconds a new connection has to send CONNECT.", minimum=1)
+    max_connections: int = opt(1000, "Connections at once; more are refused at once.", minimum=1)
+    max_packet_size: int = opt(
+        131072, "Largest packet accepted from a sensor (bytes).", minimum=128, maximum=268435460
+    )
+    receive_maximum: int = opt(
+        100, "QoS 1/2 messages a sensor may have unacknowledged.", minimum=1, maximum=65535
+    )
+    max_inflight: int = opt(
+        20, "QoS 1/2 messages sent to a sensor and not yet acknowledged.", minimum=1, maximum=65535
+    )
+    max_queued_messages: int = opt(1000, "Messages waiting for a sensor; more are dropped.", minimum=1)
+    max_queued_bytes: int = opt(
+        1048576, "Payload bytes waiting for a sensor; more are dropped.", minimum=1024
+    )
+    max_retained_messages: int = opt(1000, "Retained messages kept for local subscribers.", minimum=0)
+    session_expiry_max: int = opt(
+        3600, "Longest time a persistent session outlives its connection (s).", minimum=0
+    )
+    policy: PolicySection = field(default_factory=PolicySection)
+
+
+@dataclass(frozen=True)
+class ForwardingSection:
+    upstream_topic: str = opt(
+        "${gateway:ThingName}/${topic}",
+        "Upstream topic of a sensor's message; must end with ${topic} (the sensor's topic).",
+        check=check_upstream_template,
+    )
+    command_filter: str = opt(
+        "commands/#", "Sensor subscriptions within this filter are also subscribed to upstream (mapped).",
+        check=lambda v: check_policy((v,)),
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class StatusSection:
     topic: str = opt(
@@ -231,6 +361,8 @@ class Config:
     gateway: GatewaySection
     upstream: UpstreamSection
     identity: IdentitySection = field(default_factory=IdentitySection)
+    downstream: DownstreamSection = field(default_factory=DownstreamSection)
+    forwarding: ForwardingSection = field(default_factory=ForwardingSection)
     status: StatusSection = field(default_factory=StatusSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
@@ -279,6 +411,15 @@ class _Walker:
                 ok = ok and built is not None
                 values[f.name] = built
                 continue
+            args = typing.get_args(ftype)
+            if typing.get_origin(ftype) is tuple and args and is_dataclass(args[0]):
+                if f.name in doc:  # an array of tables, [[section.name]]
+                    built_list: tuple[Any, ...] | None = self.table_array(
+                        typing.cast(type, args[0]), doc[f.name], fpath, f.metadata["spec"]
+                    )
+                    ok = ok and built_list is not None
+                    values[f.name] = built_list
+                continue
             if f.name not in doc:
                 if f.default is REQUIRED:
                     self.problem(fpath, "required key is missing", file=self.main_file)
@@ -293,6 +434,21 @@ class _Walker:
                 values[f.name] = value
                 self.values[".".join(fpath)] = value
         return cls(**values) if ok else None
+
+    def table_array(self, cls: type[T], raw: Any, path: tuple[str, ...], spec: Spec) -> tuple[T, ...] | None:
+        if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+            self.problem(path, f"expected an array of tables ([[{'.'.join(path)}]]), got {_toml_type(raw)}")
+            return None
+        *parent, name = path
+        items = [self.section(cls, item, (*parent, f"{name}[{i}]")) for i, item in enumerate(raw)]
+        if any(item is None for item in items):
+            return None
+        result = tuple(typing.cast(list[T], items))
+        problem = spec.check(result) if spec.check else None
+        if problem:
+            self.problem(path, problem)
+            return None
+        return result
 
     def value(self, path: tuple[str, ...], ftype: Any, spec: Spec, raw: Any) -> Any:
         converted = _convert(ftype, raw)

@@ -173,6 +173,32 @@ IDENTITY_CHANGED = Message(
     fields="GATEWAYD_ACTION, GATEWAYD_KEY or GATEWAYD_CERTIFICATE_ID and GATEWAYD_NOT_AFTER",
 )
 
+SENSOR_CONNECTED = Message(
+    "SENSOR_CONNECTED",
+    "1c3350bfbdc24d149b618d5d237f3fa4",
+    Priority.INFO,
+    "A sensor connected to the gateway's listener.",
+    "",
+    fields="GATEWAYD_CLIENT_ID, GATEWAYD_CERTIFICATE_ID",
+)
+SENSOR_DISCONNECTED = Message(
+    "SENSOR_DISCONNECTED",
+    "7e4d5e72ac2d493f91eb6cf240b2621c",
+    Priority.INFO,
+    "A sensor's connection ended; GATEWAYD_REASON is the MQTT 5.0 reason code (0x00: it disconnected).",
+    "",
+    fields="GATEWAYD_CLIENT_ID, GATEWAYD_REASON",
+)
+SENSOR_REFUSED = Message(
+    "SENSOR_REFUSED",
+    "b6212cfc5c584b7fa5d25b8021bab179",
+    Priority.WARNING,
+    "A sensor's CONNECT was refused (client id rules, registry, connection limit); GATEWAYD_REASON says why.",
+    "If the sensor should be admitted, check its client id against its certificate's CN, and its "
+    "registry status.",
+    fields="GATEWAYD_CLIENT_ID, GATEWAYD_CERTIFICATE_ID, GATEWAYD_REASON",
+)
+
 ALL: tuple[Message, ...] = (
     STARTED,
     STOPPING,
@@ -191,6 +217,9 @@ ALL: tuple[Message, ...] = (
     LEGACY_TRUST,
     DEV_TRUST_CATALOG,
     IDENTITY_CHANGED,
+    SENSOR_CONNECTED,
+    SENSOR_DISCONNECTED,
+    SENSOR_REFUSED,
 )
 
 

@@ -26,7 +26,9 @@ from gatewayd.adapters.systemd import Notifier, watchdog_interval
 from gatewayd.core import messages
 from gatewayd.core.config import Config, diff, with_live_changes
 from gatewayd.core.errors import ConfigError, ControlError
+from gatewayd.service.broker import Broker
 from gatewayd.service.control import ControlServer
+from gatewayd.service.downstream import Downstream
 from gatewayd.service.logsetup import apply_level
 from gatewayd.service.upstream import Upstream, build_trust
 from gatewayd.stores.configfile import load
@@ -52,6 +54,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self.upstream: Upstream | None = None
+        self.broker: Broker | None = None
         self._last_status = ""
 
     # ------------------------------------------------------------------ status
@@ -89,6 +92,7 @@ class Daemon:
             "uptimeSeconds": round(time.monotonic() - self.started_monotonic, 3),
             "lastReload": self.last_reload,
             "uplink": self.upstream.summary() if self.upstream is not None else None,
+            "sensors": len(self.broker.clients) if self.broker is not None else 0,
         }
 
     # ------------------------------------------------------------------ main
@@ -101,7 +105,12 @@ class Daemon:
         self.notifier.status("Starting")
         state_dir = Path(self.config.gateway.state_dir)
         ensure_state_dir(state_dir)
-        handlers = {"status": self._cmd_status, "identity": self._cmd_identity}
+        handlers = {
+            "status": self._cmd_status,
+            "identity": self._cmd_identity,
+            "list-connections": self._cmd_list_connections,
+            "disconnect": self._cmd_disconnect,
+        }
         if self.environ.get(DEBUG_ENV) == "1":
             log.warning("debug control commands are enabled (%s=1); never do this in production", DEBUG_ENV)
             handlers["debug-stall-loop"] = self._cmd_stall
@@ -113,8 +122,12 @@ class Daemon:
                 for cleaned in store.recover():
                     log.warning("identity store: removed %s left by an interrupted write", cleaned)
                 trust = build_trust(self.config)
-                self.upstream = Upstream(self.config, store, trust, on_change=self._status_changed)
+                self.upstream = Upstream(
+                    self.config, store, trust, on_change=self._status_changed, on_message=self._from_upstream
+                )
                 await components.enter_async_context(self.upstream)
+                self.broker = Broker(self.config, self.upstream.uplink)
+                await components.enter_async_context(Downstream(self.config, self.broker))
                 await components.enter_async_context(
                     ControlServer(Path(self.config.gateway.control_socket), handlers)
                 )
@@ -196,6 +209,8 @@ class Daemon:
                 )
         self.config = with_live_changes(self.config, new)
         apply_level(self.config.logging.level)
+        if self.broker is not None:
+            self.broker.reconfigure(self.config)
         if self.upstream is not None:
             self.upstream.reconfigure(self.config)
             self.upstream.uplink.kick()  # a reload also means "try to connect again now"
@@ -221,6 +236,21 @@ class Daemon:
 
     async def _cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
         return self.status()
+
+    def _from_upstream(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        if self.broker is not None:
+            self.broker.on_upstream_message(topic, payload, qos, retain)
+
+    async def _cmd_list_connections(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self.broker is not None
+        return {"connections": self.broker.list_connections()}
+
+    async def _cmd_disconnect(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self.broker is not None
+        client_id = str(args.get("clientId", ""))
+        if not self.broker.disconnect(client_id):
+            raise ControlError(f"no sensor connected with client id {client_id!r}")
+        return {"disconnected": client_id}
 
     async def _cmd_identity(self, args: dict[str, Any]) -> Any:
         assert self.upstream is not None

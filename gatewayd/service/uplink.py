@@ -78,6 +78,12 @@ class UplinkStatus:
 MessageHandler = Callable[[str, bytes, int, bool], None]
 
 
+def _consume(future: asyncio.Future[None]) -> None:
+    """Mark a message future's exception as seen: nobody may be awaiting an enqueued message."""
+    if not future.cancelled():
+        future.exception()
+
+
 class Uplink:
     def __init__(
         self,
@@ -112,15 +118,21 @@ class Uplink:
 
     # ------------------------------------------------------------------ public API
 
-    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        """Returns once AWS IoT acknowledged the message (QoS 1) or it was handed to the socket (QoS 0)."""
+    def enqueue(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> asyncio.Future[None]:
+        """Accept a message for upstream now (UplinkError when the queue is full); the future resolves once
+        AWS IoT acknowledged it (QoS 1) or it was handed to the socket (QoS 0)."""
         if len(self._queue) >= self.max_queued:
             raise UplinkError(f"uplink queue full ({self.max_queued} messages)")
         self._ids += 1
         msg = _Outgoing(self._ids, topic, payload, qos, retain, asyncio.get_running_loop().create_future())
+        msg.done.add_done_callback(_consume)
         self._queue.append(msg)
         self._wake_sender.set()
-        await asyncio.shield(msg.done)
+        return msg.done
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """enqueue() and wait for the acknowledgement."""
+        await asyncio.shield(self.enqueue(topic, payload, qos, retain))
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         self._subscriptions[topic_filter] = qos

@@ -36,9 +36,10 @@ def main() -> int:
 
         gw = Gateway(good, workdir / "good", env=env)
         gw.wait_ready()
+        mark = len(gw.notify.messages)
         gw.signal(signal.SIGHUP)
-        gw.notify.wait_for("RELOADING", "1")
-        gw.notify.wait_for("READY", "1", after=len(gw.notify.messages) - 1)
+        reloading = gw.notify.wait_for("RELOADING", "1", after=mark)
+        gw.notify.wait_for("READY", "1", after=gw.notify.messages.index(reloading))
         assert gw.terminate() == 0
         gw.stop()
 

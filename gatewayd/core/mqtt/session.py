@@ -264,7 +264,11 @@ class ServerConnection:
     # ------------------------------------------------------------------ the broker's answers
 
     def accept_connect(
-        self, session: SessionState, session_present: bool, assigned_client_id: str | None = None
+        self,
+        session: SessionState,
+        session_present: bool,
+        assigned_client_id: str | None = None,
+        now: float = 0.0,
     ) -> None:
         assert self.connect is not None and self.state is State.AWAIT_CONNECT
         c = self.connect
@@ -293,6 +297,7 @@ class ServerConnection:
         if session_present:  # resend what the sensor has not acknowledged (section 4.4)
             for pid, msg in sorted(session.inflight.items()):
                 self._send_outbound(msg, pid, dup=not msg.released)
+        self._pump(now)  # and what was queued for it while it was away
 
     def reject_connect(self, reason: int, message: str = "") -> Closed:
         code = reason if self.version == MQTT_5 else CONNACK_311.get(Reason(reason), 0x05)

@@ -1,0 +1,470 @@
+"""The downstream broker: sensors' connections, their sessions, policy, local delivery and forwarding.
+
+Each connection runs through a sans-IO ServerConnection (core/mqtt/session.py); this module decides:
+who may connect (client id rules, the admission check the registry fills in, limits, takeover), what a
+sensor may publish and subscribe to (its bound policy), where messages go (local subscribers, and upstream
+through the uplink under the mapped topic), and what happens at the end of a connection (will, session).
+
+Bounds and what happens when they are hit (documented in README, "Sensors"):
+- connections: max_connections; one more is refused at CONNECT with Server busy (5.0 0x89 / 3.1.1 3).
+- per connection: packets over max_packet_size close it (0x95); more than receive_maximum unacknowledged
+  QoS 1/2 publishes close it (0x93); messages for it beyond max_queued_messages / max_queued_bytes are
+  dropped and counted; a sensor that stops reading while its socket buffer holds more than max_queued_bytes
+  is disconnected.
+- retained messages: max_retained_messages; a new topic beyond that is not retained (the message is still
+  delivered).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gatewayd.core import messages
+from gatewayd.core.config import Config
+from gatewayd.core.mqtt.packets import MQTT_5, Prop, Properties, Publish, Reason, Subscription, Will
+from gatewayd.core.mqtt.session import (
+    Closed,
+    ConnectRequest,
+    Limits,
+    MessageReceived,
+    Outbound,
+    ServerConnection,
+    SessionState,
+    SubscribeRequest,
+    UnsubscribeRequest,
+)
+from gatewayd.core.mqtt.topics import BoundPolicy, Policy, TopicMap, aws_topic_problem, filter_covers, matches
+from gatewayd.core.mqtt.topics import policy_variables as variables
+
+log = logging.getLogger("gatewayd.broker")
+
+READ_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class Peer:
+    address: str
+    certificate_id: str | None  # hex SHA-256 of the client certificate's DER (AWS IoT's certificate id)
+    common_name: str
+    listener: str
+
+
+Admit = Callable[[Peer, str], int | None]  # (peer, client id) -> refusal reason code, or None to admit
+
+
+@dataclass
+class Client:
+    conn: ServerConnection
+    writer: asyncio.StreamWriter
+    peer: Peer
+    client_id: str
+    policy: BoundPolicy
+    since: float = field(default_factory=time.time)
+
+
+@dataclass
+class StoredSession:
+    state: SessionState
+    expires_at: float | None = None  # monotonic, while disconnected
+
+
+class Upstream(Protocol):
+    """What the broker needs of the uplink (gatewayd.service.uplink.Uplink provides it)."""
+
+    def enqueue(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Any: ...
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None: ...
+
+    def unsubscribe(self, topic_filter: str) -> None: ...
+
+
+class Broker:
+    def __init__(
+        self, config: Config, upstream: Upstream | None, admit: Admit = lambda peer, cid: None
+    ) -> None:
+        self.upstream = upstream
+        self.admit = admit
+        self.clients: dict[str, Client] = {}
+        self.sessions: dict[str, StoredSession] = {}
+        self.retained: dict[str, Publish] = {}
+        self.upstream_refs: dict[str, int] = {}
+        self.dropped = 0
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        self.config = config
+        d = config.downstream
+        self.limits = Limits(
+            max_packet_size=d.max_packet_size,
+            receive_maximum=d.receive_maximum,
+            max_inflight=d.max_inflight,
+            max_queued=d.max_queued_messages,
+            max_queued_bytes=d.max_queued_bytes,
+            connect_timeout=d.connect_timeout,
+        )
+        p = d.policy
+        self.policy = Policy(p.publish, p.subscribe, p.deny_publish, p.deny_subscribe)
+        self.topic_map = TopicMap.from_template(config.forwarding.upstream_topic, config.gateway.thing_name)
+        for client in self.clients.values():
+            client.policy = self._bind(client.client_id, client.peer)
+
+    def _bind(self, client_id: str, peer: Peer) -> BoundPolicy:
+        return self.policy.bind(variables(client_id, peer.common_name, self.config.gateway.thing_name))
+
+    # ------------------------------------------------------------------ one connection
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener: str) -> None:
+        peer = _peer(writer, listener)
+        conn = ServerConnection(time.monotonic(), self.limits)
+        client: Client | None = None
+        try:
+            while not conn.closed:
+                try:
+                    data = await asyncio.wait_for(reader.read(READ_SIZE), 1.0)
+                except TimeoutError:
+                    events = conn.tick(time.monotonic())
+                else:
+                    events = conn.receive(data, time.monotonic()) if data else conn.connection_lost()
+                for event in events:
+                    client = self._on_event(conn, writer, peer, client, event) or client
+                self._flush(conn, writer)
+                if (
+                    client is not None
+                    and writer.transport.get_write_buffer_size() > self.limits.max_queued_bytes
+                ):
+                    self._end(
+                        client, conn.disconnect(Reason.QUOTA_EXCEEDED, "sensor does not read its socket")
+                    )
+                    self._flush(conn, writer)
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError, OSError) as exc:
+            log.debug("connection from %s: %s", peer.address, exc)
+        finally:
+            if client is not None and not conn.closed:
+                lost = conn.connection_lost()
+                self._end(client, lost[0] if lost and isinstance(lost[0], Closed) else None)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def _flush(self, conn: ServerConnection, writer: asyncio.StreamWriter) -> None:
+        data = conn.data_to_send()
+        if data and not writer.is_closing():
+            writer.write(data)
+
+    def _on_event(
+        self,
+        conn: ServerConnection,
+        writer: asyncio.StreamWriter,
+        peer: Peer,
+        client: Client | None,
+        event: object,
+    ) -> Client | None:
+        match event:
+            case ConnectRequest(connect=connect):
+                return self._connect(conn, writer, peer, connect)
+            case MessageReceived(token=token, publish=publish) if client is not None:
+                reason = self._inbound(client, publish)
+                if publish.qos:
+                    conn.ack_message(token, reason)
+            case SubscribeRequest(packet_id=pid, subscriptions=subs) if client is not None:
+                conn.suback(pid, [self._subscribe(client, s) for s in subs])
+            case UnsubscribeRequest(packet_id=pid, topic_filters=filters) if client is not None:
+                conn.unsuback(pid, [self._unsubscribe(client.client_id, f) for f in filters])
+            case Closed() as closed:
+                if client is not None:
+                    self._end(client, closed)
+                elif closed.reason >= 0x80:
+                    log.info("connection from %s closed before CONNECT: %s", peer.address, closed.message)
+        return None
+
+    # ------------------------------------------------------------------ connect
+
+    def _connect(
+        self, conn: ServerConnection, writer: asyncio.StreamWriter, peer: Peer, c: Any
+    ) -> Client | None:
+        client_id = c.client_id or peer.common_name
+        refusal: tuple[int, str] | None = None
+        if not client_id:
+            refusal = (Reason.CLIENT_IDENTIFIER_NOT_VALID, "empty client id and no certificate CN to use")
+        elif (
+            self.config.downstream.client_id_must_match_cn
+            and peer.certificate_id
+            and client_id != peer.common_name
+        ):
+            refusal = (
+                Reason.CLIENT_IDENTIFIER_NOT_VALID,
+                f"client id {client_id!r} is not the certificate CN",
+            )
+        elif client_id not in self.clients and len(self.clients) >= self.config.downstream.max_connections:
+            refusal = (Reason.SERVER_BUSY, "max_connections reached")
+        else:
+            code = self.admit(peer, client_id)
+            if code is not None:
+                refusal = (code, "refused by the registry")
+        if refusal is not None:
+            log.warning(
+                "refused %s from %s: %s", client_id or "(no client id)", peer.address, refusal[1],
+                extra=messages.extra(messages.SENSOR_REFUSED, client_id=client_id, reason=refusal[1],
+                                     certificate_id=peer.certificate_id or ""),
+            )  # fmt: skip
+            conn.reject_connect(refusal[0], refusal[1])
+            return None
+        old = self.clients.get(client_id)
+        if old is not None:  # session takeover (section 3.1.4): the newer connection wins
+            self._end(old, old.conn.disconnect(Reason.SESSION_TAKEN_OVER, "session taken over"))
+            self._flush(old.conn, old.writer)
+            old.writer.close()
+        expiry = self._session_expiry(c)
+        stored = self.sessions.get(client_id)
+        present = stored is not None and not c.clean_start
+        if not present:
+            if stored is not None:
+                self._drop_session(client_id)
+            stored = StoredSession(SessionState(client_id))
+            self.sessions[client_id] = stored
+        assert stored is not None
+        stored.state.expiry_interval, stored.expires_at = expiry, None
+        conn.accept_connect(stored.state, present, client_id if not c.client_id else None, time.monotonic())
+        client = Client(conn, writer, peer, client_id, self._bind(client_id, peer))
+        self.clients[client_id] = client
+        log.info(
+            "sensor %s connected from %s (MQTT %s, %s session)", client_id, peer.address,
+            "5.0" if c.protocol_level == MQTT_5 else "3.1.1", "resumed" if present else "new",
+            extra=messages.extra(
+                messages.SENSOR_CONNECTED, client_id=client_id, certificate_id=peer.certificate_id or ""
+            ),
+        )  # fmt: skip
+        return client
+
+    def _session_expiry(self, c: Any) -> int:
+        cap = self.config.downstream.session_expiry_max
+        if c.protocol_level == MQTT_5:
+            return int(min(c.properties.get(Prop.SESSION_EXPIRY_INTERVAL, 0), cap))
+        return 0 if c.clean_start else cap  # 3.1.1: a persistent session, bounded by the cap
+
+    # ------------------------------------------------------------------ messages
+
+    def _inbound(self, client: Client, p: Publish) -> int:
+        """Route one publish from a sensor; returns the reason code for its PUBACK/PUBREC."""
+        if not client.policy.may_publish(p.topic):
+            log.warning("sensor %s may not publish to %s: dropped", client.client_id, p.topic)
+            return Reason.NOT_AUTHORIZED
+        upstream_topic = self.topic_map.upstream(p.topic)
+        problem = aws_topic_problem(upstream_topic)
+        if problem:
+            log.warning("sensor %s published to %s: %s; dropped", client.client_id, p.topic, problem)
+            return Reason.TOPIC_NAME_INVALID
+        if self.upstream is not None:
+            try:
+                self.upstream.enqueue(upstream_topic, p.payload, min(p.qos, 1))  # AWS IoT has no QoS 2
+            except Exception as exc:  # the uplink's queue is full
+                log.warning("cannot accept a message from %s: %s", client.client_id, exc)
+                return Reason.QUOTA_EXCEEDED
+        self._retain(p)
+        self._fan_out(p.topic, p.payload, p.qos, p.retain, p.properties, sender=client.client_id)
+        return Reason.SUCCESS
+
+    def _retain(self, p: Publish) -> None:
+        if not p.retain:
+            return
+        if not p.payload:
+            self.retained.pop(p.topic, None)  # an empty retained message clears it (section 3.3.1.3)
+        elif p.topic in self.retained or len(self.retained) < self.config.downstream.max_retained_messages:
+            self.retained[p.topic] = p
+
+    def _fan_out(
+        self, topic: str, payload: bytes, qos: int, retain: bool, props: Properties, sender: str | None
+    ) -> None:
+        now = time.monotonic()
+        for client_id, stored in self.sessions.items():
+            sub = _best_match(stored.state.subscriptions, topic)
+            if sub is None or (sub.no_local and client_id == sender):
+                continue
+            client = self.clients.get(client_id)
+            if client is not None and not client.policy.may_subscribe(sub.topic_filter):
+                continue  # the policy changed on reload since it subscribed
+            out_qos = min(qos, sub.qos)
+            keep_retain = retain and sub.retain_as_published
+            if client is not None:
+                if not client.conn.deliver(topic, payload, out_qos, keep_retain, props, now):
+                    self.dropped += 1
+                self._flush(client.conn, client.writer)
+            elif out_qos and not _queue_offline(
+                stored.state, topic, payload, out_qos, props, now, self.limits
+            ):
+                self.dropped += 1
+
+    def on_upstream_message(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        """A message from AWS IoT: to the sensors that subscribed to its mapped topic."""
+        local = self.topic_map.downstream(topic)
+        if local is None:
+            log.debug("upstream message on %s is not under the forwarding prefix", topic)
+            return
+        self._fan_out(local, payload, qos, False, Properties(), sender=None)
+
+    # ------------------------------------------------------------------ subscriptions
+
+    def _subscribe(self, client: Client, s: Subscription) -> int:
+        if s.topic_filter.startswith("$share/"):
+            return Reason.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
+        if not client.policy.may_subscribe(s.topic_filter):
+            log.warning("sensor %s may not subscribe to %s", client.client_id, s.topic_filter)
+            return Reason.NOT_AUTHORIZED
+        stored = self.sessions[client.client_id]
+        existed = s.topic_filter in stored.state.subscriptions
+        forwarded = filter_covers(self.config.forwarding.command_filter, s.topic_filter)
+        if not existed and forwarded and not self._ref_upstream(s.topic_filter):
+            return Reason.QUOTA_EXCEEDED
+        stored.state.subscriptions[s.topic_filter] = s
+        if s.retain_handling == 0 or (s.retain_handling == 1 and not existed):  # section 3.3.1.3
+            now = time.monotonic()
+            for topic, p in self.retained.items():
+                if matches(s.topic_filter, topic):
+                    client.conn.deliver(topic, p.payload, min(p.qos, s.qos), True, p.properties, now)
+        return s.qos
+
+    def _unsubscribe(self, client_id: str, topic_filter: str) -> int:
+        stored = self.sessions.get(client_id)
+        if stored is None or stored.state.subscriptions.pop(topic_filter, None) is None:
+            return Reason.NO_SUBSCRIPTION_EXISTED
+        if filter_covers(self.config.forwarding.command_filter, topic_filter):
+            self._unref_upstream(topic_filter)
+        return Reason.SUCCESS
+
+    def _ref_upstream(self, topic_filter: str) -> bool:
+        """Share one upstream subscription among sensors; AWS IoT allows 50 per connection."""
+        mapped = self.topic_map.upstream(topic_filter)
+        if mapped not in self.upstream_refs:
+            if len(self.upstream_refs) >= 50:
+                log.warning("upstream subscription limit (50) reached: %s not subscribed", mapped)
+                return False
+            if self.upstream is not None:
+                self.upstream.subscribe(mapped, 1)
+        self.upstream_refs[mapped] = self.upstream_refs.get(mapped, 0) + 1
+        return True
+
+    def _unref_upstream(self, topic_filter: str) -> None:
+        mapped = self.topic_map.upstream(topic_filter)
+        count = self.upstream_refs.get(mapped, 0) - 1
+        if count > 0:
+            self.upstream_refs[mapped] = count
+            return
+        self.upstream_refs.pop(mapped, None)
+        if self.upstream is not None:
+            self.upstream.unsubscribe(mapped)
+
+    # ------------------------------------------------------------------ the end of a connection
+
+    def _end(self, client: Client, closed: Closed | None, detail: str = "") -> None:
+        if self.clients.get(client.client_id) is client:
+            del self.clients[client.client_id]
+        reason = closed.reason if closed is not None else Reason.UNSPECIFIED_ERROR
+        log.info(
+            "sensor %s disconnected (0x%02x%s)", client.client_id, reason,
+            f": {closed.message}" if closed and closed.message else f": {detail}" if detail else "",
+            extra=messages.extra(
+                messages.SENSOR_DISCONNECTED, client_id=client.client_id, reason=f"0x{reason:02x}"
+            ),
+        )  # fmt: skip
+        if closed is not None and closed.will is not None:
+            self._publish_will(client, closed.will)
+        stored = self.sessions.get(client.client_id)
+        if stored is not None and client.client_id not in self.clients:
+            if stored.state.expiry_interval == 0:
+                self._drop_session(client.client_id)
+            else:
+                stored.expires_at = time.monotonic() + stored.state.expiry_interval
+
+    def _publish_will(self, client: Client, will: Will) -> None:
+        reason = self._inbound(
+            client, Publish(will.topic, will.payload, will.qos, will.retain, properties=will.properties)
+        )
+        if reason >= 0x80:
+            log.warning("will of %s on %s not published (0x%02x)", client.client_id, will.topic, reason)
+
+    def _drop_session(self, client_id: str) -> None:
+        stored = self.sessions.pop(client_id, None)
+        if stored is None:
+            return
+        for topic_filter in list(stored.state.subscriptions):
+            if filter_covers(self.config.forwarding.command_filter, topic_filter):
+                self._unref_upstream(topic_filter)
+
+    def expire_sessions(self, now: float) -> None:
+        for client_id, stored in list(self.sessions.items()):
+            if client_id not in self.clients and stored.expires_at is not None and stored.expires_at <= now:
+                self._drop_session(client_id)
+
+    # ------------------------------------------------------------------ administration
+
+    def list_connections(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "clientId": c.client_id,
+                "certificateId": c.peer.certificate_id,
+                "commonName": c.peer.common_name,
+                "address": c.peer.address,
+                "listener": c.peer.listener,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(c.since)),
+                "bytesIn": c.conn.bytes_in,
+                "bytesOut": c.conn.bytes_out,
+                "messagesIn": c.conn.messages_in,
+                "messagesOut": c.conn.messages_out,
+                "subscriptions": sorted(self.sessions[c.client_id].state.subscriptions),
+            }
+            for c in sorted(self.clients.values(), key=lambda c: c.client_id)
+        ]
+
+    def disconnect(self, client_id: str, reason: int = Reason.ADMINISTRATIVE_ACTION) -> bool:
+        client = self.clients.get(client_id)
+        if client is None:
+            return False
+        self._end(client, client.conn.disconnect(reason, "disconnected by the administrator"))
+        self._flush(client.conn, client.writer)
+        client.writer.close()
+        return True
+
+
+def _best_match(subscriptions: dict[str, Subscription], topic: str) -> Subscription | None:
+    """The matching subscription with the highest QoS (one delivery per session, section 3.3.4)."""
+    best = None
+    for sub in subscriptions.values():
+        if matches(sub.topic_filter, topic) and (best is None or sub.qos > best.qos):
+            best = sub
+    return best
+
+
+def _queue_offline(
+    state: SessionState, topic: str, payload: bytes, qos: int, props: Properties, now: float, limits: Limits
+) -> bool:
+    """Keep a QoS 1/2 message for a persistent session whose sensor is away (bounded like a live queue)."""
+    if len(state.queued) >= limits.max_queued or state.queued_bytes + len(payload) > limits.max_queued_bytes:
+        state.dropped += 1
+        return False
+    expiry = props.get(Prop.MESSAGE_EXPIRY_INTERVAL)
+    state.queued.append(
+        Outbound(topic, payload, qos, False, props, now + expiry if expiry is not None else None)
+    )
+    state.queued_bytes += len(payload)
+    return True
+
+
+def _peer(writer: asyncio.StreamWriter, listener: str) -> Peer:
+    address = writer.get_extra_info("peername")
+    text = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address or "unix")
+    ssl_object = writer.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        return Peer(text, None, "", listener)
+    cert = ssl_object.getpeercert()
+    cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), "")
+    return Peer(text, hashlib.sha256(der).hexdigest(), cn, listener)

@@ -1,0 +1,111 @@
+"""The sensors' side of the gateway: the local CA, the listeners, and the broker behind them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from pathlib import Path
+from types import TracebackType
+
+from gatewayd.core.config import Config, ListenerSection
+from gatewayd.core.errors import GatewaydError
+from gatewayd.service.broker import Broker
+from gatewayd.stores.localca import LocalCA, host_names_and_addresses
+
+log = logging.getLogger("gatewayd.downstream")
+
+
+def server_context(
+    cert_file: Path, key_file: Path, trusted: list[Path], require_client_cert: bool
+) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    for ca in trusted:
+        ctx.load_verify_locations(cafile=str(ca))
+    ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def listener_name(lst: ListenerSection) -> str:
+    return lst.address if lst.address.startswith("unix:") else f"{lst.address}:{lst.port}"
+
+
+class Downstream:
+    def __init__(self, config: Config, broker: Broker) -> None:
+        self.config = config
+        self.broker = broker
+        self.ca = LocalCA(Path(config.gateway.state_dir), config.gateway.thing_name)
+        self._servers: list[asyncio.Server] = []
+        self._connections: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Downstream:
+        d = self.config.downstream
+        if self.ca.ensure():
+            log.info("created the gateway's local CA in %s", self.ca.dir)
+        names, addresses = host_names_and_addresses([lst.address for lst in d.listener])
+        server = self.ca.server_identity(names, addresses)
+        trusted = [self.ca.cert_file] + ([Path(d.client_ca_file)] if d.client_ca_file else [])
+        try:
+            for lst in d.listener:
+                ctx = (
+                    server_context(server.cert_file, server.key_file, trusted, lst.require_client_cert)
+                    if lst.tls
+                    else None
+                )
+                name = listener_name(lst)
+
+                async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter, name: str = name) -> None:
+                    task = asyncio.current_task()
+                    assert task is not None
+                    self._connections.add(task)
+                    try:
+                        await self.broker.serve(r, w, name)
+                    finally:
+                        self._connections.discard(task)
+
+                if lst.address.startswith("unix:"):
+                    srv = await asyncio.start_unix_server(handle, path=lst.address[5:], ssl=ctx)
+                else:
+                    srv = await asyncio.start_server(
+                        handle, lst.address, lst.port, ssl=ctx, reuse_address=True
+                    )
+                self._servers.append(srv)
+                mode = (
+                    "TLS, client certificates required"
+                    if lst.require_client_cert
+                    else "TLS"
+                    if lst.tls
+                    else "plain"
+                )
+                log.info("listening for sensors on %s (%s)", name, mode)
+        except (OSError, ssl.SSLError) as exc:
+            await self.__aexit__(None, None, None)
+            raise GatewaydError(f"cannot open the sensor listener: {exc}") from exc
+        self._sweeper = asyncio.create_task(self._sweep(), name="session-expiry")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for srv in self._servers:
+            srv.close()
+        for client_id in list(self.broker.clients):
+            self.broker.disconnect(client_id, 0x8B)  # Server shutting down
+        tasks = list(self._connections) + ([self._sweeper] if self._sweeper else [])
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for srv in self._servers:
+            with contextlib.suppress(Exception):
+                await srv.wait_closed()
+        self._servers.clear()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(10)
+            self.broker.expire_sessions(time.monotonic())

@@ -1,0 +1,144 @@
+"""The gateway's local CA: created on first start (software key, 0600), it issues the listener's server
+certificate, whose SANs cover the host name and the gateway's current addresses, and (later) sensors'
+certificates. Sensors trust it to authenticate the gateway (`gatewayctl describe-endpoint` will print it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gatewayd.stores import atomic
+from gatewayd.stores.x509util import load_pem_certificates, not_after, same_public_key
+
+CA_YEARS = 20
+SERVER_DAYS = 397  # the CA/Browser Forum's limit, which sensor TLS stacks may also enforce
+RENEW_WITHIN = dt.timedelta(days=30)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def host_names_and_addresses(extra_addresses: list[str]) -> tuple[list[str], list[str]]:
+    """DNS names and IP addresses the server certificate should cover, from the host as it is now."""
+    hostname = socket.gethostname()
+    names = sorted({hostname, socket.getfqdn(), "localhost"} - {""})
+    ips = {"127.0.0.1", "::1", *[a for a in extra_addresses if a not in ("0.0.0.0", "::")]}
+    try:
+        for info in socket.getaddrinfo(hostname, None):
+            ips.add(str(info[4][0]).split("%")[0])
+    except OSError:
+        pass
+    return names, sorted(ips, key=lambda a: (":" in a, a))
+
+
+@dataclass(frozen=True)
+class ServerIdentity:
+    cert_file: Path
+    key_file: Path
+    names: tuple[str, ...]
+    addresses: tuple[str, ...]
+
+
+class LocalCA:
+    def __init__(self, state_dir: Path, thing_name: str) -> None:
+        self.dir = state_dir / "localca"
+        self.thing_name = thing_name
+        self.cert_file = self.dir / "ca.pem"
+        self.key_file = self.dir / "ca.key"
+
+    def ensure(self) -> bool:
+        """Create the CA if it does not exist yet; True when it was created."""
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.cert_file.exists() and self.key_file.exists():
+            return False
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"gatewayd local CA {self.thing_name}")])
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=365 * CA_YEARS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        atomic.write_file(self.key_file, _key_pem(key), 0o600)  # the key first: a cert without it is useless
+        atomic.write_file(self.cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        return True
+
+    def _ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        cert = load_pem_certificates(self.cert_file.read_bytes(), str(self.cert_file))[0]
+        key = serialization.load_pem_private_key(self.key_file.read_bytes(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return cert, key
+
+    def server_identity(self, names: list[str], addresses: list[str]) -> ServerIdentity:
+        """The listener's certificate: reused while it covers `names`/`addresses` and is not near expiry."""
+        cert_file, key_file = self.dir / "server.pem", self.dir / "server.key"
+        wanted = (tuple(names), tuple(addresses))
+        if cert_file.exists() and key_file.exists():
+            current = load_pem_certificates(cert_file.read_bytes(), str(cert_file))[0]
+            key_now = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+            fresh = not_after(current) - dt.datetime.now(dt.UTC) > RENEW_WITHIN
+            # A power cut between writing the new key and its certificate leaves a mismatched pair: reissue.
+            if (
+                _sans(current) == wanted
+                and fresh
+                and same_public_key(current.public_key(), key_now.public_key())
+            ):
+                return ServerIdentity(cert_file, key_file, *wanted)
+        ca_cert, ca_key = self._ca()
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+        sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(
+                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0] if names else self.thing_name)])
+            )
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=SERVER_DAYS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        atomic.write_file(key_file, _key_pem(key), 0o600)
+        atomic.write_file(cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        return ServerIdentity(cert_file, key_file, *wanted)
+
+
+def _sans(cert: x509.Certificate) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return (), ()
+    names = tuple(ext.get_values_for_type(x509.DNSName))
+    addresses = tuple(str(a) for a in ext.get_values_for_type(x509.IPAddress))
+    return names, addresses
