@@ -1,0 +1,325 @@
+"""Sensors with their own certificates, through the gateway's listener, to the AWS IoT stand-in and back.
+
+Real parts: the daemon, its TPM-held uplink to the stand-in, mutual TLS on 127.0.0.1, paho-mqtt (3.1.1 and
+5.0) and mosquitto_pub/mosquitto_sub as sensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gatewayd.core.mqtt.codec import Decoder, encode
+from gatewayd.core.mqtt.packets import MQTT_311, Connack, Connect, Will
+from gatewayd.service.control import request
+from gatewayd_dev import pki
+from gatewayd_dev.gateway import Gateway, gateway_env, provision, standin_config, write_config
+from gatewayd_dev.sensor import PAHO2, Sensor, wait_until
+from gatewayd_dev.stack import DevStack
+
+THING = "gw-down"
+
+
+@dataclass
+class Setup:
+    stack: DevStack
+    workdir: Path
+    port: int
+    sensor_ca: pki.Issued
+    daemon: Gateway
+
+    @property
+    def local_ca(self) -> Path:
+        return self.workdir / "state" / "localca" / "ca.pem"
+
+    def cert(self, cn: str) -> tuple[Path, Path]:
+        issued = pki.make_client(self.sensor_ca, cn)
+        cert = pki.write(self.workdir / f"{cn}.pem", issued.cert_pem())
+        key = pki.write(self.workdir / f"{cn}.key", issued.key_pem(), 0o600)
+        return cert, key
+
+    def sensor(self, cn: str, mqtt5: bool = False, client_id: str | None = None, **kw: Any) -> Sensor:
+        cert, key = self.cert(cn)
+        return Sensor(client_id or cn, self.port, self.local_ca, cert, key, mqtt5, **kw)
+
+    def observe(self, topic: str) -> Observer:
+        return Observer(self.stack, topic, self.workdir / f"obs-{time.monotonic_ns()}.txt")
+
+    def ctl(self, command: str, args: dict[str, Any] | None = None) -> Any:
+        return request(self.workdir / "control.sock", command, args)
+
+
+class Observer:
+    """mosquitto_sub at the stand-in's back office."""
+
+    def __init__(self, stack: DevStack, topic: str, out: Path) -> None:
+        self.out = out
+        self.sink = out.open("w")
+        port = str(stack.standin.observer_port)
+        self.proc = subprocess.Popen(
+            ["mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-t", topic, "-v"], stdout=self.sink
+        )
+        time.sleep(0.3)
+
+    def wait(self, count: int = 1, timeout: float = 15) -> list[str]:
+        wait_until(
+            lambda: len(self.out.read_text().splitlines()) >= count, timeout, f"{count} messages upstream"
+        )
+        return self.out.read_text().splitlines()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)
+        self.sink.close()
+
+
+@pytest.fixture(scope="module")
+def setup(devstack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    workdir = tmp_path_factory.mktemp("downstream")
+    sensor_ca = pki.make_root("Test Sensor CA", "ecc")
+    ca_file = pki.write(workdir / "sensor-ca.pem", sensor_ca.cert_pem())
+    tables = standin_config(
+        devstack, workdir, THING, downstream={"client_ca_file": str(ca_file), "connect_timeout": 2},
+    )  # fmt: skip
+    tables["downstream.policy"] = {
+        "publish": ["sensors/${iot:ClientId}/#", "local/#"],
+        "subscribe": ["commands/${iot:ClientId}/#", "local/#"],
+    }
+    config = write_config(workdir / "g.toml", tables)
+    provision(devstack, config)
+    daemon = Gateway(config, workdir, env=gateway_env(devstack))
+    try:
+        daemon.wait_ready()
+        wait_until(
+            lambda: request(workdir / "control.sock", "status")["uplink"]["state"] == "connected",
+            20,
+            "uplink",
+        )
+        port = tables["downstream"]["listener"][0]["port"]
+        yield Setup(devstack, workdir, port, sensor_ca, daemon)
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture
+def sensors() -> Iterator[Callable[[Sensor], Sensor]]:
+    made: list[Sensor] = []
+
+    def track(s: Sensor) -> Sensor:
+        made.append(s)
+        return s
+
+    yield track
+    for s in made:
+        with contextlib.suppress(Exception):  # already gone
+            s.stop()
+
+
+@pytest.mark.parametrize("mqtt5", [False, True], ids=["3.1.1", "5.0"])
+def test_paho_sensor_reading_reaches_aws_and_command_comes_back(
+    setup: Setup, sensors: Callable[[Sensor], Sensor], mqtt5: bool
+) -> None:
+    cid = f"paho-{'5' if mqtt5 else '311'}"
+    obs = setup.observe(f"{THING}/sensors/{cid}/#")
+    s = sensors(setup.sensor(cid, mqtt5))
+    assert s.connect() == 0
+    assert s.publish(f"sensors/{cid}/temperature", b"21.5", qos=1) == 0
+    assert obs.wait()[0] == f"{THING}/sensors/{cid}/temperature 21.5"
+    obs.stop()
+    assert s.subscribe(f"commands/{cid}/#") == [1]
+    port = str(setup.stack.standin.observer_port)
+    deadline = time.monotonic() + 15
+    while not s.received:  # the upstream subscription may take a moment to be in place
+        assert time.monotonic() < deadline, "command never reached the sensor"
+        command = ["-t", f"{THING}/commands/{cid}/reboot", "-m", "now"]
+        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", "1", *command], check=True)
+        time.sleep(0.3)
+    assert s.received[0][:2] == (f"commands/{cid}/reboot", b"now")
+
+
+def test_mosquitto_clients_as_sensors(setup: Setup) -> None:
+    cert, key = setup.cert("mosq-1")
+    tls = [
+        "--cafile",
+        str(setup.local_ca),
+        "--cert",
+        str(cert),
+        "--key",
+        str(key),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(setup.port),
+    ]
+    sub = subprocess.Popen(
+        ["mosquitto_sub", *tls, "-i", "mosq-1", "-t", "local/room1/#", "-C", "1", "-W", "15", "-v"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(0.5)
+    obs = setup.observe(f"{THING}/local/#")
+    cert2, key2 = setup.cert("mosq-2")
+    tls2 = [
+        "--cafile",
+        str(setup.local_ca),
+        "--cert",
+        str(cert2),
+        "--key",
+        str(key2),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(setup.port),
+    ]
+    pub = subprocess.run(
+        ["mosquitto_pub", *tls2, "-i", "mosq-2", "-q", "1", "-t", "local/room1/lux", "-m", "300"],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
+    assert pub.returncode == 0, pub.stderr
+    out, _ = sub.communicate(timeout=20)
+    assert out.strip() == "local/room1/lux 300"  # sensor to sensor, locally
+    assert obs.wait()[0] == f"{THING}/local/room1/lux 300"  # and upstream
+    obs.stop()
+
+
+def test_denied_publish_and_subscribe(setup: Setup, sensors: Callable[[Sensor], Sensor]) -> None:
+    s5 = sensors(setup.sensor("deny-5", mqtt5=True))
+    assert s5.connect() == 0
+    code = s5.publish("sensors/someone-else/t", b"x", qos=1)
+    if PAHO2:  # paho 1.6 does not pass PUBACK reason codes to the application
+        assert code == 0x87
+    assert s5.subscribe("commands/#") == [0x87]
+    s3 = sensors(setup.sensor("deny-311"))
+    assert s3.connect() == 0
+    assert s3.publish("sensors/someone-else/t", b"x", qos=1) == 0  # 3.1.1: acknowledged and dropped
+    assert s3.subscribe("commands/#") == [0x80]
+    log = setup.daemon.log()
+    assert "sensor deny-311 may not publish to sensors/someone-else/t: dropped" in log
+    assert "sensor deny-5 may not subscribe to commands/#" in log
+
+
+def test_client_id_must_match_the_certificate(setup: Setup, sensors: Callable[[Sensor], Sensor]) -> None:
+    raw = _raw_tls(setup, "real-cn")
+    raw.sendall(encode(Connect("impostor", MQTT_311), MQTT_311))
+    (connack,) = Decoder(MQTT_311).feed(raw.recv(4))
+    assert connack == Connack(False, 2)  # 3.1.1 on the wire: identifier rejected
+    assert raw.recv(10) == b""
+    s5 = sensors(setup.sensor("real-cn5", mqtt5=True, client_id="impostor5"))
+    assert s5.connect() == 0x85
+    assert "client id 'impostor' is not the certificate CN" in setup.daemon.log()
+
+
+def test_unknown_ca_is_refused_at_tls(setup: Setup) -> None:
+    stranger = pki.make_client(pki.make_root("Other CA", "ecc"), "stranger")
+    cert = pki.write(setup.workdir / "stranger.pem", stranger.cert_pem())
+    key = pki.write(setup.workdir / "stranger.key", stranger.key_pem())
+    with pytest.raises((ssl.SSLError, OSError, TimeoutError)):
+        s = Sensor("stranger", setup.port, setup.local_ca, cert, key)
+        try:
+            if s.connect(timeout=3) != 0:
+                raise ssl.SSLError("refused")
+        finally:
+            s.client.loop_stop()
+
+
+def test_takeover_closes_the_older_connection(setup: Setup, sensors: Callable[[Sensor], Sensor]) -> None:
+    first = sensors(setup.sensor("twin", mqtt5=True))
+    assert first.connect() == 0
+    second = sensors(setup.sensor("twin", mqtt5=True))
+    assert second.connect() == 0
+    wait_until(lambda: bool(first.disconnects), 10, "the first connection to be closed")
+    if PAHO2:
+        assert first.disconnects[0] == 0x8E  # Session taken over
+    conns = [c for c in setup.ctl("list-connections")["connections"] if c["clientId"] == "twin"]
+    assert len(conns) == 1
+
+
+def _raw_tls(setup: Setup, cn: str) -> ssl.SSLSocket:
+    cert, key = setup.cert(cn)
+    ctx = ssl.create_default_context(cafile=str(setup.local_ca))
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx.wrap_socket(
+        socket.create_connection(("127.0.0.1", setup.port), timeout=10), server_hostname="127.0.0.1"
+    )
+
+
+def test_will_is_published_when_a_sensor_vanishes(setup: Setup) -> None:
+    obs = setup.observe(f"{THING}/sensors/ghost/status")
+    sock = _raw_tls(setup, "ghost")
+    sock.sendall(
+        encode(Connect("ghost", MQTT_311, will=Will("sensors/ghost/status", b"offline", 1)), MQTT_311)
+    )
+    assert Decoder(MQTT_311).feed(sock.recv(4))  # CONNACK
+    sock.close()  # no DISCONNECT: the will goes out
+    assert obs.wait()[0] == f"{THING}/sensors/ghost/status offline"
+    obs.stop()
+
+
+def test_qos2_from_a_sensor_arrives_upstream_as_qos1(
+    setup: Setup, sensors: Callable[[Sensor], Sensor]
+) -> None:
+    obs = setup.observe(f"{THING}/sensors/q2/#")
+    s = sensors(setup.sensor("q2", mqtt5=True))
+    assert s.connect() == 0
+    assert s.publish("sensors/q2/event", b"once", qos=2) == 0  # PUBREC, PUBREL, PUBCOMP completed
+    assert obs.wait()[0] == f"{THING}/sensors/q2/event once"
+    obs.stop()
+
+
+def test_topic_aws_would_refuse_is_refused_at_ingress(
+    setup: Setup, sensors: Callable[[Sensor], Sensor]
+) -> None:
+    s = sensors(setup.sensor("deep", mqtt5=True))
+    assert s.connect() == 0
+    code = s.publish("sensors/deep/a/b/c/d/e/f", b"x", qos=1)  # 8 slashes after the thing-name prefix
+    if PAHO2:
+        assert code == 0x90
+    assert "more than 7 slashes" in setup.daemon.log()
+
+
+def test_isolation_silent_and_oversized_clients(setup: Setup, sensors: Callable[[Sensor], Sensor]) -> None:
+    silent = _raw_tls(setup, "silent")  # never sends CONNECT
+    t0 = time.monotonic()
+    assert silent.recv(10) == b""  # closed by the gateway after connect_timeout (2 s here)
+    assert 1.5 < time.monotonic() - t0 < 6
+    big = _raw_tls(setup, "big")
+    big.sendall(encode(Connect("big", MQTT_311), MQTT_311))
+    big.recv(4)
+    big.sendall(b"\x30\xff\xff\xff\x7f")  # announces a 256 MiB PUBLISH
+    assert big.recv(10) == b""  # closed at once, nothing buffered
+    s = sensors(setup.sensor("bystander"))
+    assert s.connect() == 0 and s.publish("sensors/bystander/t", b"ok") == 0  # others unaffected
+
+
+def test_list_connections_and_disconnect(setup: Setup, sensors: Callable[[Sensor], Sensor]) -> None:
+    s = sensors(setup.sensor("listed"))
+    assert s.connect() == 0
+    s.publish("sensors/listed/t", b"1")
+    (conn,) = [c for c in setup.ctl("list-connections")["connections"] if c["clientId"] == "listed"]
+    assert conn["commonName"] == "listed" and len(conn["certificateId"]) == 64
+    assert conn["address"].startswith("127.0.0.1:") and conn["messagesIn"] >= 1 and conn["bytesIn"] > 0
+    result = subprocess.run(
+        [sys.executable, "-m", "gatewayd.cli.gatewayctl", "--socket",
+         str(setup.workdir / "control.sock"), "disconnect", "--client-id", "listed"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0 and json.loads(result.stdout) == {"disconnected": "listed"}
+    wait_until(lambda: bool(s.disconnects), 10, "disconnect")
+    missing = subprocess.run(
+        [sys.executable, "-m", "gatewayd.cli.gatewayctl", "--socket", str(setup.workdir / "control.sock"),
+         "disconnect", "--client-id", "nobody"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert missing.returncode == 1 and "no sensor connected with client id 'nobody'" in missing.stderr
