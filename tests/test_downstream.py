@@ -323,3 +323,37 @@ def test_list_connections_and_disconnect(setup: Setup, sensors: Callable[[Sensor
         capture_output=True, text=True,
     )  # fmt: skip
     assert missing.returncode == 1 and "no sensor connected with client id 'nobody'" in missing.stderr
+
+
+def test_aws_iot_device_sdk_sensor(setup: Setup) -> None:
+    """The AWS IoT Device SDK v2 works against the gateway as against AWS IoT Core."""
+    from .conftest import REPO
+
+    cert, key = setup.cert("sdk-1")
+    obs = setup.observe(f"{THING}/sensors/sdk-1/#")
+    # The SDK is a PyPI-only package: it runs from the dev venv even when the suite runs on Debian's Python.
+    venv_python = str(REPO / ".venv" / "bin" / "python")
+    argv = ["localhost", str(setup.port), str(setup.local_ca), str(cert), str(key), "sdk-1"]
+    sdk = subprocess.Popen(
+        [venv_python, "-m", "gatewayd_dev.aws_sensor", *argv],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert sdk.stdout is not None
+        ready = json.loads(sdk.stdout.readline() or "{}")
+        assert ready.get("event") == "ready", sdk.stderr.read() if sdk.stderr else ""
+        assert obs.wait()[0] == f"{THING}/sensors/sdk-1/temperature 19.0"
+        port = str(setup.stack.standin.observer_port)
+        command = ["-t", f"{THING}/commands/sdk-1/blink", "-m", "twice"]
+        deadline = time.monotonic() + 15
+        out = ""
+        while sdk.poll() is None and time.monotonic() < deadline:
+            subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", "1", *command], check=True)
+            time.sleep(0.5)
+        out = sdk.stdout.readline()
+        assert json.loads(out)["commands"][0] == "commands/sdk-1/blink twice"
+    finally:
+        obs.stop()
+        if sdk.poll() is None:
+            sdk.kill()
+        sdk.wait()
