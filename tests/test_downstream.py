@@ -94,7 +94,7 @@ def setup(devstack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Itera
     )  # fmt: skip
     tables["downstream.policy"] = {
         "publish": ["sensors/${iot:ClientId}/#", "local/#"],
-        "subscribe": ["commands/${iot:ClientId}/#", "local/#"],
+        "subscribe": ["commands/${iot:ClientId}/#", "commands/all/#", "local/#"],
     }
     config = write_config(workdir / "g.toml", tables)
     provision(devstack, config)
@@ -357,3 +357,115 @@ def test_aws_iot_device_sdk_sensor(setup: Setup) -> None:
         if sdk.poll() is None:
             sdk.kill()
         sdk.wait()
+
+
+def test_retained_messages_for_local_subscribers(setup: Setup, sensors: Callable[[Sensor], Sensor]) -> None:
+    a = sensors(setup.sensor("ret-a"))
+    assert a.connect() == 0
+    info = a.client.publish("local/ret/setpoint", b"22", qos=1, retain=True)
+    wait_until(lambda: info.mid in a.acks, 10, "PUBACK")
+    b = sensors(setup.sensor("ret-b"))
+    assert b.connect() == 0
+    assert b.subscribe("local/ret/#") == [1]
+    wait_until(lambda: bool(b.received), 10, "the retained message")
+    assert b.received[0][:2] == ("local/ret/setpoint", b"22")
+
+
+def test_persistent_session_gets_commands_sent_while_away(
+    setup: Setup, sensors: Callable[[Sensor], Sensor]
+) -> None:
+    p = sensors(setup.sensor("persist", clean=False))
+    assert p.connect() == 0
+    assert p.subscribe("commands/persist/#") == [1]
+    p.stop()
+    time.sleep(0.5)
+    port = str(setup.stack.standin.observer_port)
+    command = ["-t", f"{THING}/commands/persist/update", "-m", "v2"]
+    subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", "1", *command], check=True)
+    time.sleep(0.5)
+    again = sensors(setup.sensor("persist", clean=False))
+    assert again.connect() == 0
+    wait_until(lambda: bool(again.received), 10, "the command kept for the session")
+    assert again.received[0][:2] == ("commands/persist/update", b"v2")
+
+
+def test_upstream_subscriptions_are_shared_and_counted(
+    setup: Setup, sensors: Callable[[Sensor], Sensor]
+) -> None:
+    a, b = sensors(setup.sensor("share-a")), sensors(setup.sensor("share-b"))
+    assert a.connect() == 0 and b.connect() == 0
+    assert a.subscribe("commands/all/#") == [1] and b.subscribe("commands/all/#") == [1]
+    assert setup.ctl("status")["upstreamSubscriptions"][f"{THING}/commands/all/#"] == 2
+    a.client.unsubscribe("commands/all/#")
+    wait_until(
+        lambda: setup.ctl("status")["upstreamSubscriptions"].get(f"{THING}/commands/all/#") == 1, 10, "unref"
+    )
+    b.stop()  # a clean session ends with its connection: its subscriptions go too
+    wait_until(
+        lambda: f"{THING}/commands/all/#" not in setup.ctl("status")["upstreamSubscriptions"], 10, "unsub"
+    )
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_a_sensor_that_does_not_read_cannot_grow_gateway_memory(
+    setup: Setup, sensors: Callable[[Sensor], Sensor]
+) -> None:
+    reader = _raw_tls(setup, "nonreader")
+    reader.sendall(encode(Connect("nonreader", MQTT_311), MQTT_311))
+    reader.recv(4)
+    from gatewayd.core.mqtt.packets import Subscribe, Subscription
+
+    reader.sendall(encode(Subscribe(1, (Subscription("local/flood/#", 1),)), MQTT_311))
+    reader.recv(5)  # SUBACK; from now on this sensor reads nothing
+    before = _rss_kb(setup.daemon.pid)
+    flooder = sensors(setup.sensor("flooder"))
+    assert flooder.connect() == 0
+    chunk = b"x" * 60_000
+    for _ in range(300):  # 18 MB for a sensor whose queue holds 1 MiB
+        flooder.client.publish("local/flood/data", chunk, qos=0)
+    wait_until(lambda: flooder.client.want_write() is False, 30, "the flood to be sent")
+    time.sleep(1.0)
+    grown = _rss_kb(setup.daemon.pid) - before
+    assert grown < 30_000, f"gateway RSS grew by {grown} kB"
+    status = setup.ctl("status")
+    gone = "nonreader" not in [c["clientId"] for c in setup.ctl("list-connections")["connections"]]
+    assert gone or status["droppedForSensors"] > 0
+    bystander = sensors(setup.sensor("calm"))
+    assert bystander.connect() == 0 and bystander.publish("sensors/calm/t", b"fine") == 0
+    reader.close()
+
+
+def test_policy_changes_apply_on_reload(setup: Setup, sensors: Callable[[Sensor], Sensor]) -> None:
+    import signal
+
+    s = sensors(setup.sensor("reload-me", mqtt5=True))
+    assert s.connect() == 0
+    config = setup.workdir / "g.toml"
+    original = config.read_text()
+    try:
+        text = original.replace(
+            "[downstream.policy]\n", '[downstream.policy]\ndeny_publish = ["sensors/+/secret"]\n'
+        )
+        config.write_text(text)
+        mark = len(setup.daemon.notify.messages)
+        setup.daemon.signal(signal.SIGHUP)
+        setup.daemon.notify.wait_for("READY", "1", after=mark)
+        log_before = setup.daemon.log()
+        code = s.publish("sensors/reload-me/secret", b"x")
+        if PAHO2:
+            assert code == 0x87
+        wait_until(
+            lambda: "may not publish to sensors/reload-me/secret" in setup.daemon.log(), 10, "the denial"
+        )
+        assert "may not publish to sensors/reload-me/secret" not in log_before
+    finally:
+        config.write_text(original)
+        mark = len(setup.daemon.notify.messages)
+        setup.daemon.signal(signal.SIGHUP)
+        setup.daemon.notify.wait_for("READY", "1", after=mark)

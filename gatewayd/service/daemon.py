@@ -93,6 +93,9 @@ class Daemon:
             "lastReload": self.last_reload,
             "uplink": self.upstream.summary() if self.upstream is not None else None,
             "sensors": len(self.broker.clients) if self.broker is not None else 0,
+            "sensorSessions": len(self.broker.sessions) if self.broker is not None else 0,
+            "upstreamSubscriptions": self.broker.upstream_refs if self.broker is not None else {},
+            "droppedForSensors": self.broker.dropped if self.broker is not None else 0,
         }
 
     # ------------------------------------------------------------------ main
