@@ -9,6 +9,7 @@ import argparse
 import json
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -16,8 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from gatewayd_dev import pki
 from gatewayd_dev.gateway import Gateway, gateway_env, provision, standin_config, write_config
 from gatewayd_dev.procs import Proc, pid_alive
+from gatewayd_dev.sensors_sim import TELEMETRY, VALVE
 from gatewayd_dev.stack import DevStack
 
 THING = "demo-gateway"
@@ -48,15 +51,25 @@ def main(argv: list[str] | None = None) -> int:
     stack = DevStack(workdir / "stack")
     gateway: Gateway | None = None
     watcher: Proc | None = None
+    sim: Proc | None = None
     tail: LogTail | None = None
     pids: dict[str, int] = {}
     try:
         stack.start()
         pids.update(stack.pids())
-        config = write_config(
-            workdir / "gatewayd.toml",
-            standin_config(stack, workdir, THING, "rsa", status={"interval": 5}),
+        sensor_ca = pki.make_root("Demo Sensor CA", "ecc")
+        certs = workdir / "sensor-certs"
+        certs.mkdir(exist_ok=True)
+        for cid in [name for name, _ in TELEMETRY] + [VALVE]:
+            issued = pki.make_client(sensor_ca, cid)
+            pki.write(certs / f"{cid}.pem", issued.cert_pem())
+            pki.write(certs / f"{cid}.key", issued.key_pem(), 0o600)
+        ca_file = pki.write(workdir / "sensor-ca.pem", sensor_ca.cert_pem())
+        tables = standin_config(
+            stack, workdir, THING, "rsa", status={"interval": 5}, downstream={"client_ca_file": str(ca_file)}
         )
+        listener_port = tables["downstream"]["listener"][0]["port"]
+        config = write_config(workdir / "gatewayd.toml", tables)
         _say("Provisioning: key generated inside the software TPM, CSR signed by it, certificate from the")
         _say("stand-in CA, installed (gatewayctl identity create-key / create-csr / install-certificate) ...")
         shown = provision(stack, config)
@@ -75,11 +88,23 @@ def main(argv: list[str] | None = None) -> int:
         tail = LogTail(gateway.proc.log_path)
         (workdir / "demo.json").write_text(json.dumps({"pids": pids}))
         ready = gateway.wait_ready()
-        _banner(stack, workdir, config, pids, ready.get("STATUS", ""))
-        _stream(gateway, [tail, traffic], lambda: stop_requested, args.duration)
+        sim = Proc(
+            "sensors",
+            [sys.executable, "-m", "gatewayd_dev.sensors_sim", str(listener_port),
+             str(workdir / "state" / "localca" / "ca.pem"), str(certs)],
+            workdir / "sensors.log",
+        )  # fmt: skip
+        pids["sensors"] = sim.pid
+        (workdir / "demo.json").write_text(json.dumps({"pids": pids}))
+        sensors_tail = LogTail(sim.log_path, prefix="[sensors] ")
+        _banner(stack, workdir, config, pids, ready.get("STATUS", ""), listener_port)
+        cloud = CloudCommands(stack.standin.observer_port)
+        _stream(gateway, [tail, sensors_tail, traffic], lambda: stop_requested, args.duration, cloud.tick)
         _say("\ngatewayd demo: stopping ...")
     finally:
         status = gateway.terminate() if gateway is not None else None
+        if sim is not None:
+            sim.stop()
         if gateway is not None:
             gateway.stop()
         if watcher is not None:
@@ -97,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _banner(stack: DevStack, workdir: Path, config: Path, pids: dict[str, int], status: str) -> None:
+def _banner(
+    stack: DevStack, workdir: Path, config: Path, pids: dict[str, int], status: str, port: int
+) -> None:
     rsa, ecc = stack.standin.endpoint("rsa"), stack.standin.endpoint("ecc")
     venv_bin = Path(sys.executable).parent
     _say(
@@ -112,11 +139,14 @@ Running (every process is ended by its PID on Ctrl-C):
   gatewayd       pid {pids["gatewayd"]}, config {config}
                  its uplink: mutual TLS with the TPM-held key, in a child process
                  systemd status: {status}
+  sensors        pid {pids["sensors"]}: three paho sensors (3.1.1 and 5.0) publishing readings, and {VALVE}
+                 obeying commands, over mutual TLS to the gateway's listener on 127.0.0.1:{port}
   mosquitto_sub  pid {pids["mosquitto_sub"]}, printing what reaches the stand-in ("[at the stand-in]")
 
 Where to look:
   {venv_bin}/gatewayctl --socket {workdir / "control.sock"} status
   {venv_bin}/gatewayctl --socket {workdir / "control.sock"} identity show
+  {venv_bin}/gatewayctl --socket {workdir / "control.sock"} list-connections
   {venv_bin}/gatewayd check-config --config {config}
   TPM: env {" ".join(f"{k}={v}" for k, v in stack.tpm.env().items())} tpm2_getcap properties-fixed
 
@@ -148,9 +178,38 @@ class LogTail:
             sys.stdout.flush()
 
 
-def _stream(gateway: Gateway, tails: list[LogTail], stop: Callable[[], bool], duration: float) -> None:
+class CloudCommands:
+    """Plays the cloud side: every 10 s a command for the valve, published at the stand-in."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.next = time.monotonic() + 5
+        self.open = False
+
+    def tick(self) -> None:
+        if time.monotonic() < self.next:
+            return
+        self.next = time.monotonic() + 10
+        self.open = not self.open
+        state = "open" if self.open else "closed"
+        topic = f"{THING}/commands/{VALVE}/set"
+        _say(f"[cloud] publishing {topic} {state!r} at the stand-in")
+        subprocess.run(
+            ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(self.port), "-q", "1", "-t", topic, "-m", state],
+            check=False, timeout=10,
+        )  # fmt: skip
+
+
+def _stream(
+    gateway: Gateway,
+    tails: list[LogTail],
+    stop: Callable[[], bool],
+    duration: float,
+    tick: Callable[[], None],
+) -> None:
     deadline = time.monotonic() + duration if duration > 0 else None
     while not stop():
+        tick()
         for tail in tails:
             tail.flush()
         for msg in gateway.notify.poll():

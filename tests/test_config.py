@@ -256,3 +256,55 @@ def test_diff_marks_live_and_restart_keys(tmp_path: Path) -> None:
     assert applied.logging.level == "debug"
     assert applied.gateway.thing_name == "gw-1"  # restart-only: kept
     assert diff(old, old) == []
+
+
+def test_listener_rules(tmp_path: Path) -> None:
+    def listeners(*items: str) -> list[str]:
+        text = MINIMAL + "".join(f"[[downstream.listener]]\n{item}\n" for item in items)
+        try:
+            load(write(tmp_path / "l.toml", text))
+        except ConfigError as exc:
+            return [str(p) for p in exc.problems]
+        return []
+
+    main = tmp_path / "l.toml"
+    assert listeners('address = "127.0.0.1"\nport = 1883\ntls = false\nrequire_client_cert = false') == []
+    assert listeners('address = "unix:/run/gw.sock"\ntls = false\nrequire_client_cert = false') == []
+    assert listeners('address = "0.0.0.0"\ntls = false\nrequire_client_cert = false') == [
+        f"{main}:downstream.listener: listener[0]: plain MQTT on 0.0.0.0 would expose sensors' traffic; "
+        "use tls, a loopback address, or allow_insecure = true"
+    ]
+    assert (
+        listeners('address = "0.0.0.0"\ntls = false\nrequire_client_cert = false\nallow_insecure = true')
+        == []
+    )
+    assert listeners('address = "::"\ntls = false') == [
+        f"{main}:downstream.listener: listener[0]: require_client_cert needs tls = true"
+    ]
+    assert listeners("port = 8883", "port = 8883") == [
+        f"{main}:downstream.listener: listener[1]: 0.0.0.0 port 8883 is configured twice"
+    ]
+    assert listeners('address = "eth0"\nport = 0') == [
+        f"{main}:downstream.listener[0].address: 'eth0' is not an IP address",
+        f"{main}:downstream.listener[0].port: must be at least 1, got 0",
+    ]
+    assert listeners("adress = '1.2.3.4'") == [f"{main}:downstream.listener[0].adress: unknown key"]
+
+
+def test_policy_and_forwarding_are_validated(tmp_path: Path) -> None:
+    main = write(
+        tmp_path / "p.toml",
+        MINIMAL
+        + '[downstream.policy]\npublish = ["sensors/${iot:Nope}/#"]\nsubscribe = ["a/#/b"]\n'
+        + '[forwarding]\nupstream_topic = "${topic}/suffix"\n',
+    )
+    found = problems(main)
+    assert len(found) == 3, found
+    assert found[0].startswith(
+        f"{main}:downstream.policy.publish: 'sensors/${{iot:Nope}}/#': unknown variable"
+    )
+    assert found[1].startswith(f"{main}:downstream.policy.subscribe: 'a/#/b' is not a valid topic filter")
+    assert (
+        found[2]
+        == f"{main}:forwarding.upstream_topic: the upstream topic template must end with ${{topic}}, once"
+    )

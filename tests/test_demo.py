@@ -25,19 +25,13 @@ def test_demo_runs_until_ctrl_c_and_leaves_nothing(tmp_path: Path) -> None:
         )
         try:
             deadline = time.monotonic() + 60
-            while "[at the stand-in] gatewayd/demo-gateway/status" not in out.read_text():
+            while "[sensors] valve-1 received commands/valve-1/set: 'open'" not in out.read_text():
                 assert time.monotonic() < deadline, out.read_text()
                 assert demo.poll() is None, out.read_text()
                 time.sleep(0.1)
             pids = json.loads((tmp_path / "run" / "demo.json").read_text())["pids"]
-            assert set(pids) == {
-                "swtpm",
-                "dbus-daemon",
-                "tpm2-abrmd",
-                "mosquitto",
-                "mosquitto_sub",
-                "gatewayd",
-            }
+            expected = {"swtpm", "dbus-daemon", "tpm2-abrmd", "mosquitto", "mosquitto_sub", "gatewayd", "sensors"}
+            assert set(pids) == expected
             assert all(pid_alive(p) for p in pids.values())
             # The status it points at really answers.
             sock = str(tmp_path / "run" / "control.sock")
@@ -49,6 +43,7 @@ def test_demo_runs_until_ctrl_c_and_leaves_nothing(tmp_path: Path) -> None:
             assert ctl.returncode == 0, ctl.stderr
             st = json.loads(ctl.stdout)
             assert st["thingName"] == "demo-gateway" and st["uplink"]["state"] == "connected"
+            assert st["sensors"] == 4
             uplink_pid = st["uplink"]["uplinkPid"]
             demo.send_signal(signal.SIGINT)  # Ctrl-C
             assert demo.wait(30) == 0
@@ -68,3 +63,5 @@ def test_demo_runs_until_ctrl_c_and_leaves_nothing(tmp_path: Path) -> None:
         if line.startswith("[at the stand-in] gatewayd/demo-gateway/status")
     )
     assert json.loads(status.split(" ", 4)[4])["state"] == "connected"
+    assert "[at the stand-in] demo-gateway/sensors/temp-kitchen/reading" in text  # sensor -> AWS
+    assert "[at the stand-in] demo-gateway/sensors/valve-1/state open" in text  # AWS -> sensor -> AWS

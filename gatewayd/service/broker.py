@@ -424,11 +424,16 @@ class Broker:
             for c in sorted(self.clients.values(), key=lambda c: c.client_id)
         ]
 
-    def disconnect(self, client_id: str, reason: int = Reason.ADMINISTRATIVE_ACTION) -> bool:
+    def disconnect(
+        self,
+        client_id: str,
+        reason: int = Reason.ADMINISTRATIVE_ACTION,
+        why: str = "disconnected by the administrator",
+    ) -> bool:
         client = self.clients.get(client_id)
         if client is None:
             return False
-        self._end(client, client.conn.disconnect(reason, "disconnected by the administrator"))
+        self._end(client, client.conn.disconnect(reason, why))
         self._flush(client.conn, client.writer)
         client.writer.close()
         return True

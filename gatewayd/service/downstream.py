@@ -95,7 +95,7 @@ class Downstream:
         for srv in self._servers:
             srv.close()
         for client_id in list(self.broker.clients):
-            self.broker.disconnect(client_id, 0x8B)  # Server shutting down
+            self.broker.disconnect(client_id, 0x8B, "gatewayd is shutting down")  # Server shutting down
         tasks = list(self._connections) + ([self._sweeper] if self._sweeper else [])
         for task in tasks:
             task.cancel()
