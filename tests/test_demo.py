@@ -30,7 +30,15 @@ def test_demo_runs_until_ctrl_c_and_leaves_nothing(tmp_path: Path) -> None:
                 assert demo.poll() is None, out.read_text()
                 time.sleep(0.1)
             pids = json.loads((tmp_path / "run" / "demo.json").read_text())["pids"]
-            expected = {"swtpm", "dbus-daemon", "tpm2-abrmd", "mosquitto", "mosquitto_sub", "gatewayd", "sensors"}
+            expected = {
+                "swtpm",
+                "dbus-daemon",
+                "tpm2-abrmd",
+                "mosquitto",
+                "mosquitto_sub",
+                "gatewayd",
+                "sensors",
+            }
             assert set(pids) == expected
             assert all(pid_alive(p) for p in pids.values())
             # The status it points at really answers.

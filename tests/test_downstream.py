@@ -469,3 +469,17 @@ def test_policy_changes_apply_on_reload(setup: Setup, sensors: Callable[[Sensor]
         mark = len(setup.daemon.notify.messages)
         setup.daemon.signal(signal.SIGHUP)
         setup.daemon.notify.wait_for("READY", "1", after=mark)
+
+
+@pytest.mark.parametrize("mqtt5", [False, True], ids=["3.1.1", "5.0"])
+def test_qos2_to_a_sensor(setup: Setup, sensors: Callable[[Sensor], Sensor], mqtt5: bool) -> None:
+    tag = "5" if mqtt5 else "3"
+    receiver = sensors(setup.sensor(f"q2-rx-{tag}", mqtt5))
+    assert receiver.connect() == 0
+    assert receiver.subscribe(f"local/q2-{tag}/#", qos=2) == [2]
+    sender = sensors(setup.sensor(f"q2-tx-{tag}", mqtt5))
+    assert sender.connect() == 0
+    assert sender.publish(f"local/q2-{tag}/x", b"exactly once", qos=2) == 0
+    wait_until(lambda: bool(receiver.received), 10, "the QoS 2 message")
+    time.sleep(0.5)  # a duplicate would arrive now
+    assert receiver.received == [(f"local/q2-{tag}/x", b"exactly once", 2)]
