@@ -333,7 +333,7 @@ def test_aws_iot_device_sdk_sensor(setup: Setup) -> None:
     obs = setup.observe(f"{THING}/sensors/sdk-1/#")
     # The SDK is a PyPI-only package: it runs from the dev venv even when the suite runs on Debian's Python.
     venv_python = str(REPO / ".venv" / "bin" / "python")
-    argv = ["localhost", str(setup.port), str(setup.local_ca), str(cert), str(key), "sdk-1"]
+    argv = ["127.0.0.1", str(setup.port), str(setup.local_ca), str(cert), str(key), "sdk-1"]
     sdk = subprocess.Popen(
         [venv_python, "-m", "gatewayd_dev.aws_sensor", *argv],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
@@ -483,3 +483,30 @@ def test_qos2_to_a_sensor(setup: Setup, sensors: Callable[[Sensor], Sensor], mqt
     wait_until(lambda: bool(receiver.received), 10, "the QoS 2 message")
     time.sleep(0.5)  # a duplicate would arrive now
     assert receiver.received == [(f"local/q2-{tag}/x", b"exactly once", 2)]
+
+
+def test_unix_socket_listener(devstack: DevStack, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    sock_path = tmp_path / "sensors.sock"
+    sock_path.parent.mkdir(parents=True, exist_ok=True)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sock_path))  # a socket file left behind by a crashed run
+    stale.close()
+    listener = {"address": f"unix:{sock_path}", "tls": False, "require_client_cert": False}
+    config = write_config(
+        tmp_path / "g.toml",
+        standin_config(devstack, tmp_path, "gw-unix", downstream={"listener": [listener]}),
+    )
+    daemon = Gateway(config, tmp_path, env=gateway_env(devstack))
+    try:
+        daemon.wait_ready()
+        assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o660
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(str(sock_path))
+        client.sendall(encode(Connect("local-proc", MQTT_311), MQTT_311))
+        assert Decoder(MQTT_311).feed(client.recv(4)) == [Connack(False, 0)]
+        client.close()
+    finally:
+        daemon.stop()

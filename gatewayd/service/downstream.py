@@ -47,7 +47,8 @@ class Downstream:
         d = self.config.downstream
         if self.ca.ensure():
             log.info("created the gateway's local CA in %s", self.ca.dir)
-        names, addresses = host_names_and_addresses([lst.address for lst in d.listener])
+        ips = [lst.address for lst in d.listener if not lst.address.startswith("unix:")]
+        names, addresses = host_names_and_addresses(ips)
         server = self.ca.server_identity(names, addresses)
         trusted = [self.ca.cert_file] + ([Path(d.client_ca_file)] if d.client_ca_file else [])
         try:
@@ -69,7 +70,11 @@ class Downstream:
                         self._connections.discard(task)
 
                 if lst.address.startswith("unix:"):
-                    srv = await asyncio.start_unix_server(handle, path=lst.address[5:], ssl=ctx)
+                    path = Path(lst.address[5:])
+                    if path.is_socket():
+                        path.unlink()  # left by a previous run (the state-dir lock proves none is running)
+                    srv = await asyncio.start_unix_server(handle, path=str(path), ssl=ctx)
+                    path.chmod(0o660)  # local processes of this user and group only
                 else:
                     srv = await asyncio.start_server(
                         handle, lst.address, lst.port, ssl=ctx, reuse_address=True
