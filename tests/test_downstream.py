@@ -25,6 +25,7 @@ from gatewayd.core.mqtt.packets import MQTT_311, Connack, Connect, Will
 from gatewayd.service.control import request
 from gatewayd_dev import pki
 from gatewayd_dev.gateway import Gateway, gateway_env, provision, standin_config, write_config
+from gatewayd_dev.observer import Observer
 from gatewayd_dev.sensor import PAHO2, Sensor, wait_until
 from gatewayd_dev.stack import DevStack
 
@@ -58,30 +59,6 @@ class Setup:
 
     def ctl(self, command: str, args: dict[str, Any] | None = None) -> Any:
         return request(self.workdir / "control.sock", command, args)
-
-
-class Observer:
-    """mosquitto_sub at the stand-in's back office."""
-
-    def __init__(self, stack: DevStack, topic: str, out: Path) -> None:
-        self.out = out
-        self.sink = out.open("w")
-        port = str(stack.standin.observer_port)
-        self.proc = subprocess.Popen(
-            ["mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-t", topic, "-v"], stdout=self.sink
-        )
-        time.sleep(0.3)
-
-    def wait(self, count: int = 1, timeout: float = 15) -> list[str]:
-        wait_until(
-            lambda: len(self.out.read_text().splitlines()) >= count, timeout, f"{count} messages upstream"
-        )
-        return self.out.read_text().splitlines()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(5)
-        self.sink.close()
 
 
 @pytest.fixture(scope="module")

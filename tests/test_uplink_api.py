@@ -14,30 +14,9 @@ from gatewayd.service.upstream import Upstream, build_trust
 from gatewayd.stores.configfile import load
 from gatewayd.stores.identity import IdentityStore
 from gatewayd_dev.gateway import provision, standin_config, write_config
+from gatewayd_dev.observer import Observer
 from gatewayd_dev.proxy import RecordingProxy
 from gatewayd_dev.stack import DevStack
-
-
-class Observer:
-    """mosquitto_sub at the stand-in's back office, writing every message it sees to a file."""
-
-    def __init__(self, stack: DevStack, topic: str, out: Path) -> None:
-        self.out = out
-        self.sink = out.open("w")
-        port = str(stack.standin.observer_port)
-        self.proc = subprocess.Popen(
-            ["mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-t", topic, "-q", "1", "-v"], stdout=self.sink
-        )
-        time.sleep(0.3)
-
-    def lines(self) -> list[str]:
-        return self.out.read_text().splitlines()
-
-    def stop(self) -> list[str]:
-        self.proc.terminate()
-        self.proc.wait(5)
-        self.sink.close()
-        return self.lines()
 
 
 @pytest.fixture
