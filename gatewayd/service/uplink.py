@@ -200,27 +200,36 @@ class Uplink:
 
     async def _supervise(self) -> None:
         while not self._closing:
-            spec = await self.prepare()
-            if isinstance(spec, Blocked):
-                if self.status.state != spec.state or self.status.last_error != spec.reason:
-                    log.warning(
-                        "cannot connect: %s",
-                        spec.reason,
-                        extra=messages.extra(messages.UPLINK_BLOCKED, reason=spec.reason),
-                    )
-                self._set(spec.state, spec.reason)
-                await self._wait_kick(self.blocked_retry)
-                continue
-            exit_code = await self._run_child(spec)
-            if self.closing():
-                break
-            if exit_code == EXIT_BAD_SETUP:
-                await self._wait_kick(self.blocked_retry)
-                continue
-            self._restart.failed()
-            delay = self._restart.delay(time.monotonic(), random.random())
-            log.warning("uplink process exited with %s; restarting in %.1f s", exit_code, delay)
-            await self._wait_kick(delay)
+            try:
+                await self._attempt()
+            except Exception:  # nothing a child process does may end supervision
+                log.exception("uplink supervision failed; retrying")
+                self._restart.failed()
+                await self._wait_kick(self._restart.delay(time.monotonic(), random.random()))
+
+    async def _attempt(self) -> None:
+        """Prepare, run one child until it exits, and wait as long as the outcome says."""
+        spec = await self.prepare()
+        if isinstance(spec, Blocked):
+            if self.status.state != spec.state or self.status.last_error != spec.reason:
+                log.warning(
+                    "cannot connect: %s",
+                    spec.reason,
+                    extra=messages.extra(messages.UPLINK_BLOCKED, reason=spec.reason),
+                )
+            self._set(spec.state, spec.reason)
+            await self._wait_kick(self.blocked_retry)
+            return
+        exit_code = await self._run_child(spec)
+        if self.closing():
+            return
+        if exit_code == EXIT_BAD_SETUP:
+            await self._wait_kick(self.blocked_retry)
+            return
+        self._restart.failed()
+        delay = self._restart.delay(time.monotonic(), random.random())
+        log.warning("uplink process exited with %s; restarting in %.1f s", exit_code, delay)
+        await self._wait_kick(delay)
 
     async def _run_child(self, spec: ChildSpec) -> int:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -249,8 +258,7 @@ class Uplink:
             await self._pump(reader)
         finally:
             sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
+            await asyncio.gather(sender, return_exceptions=True)  # whatever ended it, the child is gone
             self._lost_child()
             self._writer.close()
             self._writer = None
@@ -271,7 +279,10 @@ class Uplink:
     async def _pump(self, reader: asyncio.StreamReader) -> None:
         decoder = ipc.Decoder()
         while True:
-            data = await reader.read(262144)
+            try:
+                data = await reader.read(262144)
+            except (ConnectionError, OSError):
+                return  # the child died: the same as end of stream
             if not data:
                 return
             for f in decoder.feed(data):
@@ -360,7 +371,10 @@ class Uplink:
                     ipc.encode_publish(ipc.Publish(msg.id, msg.qos, msg.retain, msg.topic, msg.payload))
                 )
             if self._writer is not None:
-                await self._writer.drain()
+                try:
+                    await self._writer.drain()
+                except (ConnectionError, OSError):
+                    return  # the child died; _pump sees it and the supervisor restarts it
 
     def _send(self, data: bytes) -> None:
         if self._writer is not None and not self._writer.is_closing():

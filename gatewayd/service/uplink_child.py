@@ -74,7 +74,10 @@ class Child:
                     self.subscribe(f.json()["filters"])
                 case ipc.Kind.UNSUBSCRIBE:
                     if self.client is not None and self.connected:
-                        self.client.unsubscribe(f.json()["filters"])
+                        try:
+                            self.client.unsubscribe(f.json()["filters"])
+                        except (OSError, ValueError) as exc:
+                            self.drop_connection(error=describe(exc))
                 case ipc.Kind.STOP:
                     self.stopping = True
                 case _:
@@ -84,7 +87,12 @@ class Child:
         if self.client is None or not self.connected:
             self.send(ipc.encode_ack(ipc.Ack(p.id, False, "not connected")))
             return
-        rc, mid = self.client.publish(p.topic, p.payload, p.qos, p.retain)
+        try:
+            rc, mid = self.client.publish(p.topic, p.payload, p.qos, p.retain)
+        except (OSError, ValueError) as exc:  # paho 1.6 writes at once and lets a dead TLS socket's error out
+            self.send(ipc.encode_ack(ipc.Ack(p.id, False, "connection lost")))
+            self.drop_connection(error=describe(exc))
+            return
         if rc != 0:
             self.send(ipc.encode_ack(ipc.Ack(p.id, False, f"publish refused by the client (rc {rc})")))
         elif p.qos == 0:
@@ -98,7 +106,11 @@ class Child:
                 ipc.json_frame(ipc.Kind.SUBACK, {"filters": filters, "codes": [], "error": "not connected"})
             )
             return
-        rc, mid = self.client.subscribe([(f, int(q)) for f, q in filters])
+        try:
+            rc, mid = self.client.subscribe([(f, int(q)) for f, q in filters])
+        except (OSError, ValueError) as exc:
+            self.drop_connection(error=describe(exc))  # re-subscribed after the reconnect
+            return
         if rc != 0:
             self.send(ipc.json_frame(ipc.Kind.SUBACK, {"filters": filters, "codes": [], "error": f"rc {rc}"}))
         else:
