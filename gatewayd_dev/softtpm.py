@@ -29,11 +29,6 @@ class SoftTPM:
     def tcti(self) -> str:
         return TCTI
 
-    @property
-    def swtpm_tcti(self) -> str:
-        """Direct TCTI to swtpm, bypassing abrmd (only while abrmd is stopped: one client at a time)."""
-        return f"swtpm:host=127.0.0.1,port={self.port}"
-
     def env(self) -> dict[str, str]:
         """Environment for a TPM client (tpm2-tools, tpm2-pytss, tpm2-openssl) to reach this TPM."""
         return {

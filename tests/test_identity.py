@@ -72,6 +72,13 @@ def test_tpm_key_and_csr_for_every_key_type(make_identity: MakeIdentity, key_typ
     assert hashlib.sha256(spki).hexdigest() == key.meta["publicKeySha256"]
 
 
+def test_keys_leave_no_persistent_objects_but_the_srk(make_identity: MakeIdentity) -> None:
+    ident = make_identity("gw-leak")
+    for _ in range(3):
+        ident.create_key()
+    assert tpm.persistent_handles(ident.config.identity.tcti) == [0x81000001]
+
+
 def test_key_blob_holds_no_private_key_material(make_identity: MakeIdentity) -> None:
     key = make_identity().create_key()
     with pytest.raises((ValueError, TypeError)):  # not a PKCS#8/SEC1 key: only the TPM can use it
@@ -333,3 +340,6 @@ def test_staged_version_is_not_live_until_promoted(make_identity: MakeIdentity, 
     store.promote(version)
     assert store.live().number == version.number and store.staged() is None  # type: ignore[union-attr]
     assert store.pending_key() is None  # the promoted version used the pending key
+    store.stage(old)  # type: ignore[arg-type]
+    store.unstage()
+    assert store.staged() is None and store.live().number == version.number  # type: ignore[union-attr]

@@ -128,11 +128,6 @@ def public_key_der(blob: bytes) -> bytes:
     return spki
 
 
-def parent_of(blob: bytes) -> int:
-    parent: int = TSSPrivKey.from_pem(blob).parent
-    return parent
-
-
 def sign(tcti: str, blob: bytes, data: bytes, key_type: str) -> Signature:
     """Hash `data` and sign the digest inside the TPM with the key in `blob`."""
     hash_name = hash_for(key_type)

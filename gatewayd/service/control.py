@@ -43,7 +43,9 @@ class ControlServer:
             _remove_stale_socket(self.path)
             old_umask = os.umask(0o117)  # the socket is created 0660 from the start, never wider
             try:
-                self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+                self._server = await asyncio.start_unix_server(
+                    self._serve, path=str(self.path), limit=MAX_REQUEST
+                )
             finally:
                 os.umask(old_umask)
         except OSError as exc:

@@ -71,10 +71,6 @@ class Version:
         return self.path / "cert.pem"
 
     @property
-    def chain_file(self) -> Path:
-        return self.path / "chain.pem"
-
-    @property
     def fullchain_file(self) -> Path:
         """Certificate followed by its chain: what the gateway presents in the TLS handshake."""
         return self.path / "fullchain.pem"

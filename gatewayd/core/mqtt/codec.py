@@ -184,7 +184,9 @@ def read_properties(r: Reader, packet: object) -> Properties:
         kind, allowed = spec
         if packet not in allowed:
             raise protocol_error(f"property 0x{ident:02x} not allowed in {_name(packet)}")
-        if ident in seen and not (ident == 0x26 or (ident == 0x0B and packet is PacketType.PUBLISH)):
+        # Only User Property may repeat, and Subscription Identifier in a PUBLISH (section 2.2.2.2).
+        repeatable = ident == 0x26 or (ident == 0x0B and packet is PacketType.PUBLISH)
+        if ident in seen and not repeatable:
             raise protocol_error(f"property 0x{ident:02x} appears more than once")
         seen.add(ident)
         value = _read_value(body, kind)

@@ -208,8 +208,6 @@ BOOLEAN_PROPS = frozenset(
 NONZERO_PROPS = frozenset(
     {Prop.RECEIVE_MAXIMUM, Prop.MAXIMUM_PACKET_SIZE, Prop.TOPIC_ALIAS, Prop.SUBSCRIPTION_IDENTIFIER}
 )
-# Only these may appear more than once (User Property anywhere; Subscription Identifier in PUBLISH).
-REPEATABLE = frozenset({Prop.USER_PROPERTY, Prop.SUBSCRIPTION_IDENTIFIER})
 
 
 @dataclass(frozen=True)
