@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from gatewayd.adapters import tpm
@@ -36,6 +34,7 @@ from gatewayd.stores.x509util import (
     pem,
     read_certificates,
     same_public_key,
+    signed_by,
 )
 
 log = logging.getLogger("gatewayd.identity")
@@ -200,7 +199,7 @@ class Identity:
         for _ in range(8):
             if any(current == a for a in anchors):
                 return
-            issuer = next((c for c in pool if c.subject == current.issuer and _signed_by(current, c)), None)
+            issuer = next((c for c in pool if c.subject == current.issuer and signed_by(current, c)), None)
             if issuer is None:
                 break
             if issuer in anchors:
@@ -278,21 +277,3 @@ class Identity:
             for v in self.store.versions()
         ]
         return out
-
-
-def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """Signature check that works on cryptography 38 (no verify_directly_issued_by before 40)."""
-    key = issuer.public_key()
-    algorithm = cert.signature_hash_algorithm
-    if algorithm is None:
-        return False
-    try:
-        if isinstance(key, rsa.RSAPublicKey):
-            key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), algorithm)
-        elif isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm))
-        else:
-            return False
-    except InvalidSignature:
-        return False
-    return True

@@ -19,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from gatewayd.stores import atomic
 from gatewayd.stores.x509util import load_pem_certificates, not_after, same_public_key
 
-CA_YEARS = 20
+CA_YEARS = 25  # outlives the 2049-12-31 default expiry of the certificates it issues (as AWS IoT's)
 SERVER_DAYS = 397  # the CA/Browser Forum's limit, which sensor TLS stacks may also enforce
 RENEW_WITHIN = dt.timedelta(days=30)
 
@@ -85,7 +85,7 @@ class LocalCA:
         atomic.write_file(self.cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return True
 
-    def _ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    def ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         cert = load_pem_certificates(self.cert_file.read_bytes(), str(self.cert_file))[0]
         key = serialization.load_pem_private_key(self.key_file.read_bytes(), password=None)
         assert isinstance(key, ec.EllipticCurvePrivateKey)
@@ -106,7 +106,7 @@ class LocalCA:
                 and same_public_key(current.public_key(), key_now.public_key())
             ):
                 return ServerIdentity(cert_file, key_file, *wanted)
-        ca_cert, ca_key = self._ca()
+        ca_cert, ca_key = self.ca()
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]

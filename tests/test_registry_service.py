@@ -1,0 +1,139 @@
+"""The registry's AWS-CLI-shaped operations on a real store and local CA: the AWS IoT developer guide's
+workflow (create, register a CA with proof of possession, register device certificates, activate,
+deactivate, revoke, list, delete), with every input check."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gatewayd.core.errors import GatewaydError
+from gatewayd.core.registry import TransitionRefused
+from gatewayd.service.registry import RegistryService
+from gatewayd.stores.localca import LocalCA
+from gatewayd.stores.registry import Registry, RegistryError
+from gatewayd_dev import pki
+
+
+@pytest.fixture
+def svc(tmp_path: Path) -> RegistryService:
+    ca = LocalCA(tmp_path, "gw-1")
+    ca.ensure()
+    return RegistryService(Registry(tmp_path / "registry.db", "gw-1"), ca, "gw-1")
+
+
+def test_create_keys_and_certificate(svc: RegistryService) -> None:
+    out = svc.create_keys_and_certificate("sensor-1", set_as_active=True)
+    cert = x509.load_pem_x509_certificate(out["certificatePem"].encode())
+    assert out["certificateId"] == hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    assert out["certificateArn"] == f"arn:gatewayd:gw-1:cert/{out['certificateId']}"
+    key = serialization.load_pem_private_key(out["keyPair"]["PrivateKey"].encode(), None)
+    assert (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+        == out["keyPair"]["PublicKey"]
+    )
+    desc = svc.describe_certificate(out["certificateId"])["certificateDescription"]
+    assert (
+        desc["status"] == "ACTIVE"
+        and desc["ownedBy"] == "gw-1"
+        and desc["validity"]["notAfter"] == "2049-12-31T23:59:59Z"
+    )
+    assert svc.admission(out["certificateId"]) == (True, "")
+    with pytest.raises(RegistryError, match="--common-name is required"):
+        svc.create_keys_and_certificate("")
+
+
+def test_register_ca_with_proof_of_possession_then_device_certificates(svc: RegistryService) -> None:
+    fleet_ca = pki.make_root("Fleet CA", "ecc")
+    code = svc.get_registration_code()["registrationCode"]
+    assert svc.get_registration_code()["registrationCode"] == code  # stable
+    wrong_cn = pki.make_client(fleet_ca, "not-the-code").cert_pem().decode()
+    with pytest.raises(RegistryError, match="CN is not this gateway's registration code"):
+        svc.register_ca_certificate(fleet_ca.cert_pem().decode(), wrong_cn)
+    impostor = pki.make_root("Fleet CA", "ecc")  # same name, other key
+    forged = pki.make_client(impostor, code).cert_pem().decode()
+    with pytest.raises(RegistryError, match="not signed by the CA's key"):
+        svc.register_ca_certificate(fleet_ca.cert_pem().decode(), forged)
+    with pytest.raises(RegistryError, match="not a CA certificate"):
+        svc.register_ca_certificate(pki.make_client(fleet_ca, "leaf").cert_pem().decode(), forged)
+    good = pki.make_client(fleet_ca, code).cert_pem().decode()
+    ca_id = svc.register_ca_certificate(fleet_ca.cert_pem().decode(), good)["certificateId"]
+    assert svc.describe_ca_certificate(ca_id)["certificateDescription"]["status"] == "INACTIVE"
+    device = pki.make_client(fleet_ca, "dev-1").cert_pem().decode()
+    with pytest.raises(RegistryError, match="is INACTIVE, not ACTIVE"):
+        svc.register_certificate(device)
+    svc.update_ca_certificate(ca_id, new_status="ACTIVE")
+    cid = svc.register_certificate(device, status="ACTIVE")["certificateId"]
+    assert svc.describe_certificate(cid)["certificateDescription"]["caCertificateId"] == ca_id
+    assert svc.list_certificates(ca_id=ca_id)["certificates"][0]["certificateId"] == cid
+    with pytest.raises(RegistryError, match="already registered"):
+        svc.register_ca_certificate(fleet_ca.cert_pem().decode(), good)
+
+
+def test_admission_follows_status_and_ca_status(svc: RegistryService) -> None:
+    fleet_ca = pki.make_root("Fleet CA", "ecc")
+    code = svc.get_registration_code()["registrationCode"]
+    ca_id = svc.register_ca_certificate(
+        fleet_ca.cert_pem().decode(), pki.make_client(fleet_ca, code).cert_pem().decode(), set_as_active=True
+    )["certificateId"]
+    cid = svc.register_certificate(pki.make_client(fleet_ca, "dev").cert_pem().decode(), status="ACTIVE")[
+        "certificateId"
+    ]
+    assert svc.admission(cid) == (True, "")
+    svc.update_ca_certificate(ca_id, new_status="INACTIVE")
+    assert svc.admission(cid) == (False, f"the CA of certificate {cid} is INACTIVE")
+    svc.update_ca_certificate(ca_id, new_status="ACTIVE")
+    svc.update_certificate(cid, "REVOKED")
+    assert svc.admission(cid) == (False, f"certificate {cid} is REVOKED")
+    with pytest.raises(TransitionRefused, match="final"):
+        svc.update_certificate(cid, "ACTIVE")
+    assert svc.admission("f" * 64) == (False, f"certificate {'f' * 64} is not registered")
+    assert svc.admission(None) == (True, "")
+
+
+def test_register_without_ca_and_input_checks(svc: RegistryService) -> None:
+    self_signed = pki.make_root("x", "ecc")
+    leaf = pki.make_client(self_signed, "standalone").cert_pem().decode()
+    cid = svc.register_certificate_without_ca(leaf)["certificateId"]
+    assert svc.describe_certificate(cid)["certificateDescription"]["certificateMode"] == "SNI_ONLY"
+    expired = pki.make_client(
+        self_signed, "old", validity=pki.Validity.days(1, dt.datetime.now(dt.UTC) - dt.timedelta(days=5))
+    )
+    for data, reason in [
+        ("garbage", "no PEM certificate found"),
+        (expired.cert_pem().decode(), "expired at"),
+        (self_signed.cert_pem().decode(), "that is a CA certificate"),
+        (leaf, "already registered"),
+    ]:
+        with pytest.raises(RegistryError, match=reason):
+            svc.register_certificate_without_ca(data)
+    with pytest.raises(RegistryError, match="--status must be ACTIVE or INACTIVE"):
+        svc.register_certificate_without_ca(pki.make_client(self_signed, "y").cert_pem().decode(), "REVOKED")
+    with pytest.raises(RegistryError, match="CA is not registered"):
+        svc.register_certificate(pki.make_client(pki.make_root("z", "ecc"), "q").cert_pem().decode())
+    with pytest.raises(GatewaydError, match="--new-status must be one of"):
+        svc.update_certificate(cid, "PENDING_TRANSFER")
+
+
+def test_delete_and_list(svc: RegistryService) -> None:
+    ids = [
+        svc.create_keys_and_certificate(f"s{i}", set_as_active=i % 2 == 0)["certificateId"] for i in range(3)
+    ]
+    listed = svc.list_certificates(page_size=2)
+    assert len(listed["certificates"]) == 2 and "nextMarker" in listed
+    rest = svc.list_certificates(page_size=2, marker=listed["nextMarker"])
+    assert len(rest["certificates"]) == 1 and "nextMarker" not in rest
+    with pytest.raises(RegistryError, match="ACTIVE certificate cannot be deleted"):
+        svc.delete_certificate(ids[0])
+    svc.delete_certificate(ids[1])
+    assert {c["certificateId"] for c in svc.list_certificates()["certificates"]} == {ids[0], ids[2]}
+    (local,) = svc.list_ca_certificates()["certificates"]
+    with pytest.raises(RegistryError, match="ACTIVE CA certificate cannot be deleted"):
+        svc.delete_ca_certificate(local["certificateId"])
