@@ -7,6 +7,7 @@ change on SIGHUP, its documentation). `validate()` walks a merged document again
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import typing
 from collections.abc import Callable, Mapping
@@ -15,7 +16,8 @@ from typing import Any, TypeVar
 
 from gatewayd.core.errors import ConfigError, ConfigProblem
 from gatewayd.core.keys import KEY_BACKENDS, KEY_TYPES
-from gatewayd.core.topics import TemplateError
+from gatewayd.core.mqtt.topics import TopicMap, check_policy_filters
+from gatewayd.core.topics import TemplateError, expand
 from gatewayd.core.trust import FILE_MODES, MODES
 
 # Dotted key path -> file that set it (the last file wins, as for the value itself).
@@ -75,8 +77,6 @@ def check_optional_path(value: str) -> str | None:
 
 
 def check_ip_address(value: str) -> str | None:
-    import ipaddress
-
     if value == "":
         return None
     try:
@@ -87,8 +87,6 @@ def check_ip_address(value: str) -> str | None:
 
 
 def check_topic_template(value: str) -> str | None:
-    from gatewayd.core.topics import TemplateError, expand
-
     try:
         expand(value, {"gateway:ThingName": "x"})
     except TemplateError as exc:
@@ -223,8 +221,6 @@ def check_listener_address(value: str) -> str | None:
 
 
 def _loopback(address: str) -> bool:
-    import ipaddress
-
     return address.startswith("unix:") or ipaddress.ip_address(address).is_loopback
 
 
@@ -247,14 +243,10 @@ def check_listeners(listeners: tuple[Any, ...]) -> str | None:
 
 
 def check_policy(filters: tuple[str, ...]) -> str | None:
-    from gatewayd.core.mqtt.topics import check_policy_filters
-
     return check_policy_filters(filters)
 
 
 def check_upstream_template(value: str) -> str | None:
-    from gatewayd.core.mqtt.topics import TopicMap
-
     try:
         TopicMap.from_template(value, "thing")
     except TemplateError as exc:
