@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,14 @@ from cryptography.hazmat.primitives import serialization
 
 from gatewayd.core.errors import GatewaydError
 from gatewayd.core.registry import TransitionRefused
-from gatewayd.service.registry import RegistryService
+from gatewayd.service.registry import Admission, RegistryService
 from gatewayd.stores.localca import LocalCA
 from gatewayd.stores.registry import Registry, RegistryError
 from gatewayd_dev import pki
+
+
+def _der(pem_text: str) -> bytes:
+    return x509.load_pem_x509_certificate(pem_text.encode()).public_bytes(serialization.Encoding.DER)
 
 
 @pytest.fixture
@@ -45,9 +50,15 @@ def test_create_keys_and_certificate(svc: RegistryService) -> None:
         and desc["ownedBy"] == "gw-1"
         and desc["validity"]["notAfter"] == "2049-12-31T23:59:59Z"
     )
-    assert svc.admission(out["certificateId"]) == (True, "")
-    with pytest.raises(RegistryError, match="--common-name is required"):
-        svc.create_keys_and_certificate("")
+    assert svc.admission(_der(out["certificatePem"])) == Admission(True)
+    assert pki.cn(cert) == out["commonName"] == "sensor-1"
+    generated = svc.create_keys_and_certificate()
+    assert re.fullmatch(r"sensor-[0-9a-f]{12}", generated["commonName"])
+    assert (
+        svc.describe_certificate(generated["certificateId"])["certificateDescription"]["status"] == "INACTIVE"
+    )
+    with pytest.raises(RegistryError, match="1-64 printable"):
+        svc.create_keys_and_certificate("x" * 65)
 
 
 def test_register_ca_with_proof_of_possession_then_device_certificates(svc: RegistryService) -> None:
@@ -83,19 +94,21 @@ def test_admission_follows_status_and_ca_status(svc: RegistryService) -> None:
     ca_id = svc.register_ca_certificate(
         fleet_ca.cert_pem().decode(), pki.make_client(fleet_ca, code).cert_pem().decode(), set_as_active=True
     )["certificateId"]
-    cid = svc.register_certificate(pki.make_client(fleet_ca, "dev").cert_pem().decode(), status="ACTIVE")[
-        "certificateId"
-    ]
-    assert svc.admission(cid) == (True, "")
+    dev = pki.make_client(fleet_ca, "dev")
+    cid = svc.register_certificate(dev.cert_pem().decode(), status="ACTIVE")["certificateId"]
+    der = _der(dev.cert_pem().decode())
+    assert svc.admission(der) == Admission(True)
     svc.update_ca_certificate(ca_id, new_status="INACTIVE")
-    assert svc.admission(cid) == (False, f"the CA of certificate {cid} is INACTIVE")
+    assert svc.admission(der) == Admission(False, 0x87, f"the CA {ca_id} of certificate {cid} is INACTIVE")
     svc.update_ca_certificate(ca_id, new_status="ACTIVE")
     svc.update_certificate(cid, "REVOKED")
-    assert svc.admission(cid) == (False, f"certificate {cid} is REVOKED")
+    assert svc.admission(der) == Admission(False, 0x87, f"certificate {cid} is REVOKED")
     with pytest.raises(TransitionRefused, match="final"):
         svc.update_certificate(cid, "ACTIVE")
-    assert svc.admission("f" * 64) == (False, f"certificate {'f' * 64} is not registered")
-    assert svc.admission(None) == (True, "")
+    stranger = pki.make_client(pki.make_root("Other CA", "ecc"), "x").cert_pem().decode()
+    sid = hashlib.sha256(_der(stranger)).hexdigest()
+    assert svc.admission(_der(stranger)) == Admission(False, 0x87, f"certificate {sid} is not registered")
+    assert svc.admission(None) == Admission(True)
 
 
 def test_register_without_ca_and_input_checks(svc: RegistryService) -> None:

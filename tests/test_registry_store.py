@@ -81,7 +81,9 @@ def test_status_changes_follow_the_rules_and_refusals_change_nothing(reg: Regist
         and row.status is Status.PENDING_TRANSFER
         and row.transfer_data == {"target": "gw-2", "message": "hi"}
     )
-    assert reg.apply(cid, Action.CANCEL_TRANSFER, later).transfer_data is None  # type: ignore[union-attr]
+    cancelled = reg.apply(cid, Action.CANCEL_TRANSFER, later, {"target": "gw-2", "cancelled": True})
+    assert cancelled is not None and cancelled.transfer_data == {"target": "gw-2", "cancelled": True}
+    assert cancelled.status is Status.INACTIVE
     assert reg.apply(cid, Action.REVOKE, later).status is Status.REVOKED  # type: ignore[union-attr]
     with pytest.raises(TransitionRefused, match="REVOKED, which is final"):
         reg.apply(cid, Action.ACTIVATE, later)

@@ -7,6 +7,7 @@ change on SIGHUP, its documentation). `validate()` walks a merged document again
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import re
 import typing
@@ -86,6 +87,22 @@ def check_ip_address(value: str) -> str | None:
     return None
 
 
+def check_utc_time(value: str) -> str | None:
+    try:
+        parse_utc(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def parse_utc(value: str) -> dt.datetime:
+    """A UTC time written YYYY-MM-DDTHH:MM:SSZ."""
+    try:
+        return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a UTC time like 2049-12-31T23:59:59Z") from None
+
+
 def check_topic_template(value: str) -> str | None:
     try:
         expand(value, {"gateway:ThingName": "x"})
@@ -113,6 +130,10 @@ class GatewaySection:
         "/run/gatewayd/control.sock",
         "Unix socket on which the daemon answers gatewayctl.",
         check=check_absolute_path,
+    )
+    control_group: str = opt(
+        "gatewayd",
+        "Group whose members may use the control socket, besides root and gatewayd's own user.",
     )
 
 
@@ -295,9 +316,27 @@ class DownstreamSection:
     listener: tuple[ListenerSection, ...] = opt(
         (ListenerSection(),), "The listeners for sensors.", check=check_listeners
     )
-    client_ca_file: str = opt(
-        "", "PEM file of sensor CAs whose certificates are admitted (besides the gateway's local CA).",
-        check=check_optional_path,
+    auto_activate: bool = opt(
+        False,
+        "A certificate auto-registered from a CA with auto-registration enabled is ACTIVE at once (admitted, "
+        "like AWS JITP) instead of PENDING_ACTIVATION (refused until activated, like AWS JITR).",
+        live=True,
+    )
+    registration_event_topic: str = opt(
+        "gatewayd/${gateway:ThingName}/events/certificates/registered",
+        'Upstream topic of the event published when a certificate is auto-registered; "" publishes none.',
+        live=True,
+        check=check_topic_template,
+    )
+    certificate_not_after: str = opt(
+        "2049-12-31T23:59:59Z",
+        "Expiry of certificates from create-keys-and-certificate (UTC, YYYY-MM-DDTHH:MM:SSZ), as AWS IoT's.",
+        live=True,
+        check=check_utc_time,
+    )
+    transfer_expiry_days: int = opt(
+        7, "Days a certificate transfer bundle can be accepted or rejected.", live=True, minimum=1,
+        maximum=365,
     )  # fmt: skip
     client_id_must_match_cn: bool = opt(
         True, "A sensor's MQTT client id must equal its certificate's CN.", live=True

@@ -199,6 +199,43 @@ SENSOR_REFUSED = Message(
     fields="GATEWAYD_CLIENT_ID, GATEWAYD_CERTIFICATE_ID, GATEWAYD_REASON",
 )
 
+CERTIFICATE_AUTO_REGISTERED = Message(
+    "CERTIFICATE_AUTO_REGISTERED",
+    "e59be6f34bd84d8697dce0c2f4f06d58",
+    Priority.NOTICE,
+    "A sensor presented an unregistered certificate from a registered CA with auto-registration enabled; it "
+    "was recorded PENDING_ACTIVATION (refused) or, with downstream.auto_activate, ACTIVE (admitted).",
+    "To admit a PENDING_ACTIVATION certificate: gatewayctl update-certificate --certificate-id ID "
+    "--new-status ACTIVE.",
+    fields="GATEWAYD_CERTIFICATE_ID, GATEWAYD_CA_CERTIFICATE_ID, GATEWAYD_STATUS, GATEWAYD_CLIENT_ID",
+)
+REGISTRY_CHANGED = Message(
+    "REGISTRY_CHANGED",
+    "59fcee0d24bc49719678dfee4205955e",
+    Priority.NOTICE,
+    "A registry command changed a certificate or CA certificate (GATEWAYD_COMMAND names it, as the AWS CLI "
+    "does).",
+    "",
+    fields="GATEWAYD_COMMAND, GATEWAYD_CERTIFICATE_ID, GATEWAYD_STATUS",
+)
+SENSOR_ADMISSION_REVOKED = Message(
+    "SENSOR_ADMISSION_REVOKED",
+    "d6a10210d043420eade8410c218601d9",
+    Priority.NOTICE,
+    "A connected sensor was disconnected because its certificate or its CA is no longer ACTIVE.",
+    "",
+    fields="GATEWAYD_CLIENT_ID, GATEWAYD_CERTIFICATE_ID, GATEWAYD_REASON",
+)
+CONTROL_DENIED = Message(
+    "CONTROL_DENIED",
+    "f547d19c113b44df8e8976c22465f96d",
+    Priority.WARNING,
+    "A process that is neither root, gatewayd's own user nor in the control group connected to the control "
+    "socket and was refused.",
+    "Add the user to the group named by gateway.control_group if it should use gatewayctl.",
+    fields="GATEWAYD_PEER_UID, GATEWAYD_PEER_PID",
+)
+
 ALL: tuple[Message, ...] = (
     STARTED,
     STOPPING,
@@ -220,6 +257,10 @@ ALL: tuple[Message, ...] = (
     SENSOR_CONNECTED,
     SENSOR_DISCONNECTED,
     SENSOR_REFUSED,
+    CERTIFICATE_AUTO_REGISTERED,
+    REGISTRY_CHANGED,
+    SENSOR_ADMISSION_REVOKED,
+    CONTROL_DENIED,
 )
 
 

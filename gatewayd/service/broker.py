@@ -55,9 +55,11 @@ class Peer:
     certificate_id: str | None  # hex SHA-256 of the client certificate's DER (AWS IoT's certificate id)
     common_name: str
     listener: str
+    der: bytes | None = None  # the client certificate
 
 
-Admit = Callable[[Peer, str], int | None]  # (peer, client id) -> refusal reason code, or None to admit
+# (peer, client id) -> None to admit, or (reason code, why) to refuse
+Admit = Callable[[Peer, str], tuple[int, str] | None]
 
 
 @dataclass
@@ -87,11 +89,9 @@ class Upstream(Protocol):
 
 
 class Broker:
-    def __init__(
-        self, config: Config, upstream: Upstream | None, admit: Admit = lambda peer, cid: None
-    ) -> None:
+    def __init__(self, config: Config, upstream: Upstream | None, admit: Admit | None = None) -> None:
         self.upstream = upstream
-        self.admit = admit
+        self.admit: Admit = admit or (lambda peer, cid: None)
         self.clients: dict[str, Client] = {}
         self.sessions: dict[str, StoredSession] = {}
         self.retained: dict[str, Publish] = {}
@@ -207,9 +207,7 @@ class Broker:
         elif client_id not in self.clients and len(self.clients) >= self.config.downstream.max_connections:
             refusal = (Reason.SERVER_BUSY, "max_connections reached")
         else:
-            code = self.admit(peer, client_id)
-            if code is not None:
-                refusal = (code, "refused by the registry")
+            refusal = self.admit(peer, client_id)
         if refusal is not None:
             log.warning(
                 "refused %s from %s: %s", client_id or "(no client id)", peer.address, refusal[1],
@@ -424,6 +422,25 @@ class Broker:
             for c in sorted(self.clients.values(), key=lambda c: c.client_id)
         ]
 
+    def enforce_admission(self) -> int:
+        """Disconnect every connected sensor the admission check would refuse now (after a registry change:
+        a certificate or its CA no longer ACTIVE). Returns how many were disconnected."""
+        closed = 0
+        for client in list(self.clients.values()):
+            if client.peer.certificate_id is None:
+                continue
+            refusal = self.admit(client.peer, client.client_id)
+            if refusal is None:
+                continue
+            log.warning(
+                "disconnecting sensor %s: %s", client.client_id, refusal[1],
+                extra=messages.extra(messages.SENSOR_ADMISSION_REVOKED, client_id=client.client_id,
+                                     certificate_id=client.peer.certificate_id, reason=refusal[1]),
+            )  # fmt: skip
+            self.disconnect(client.client_id, refusal[0], refusal[1])
+            closed += 1
+        return closed
+
     def disconnect(
         self,
         client_id: str,
@@ -472,4 +489,4 @@ def _peer(writer: asyncio.StreamWriter, listener: str) -> Peer:
         return Peer(text, None, "", listener)
     cert = ssl_object.getpeercert()
     cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), "")
-    return Peer(text, hashlib.sha256(der).hexdigest(), cn, listener)
+    return Peer(text, hashlib.sha256(der).hexdigest(), cn, listener, der)

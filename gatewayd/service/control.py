@@ -3,22 +3,29 @@
 Protocol: the client connects, sends one JSON object on one line (`{"command": NAME, "args": {...}}`) and
 reads one JSON line back: `{"ok": true, "result": ...}` or `{"ok": false, "error": "one line"}`.
 A request is bounded (64 KiB) and must arrive within 5 s, so a stuck client cannot hold the daemon.
+
+Who may ask: root, the daemon's own user, and members of the control group (gateway.control_group), checked
+by the connecting process's credentials (SO_PEERCRED, and its supplementary groups, SO_PEERGROUPS) on every
+connection, not only by the socket file's mode.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import json
 import logging
 import os
 import socket
 import stat
+import struct
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from gatewayd.core import messages
 from gatewayd.core.errors import ControlError, GatewaydError
 
 log = logging.getLogger("gatewayd.control")
@@ -31,9 +38,11 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 class ControlServer:
     """Async context manager serving `handlers` on a unix socket (mode 0660)."""
 
-    def __init__(self, path: Path, handlers: Mapping[str, Handler]) -> None:
+    def __init__(self, path: Path, handlers: Mapping[str, Handler], group: str = "") -> None:
         self.path = path
         self.handlers = handlers
+        self.group = group
+        self.gid: int | None = None
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
 
@@ -50,8 +59,40 @@ class ControlServer:
                 os.umask(old_umask)
         except OSError as exc:
             raise ControlError(f"cannot listen on {self.path}: {exc.strerror or exc}") from exc
+        self._set_group()
         log.info("control socket listening on %s", self.path)
         return self
+
+    def _set_group(self) -> None:
+        if not self.group:
+            return
+        try:
+            self.gid = grp.getgrnam(self.group).gr_gid
+        except KeyError:
+            log.info("control group %s does not exist: only root and uid %d may use gatewayctl", self.group,
+                     os.geteuid())  # fmt: skip
+            return
+        try:
+            os.chown(self.path, -1, self.gid)
+        except OSError as exc:  # not a member: the socket keeps the daemon's group; peer checks still apply
+            log.warning("cannot give %s to group %s: %s", self.path, self.group, exc.strerror)
+
+    def allowed(self, writer: asyncio.StreamWriter) -> bool:
+        sock = writer.get_extra_info("socket")
+        try:
+            pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        except (OSError, AttributeError, struct.error):
+            return False
+        if uid in (0, os.geteuid()):
+            return True
+        if self.gid is not None and self.gid in ({gid} | _peer_groups(sock)):
+            return True
+        log.warning(
+            "control socket: refused uid %d (pid %d): not root, not uid %d, not in group %s",
+            uid, pid, os.geteuid(), self.group or "(none)",
+            extra=messages.extra(messages.CONTROL_DENIED, peer_uid=uid, peer_pid=pid),
+        )  # fmt: skip
+        return False
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -70,7 +111,11 @@ class ControlServer:
         assert task is not None
         self._clients.add(task)
         try:
-            reply = await self._answer(reader)
+            if self.allowed(writer):
+                reply = await self._answer(reader)
+            else:
+                reply = {"ok": False, "error": "permission denied: run as root or as a member of group "
+                         f"{self.group or '(none configured)'}"}  # fmt: skip
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
@@ -105,6 +150,18 @@ class ControlServer:
         except Exception as exc:
             log.exception("control command %s failed", command)
             return {"ok": False, "error": f"internal error: {exc}"}
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python has no constant for it
+
+
+def _peer_groups(sock: socket.socket) -> set[int]:
+    """The connecting process's supplementary groups as they were at connect() time."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 65536)
+    except OSError:
+        return set()
+    return set(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
 
 
 def _remove_stale_socket(path: Path) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import logging
 import os
 import signal
@@ -26,13 +28,16 @@ from gatewayd.adapters.systemd import Notifier, watchdog_interval
 from gatewayd.core import messages
 from gatewayd.core.config import Config, diff, with_live_changes
 from gatewayd.core.errors import ConfigError, ControlError
-from gatewayd.service.broker import Broker
+from gatewayd.core.topics import expand
+from gatewayd.service.broker import Broker, Peer
 from gatewayd.service.control import ControlServer
 from gatewayd.service.downstream import Downstream
 from gatewayd.service.logsetup import apply_level
+from gatewayd.service.registry import CHANGES, RegistryService, run_command
 from gatewayd.service.upstream import Upstream, build_trust
 from gatewayd.stores.configfile import load
 from gatewayd.stores.identity import IdentityStore
+from gatewayd.stores.registry import Registry
 from gatewayd.stores.statedir import ensure_state_dir
 
 log = logging.getLogger("gatewayd.daemon")
@@ -55,6 +60,8 @@ class Daemon:
         self._reload = asyncio.Event()
         self.upstream: Upstream | None = None
         self.broker: Broker | None = None
+        self.downstream: Downstream | None = None
+        self.registry: RegistryService | None = None
         self._last_status = ""
 
     # ------------------------------------------------------------------ status
@@ -96,6 +103,7 @@ class Daemon:
             "sensorSessions": len(self.broker.sessions) if self.broker is not None else 0,
             "upstreamSubscriptions": self.broker.upstream_refs if self.broker is not None else {},
             "droppedForSensors": self.broker.dropped if self.broker is not None else 0,
+            "registry": self.registry.summary() if self.registry is not None else None,
         }
 
     # ------------------------------------------------------------------ main
@@ -114,6 +122,8 @@ class Daemon:
             "list-connections": self._cmd_list_connections,
             "disconnect": self._cmd_disconnect,
         }
+        for name in CHANGES:
+            handlers[name] = functools.partial(self._cmd_registry, name)
         if self.environ.get(DEBUG_ENV) == "1":
             log.warning("debug control commands are enabled (%s=1); never do this in production", DEBUG_ENV)
             handlers["debug-stall-loop"] = self._cmd_stall
@@ -129,10 +139,18 @@ class Daemon:
                     self.config, store, trust, on_change=self._status_changed, on_message=self._from_upstream
                 )
                 await components.enter_async_context(self.upstream)
-                self.broker = Broker(self.config, self.upstream.uplink)
-                await components.enter_async_context(Downstream(self.config, self.broker))
+                self.broker = Broker(self.config, self.upstream.uplink, admit=self._admit)
+                self.downstream = Downstream(self.config, self.broker, anchors=self._trust_anchors)
+                self.downstream.ca.ensure()
+                registry = Registry(state_dir / "registry.db", self.config.gateway.thing_name)
+                components.callback(registry.close)
+                self.registry = RegistryService(registry, self.downstream.ca, self.config.gateway.thing_name)
+                self.registry.configure(self.config)
+                await components.enter_async_context(self.downstream)
                 await components.enter_async_context(
-                    ControlServer(Path(self.config.gateway.control_socket), handlers)
+                    ControlServer(
+                        Path(self.config.gateway.control_socket), handlers, self.config.gateway.control_group
+                    )
                 )
                 self._set_state("running")
                 self.notifier.ready(self.status_line())
@@ -214,6 +232,8 @@ class Daemon:
         apply_level(self.config.logging.level)
         if self.broker is not None:
             self.broker.reconfigure(self.config)
+        if self.registry is not None:
+            self.registry.configure(self.config)
         if self.upstream is not None:
             self.upstream.reconfigure(self.config)
             self.upstream.uplink.kick()  # a reload also means "try to connect again now"
@@ -254,6 +274,36 @@ class Daemon:
         if not self.broker.disconnect(client_id):
             raise ControlError(f"no sensor connected with client id {client_id!r}")
         return {"disconnected": client_id}
+
+    # ------------------------------------------------------------------ the registry
+
+    def _trust_anchors(self) -> list[str]:
+        return self.registry.trust_anchors() if self.registry is not None else []
+
+    def _admit(self, peer: Peer, client_id: str) -> tuple[int, str] | None:
+        assert self.registry is not None
+        decision = self.registry.admission(peer.der, client_id)
+        if decision.event is not None:
+            self._publish_registration_event(decision.event)
+        return None if decision.admitted else (decision.code, decision.why)
+
+    def _publish_registration_event(self, event: dict[str, Any]) -> None:
+        template = self.config.downstream.registration_event_topic
+        if not template or self.upstream is None:
+            return
+        topic = expand(template, {"gateway:ThingName": self.config.gateway.thing_name})
+        try:
+            self.upstream.uplink.enqueue(topic, json.dumps(event, sort_keys=True).encode(), 1)
+        except Exception as exc:  # the uplink's queue is full: the journald event still records it
+            log.warning("auto-registration event for %s not queued: %s", event["certificateId"], exc)
+
+    async def _cmd_registry(self, command: str, args: dict[str, Any]) -> Any:
+        assert self.registry is not None and self.broker is not None and self.downstream is not None
+        result = run_command(self.registry, command, args)
+        if CHANGES[command]:
+            self.downstream.refresh_trust()
+            self.broker.enforce_admission()  # a certificate or CA no longer ACTIVE: its sensors go now
+        return result
 
     async def _cmd_identity(self, args: dict[str, Any]) -> Any:
         assert self.upstream is not None

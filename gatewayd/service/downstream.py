@@ -7,6 +7,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -18,14 +19,15 @@ from gatewayd.stores.localca import LocalCA, host_names_and_addresses
 log = logging.getLogger("gatewayd.downstream")
 
 
-def server_context(
-    cert_file: Path, key_file: Path, trusted: list[Path], require_client_cert: bool
-) -> ssl.SSLContext:
+def server_context(cert_file: Path, key_file: Path, require_client_cert: bool) -> ssl.SSLContext:
+    """The listener's TLS: its trust anchors are added by Downstream.refresh_trust (from the registry).
+    PARTIAL_CHAIN lets a registered intermediate CA, or a certificate registered without a CA, be an anchor
+    by itself, as AWS IoT accepts them; whether a certificate is admitted is the registry's decision at
+    CONNECT, not TLS's."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(cert_file), str(key_file))
-    for ca in trusted:
-        ctx.load_verify_locations(cafile=str(ca))
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     return ctx
 
@@ -35,10 +37,13 @@ def listener_name(lst: ListenerSection) -> str:
 
 
 class Downstream:
-    def __init__(self, config: Config, broker: Broker) -> None:
+    def __init__(self, config: Config, broker: Broker, anchors: Callable[[], list[str]] = lambda: []) -> None:
         self.config = config
         self.broker = broker
+        self.anchors = anchors
         self.ca = LocalCA(Path(config.gateway.state_dir), config.gateway.thing_name)
+        self._contexts: list[ssl.SSLContext] = []
+        self._trusted: set[str] = set()
         self._servers: list[asyncio.Server] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -50,14 +55,16 @@ class Downstream:
         ips = [lst.address for lst in d.listener if not lst.address.startswith("unix:")]
         names, addresses = host_names_and_addresses(ips)
         server = self.ca.server_identity(names, addresses)
-        trusted = [self.ca.cert_file] + ([Path(d.client_ca_file)] if d.client_ca_file else [])
         try:
             for lst in d.listener:
                 ctx = (
-                    server_context(server.cert_file, server.key_file, trusted, lst.require_client_cert)
+                    server_context(server.cert_file, server.key_file, lst.require_client_cert)
                     if lst.tls
                     else None
                 )
+                if ctx is not None:
+                    ctx.load_verify_locations(cafile=str(self.ca.cert_file))
+                    self._contexts.append(ctx)
                 name = listener_name(lst)
 
                 async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter, name: str = name) -> None:
@@ -91,8 +98,23 @@ class Downstream:
         except (OSError, ssl.SSLError) as exc:
             await self.__aexit__(None, None, None)
             raise GatewaydError(f"cannot open the sensor listener: {exc}") from exc
+        self.refresh_trust()
         self._sweeper = asyncio.create_task(self._sweep(), name="session-expiry")
         return self
+
+    def refresh_trust(self) -> int:
+        """Add the registry's new trust anchors to every TLS listener (takes effect for the next handshake).
+        An anchor removed from the registry stays in TLS until a restart, but the registry refuses its
+        certificates at CONNECT. Returns how many were added."""
+        added = 0
+        for anchor in self.anchors():
+            if anchor in self._trusted:
+                continue
+            for ctx in self._contexts:
+                ctx.load_verify_locations(cadata=anchor)
+            self._trusted.add(anchor)
+            added += 1
+        return added
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

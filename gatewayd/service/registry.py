@@ -7,8 +7,11 @@ unknown id), each failure one line, and the store writes nothing on a refusal.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import logging
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -16,7 +19,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gatewayd.core.registry import AutoRegistration, CaStatus, Status, admits, update_action
+from gatewayd.core import messages
+from gatewayd.core.config import Config, DownstreamSection, check_thing_name, parse_utc
+from gatewayd.core.mqtt.packets import Reason
+from gatewayd.core.registry import Action, AutoRegistration, CaStatus, Status, admits, update_action
+from gatewayd.stores import transfer
 from gatewayd.stores.localca import LocalCA
 from gatewayd.stores.registry import CaRow, CertificateRow, Registry, RegistryError
 from gatewayd.stores.x509util import (
@@ -27,10 +34,25 @@ from gatewayd.stores.x509util import (
     load_pem_certificates,
     not_after,
     not_before,
+    pem,
     signed_by,
 )
 
+log = logging.getLogger("gatewayd.registry")
+
 DEFAULT_EXPIRY = dt.datetime(2049, 12, 31, 23, 59, 59, tzinfo=dt.UTC)  # as AWS IoT's CreateKeysAndCertificate
+CLOCK_SKEW = dt.timedelta(minutes=5)  # a transfer file dated this far in the future is still accepted
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The listener's answer for one CONNECT: admitted, or the reason code and why; plus an
+    auto-registration event to publish, if this connection caused one."""
+
+    admitted: bool
+    code: int = 0
+    why: str = ""
+    event: dict[str, Any] | None = None
 
 
 def _iso(value: dt.datetime) -> str:
@@ -57,6 +79,11 @@ class RegistryService:
         self.local_ca = local_ca
         self.thing = thing_name
         self.now = now
+        self.settings = DownstreamSection()
+
+    def configure(self, config: Config) -> None:
+        """Take the live settings (auto_activate, certificate_not_after, transfer_expiry_days, listeners)."""
+        self.settings = config.downstream
 
     def arn(self, cid: str, kind: str = "cert") -> str:
         return f"arn:gatewayd:{self.thing}:{kind}/{cid}"
@@ -159,14 +186,17 @@ class RegistryService:
         return {"certificateArn": self.arn(row.certificate_id), "certificateId": row.certificate_id}
 
     def create_keys_and_certificate(
-        self, common_name_: str, set_as_active: bool = False, not_after_: dt.datetime = DEFAULT_EXPIRY
+        self, common_name_: str = "", set_as_active: bool = False, not_after_: dt.datetime | None = None
     ) -> dict[str, Any]:
         """A fresh ECC P-256 key pair and a certificate from the gateway's local CA (the CA is registered
-        on first use, ACTIVE, so the listener admits what it issues)."""
-        if not common_name_:
-            raise RegistryError(
-                "--common-name is required: a sensor's client id must match its certificate's CN"
-            )
+        on first use, ACTIVE, so the listener admits what it issues). Without a common name the certificate
+        gets "sensor-" and 12 random hex digits; a sensor's client id must equal it
+        (client_id_must_match_cn)."""
+        if common_name_ and (len(common_name_) > 64 or not common_name_.isprintable()):
+            raise RegistryError("--common-name must be 1-64 printable characters")
+        common_name_ = common_name_ or f"sensor-{secrets.token_hex(6)}"
+        if not_after_ is None:
+            not_after_ = parse_utc(self.settings.certificate_not_after)
         ca_cert, ca_key = self.local_ca.ca()
         ca_id = certificate_id(ca_cert)
         if self._find_ca(ca_id) is None:
@@ -198,6 +228,7 @@ class RegistryService:
             "certificateId": row.certificate_id,
             "certificatePem": row.pem,
             "keyPair": {"PublicKey": public.decode(), "PrivateKey": private.decode()},
+            "commonName": common_name_,
         }
 
     def update_certificate(self, cid: str, new_status: str) -> dict[str, Any]:
@@ -239,20 +270,279 @@ class RegistryService:
 
     # ------------------------------------------------------------------ the listener's question
 
-    def admission(self, certificate_id_: str | None) -> tuple[bool, str]:
-        """May a sensor with this certificate connect? (True, "") or (False, why)."""
-        if certificate_id_ is None:
-            return True, ""  # a plain (loopback or unix) listener: no certificate to check
-        row = self.registry.find(certificate_id_)
+    def admission(self, der_: bytes | None, client_id: str = "") -> Admission:
+        """May a sensor presenting this certificate (DER) connect? Unregistered certificates from a
+        registered, ACTIVE CA with auto-registration ENABLE are recorded here (AWS JITR; ACTIVE at once
+        with auto_activate)."""
+        if der_ is None:
+            return Admission(True)  # a plain (loopback or unix) listener: no certificate to check
+        cid = hashlib.sha256(der_).hexdigest()
+        row = self.registry.find(cid)
+        event = None
         if row is None:
-            return False, f"certificate {certificate_id_} is not registered"
+            auto = self._auto_register(der_, cid, client_id)
+            if auto is None:
+                return Admission(False, Reason.NOT_AUTHORIZED, f"certificate {cid} is not registered")
+            row, event = auto
         ca_status = self.registry.ca(row.ca_certificate_id).status if row.ca_certificate_id else None
-        if not admits(row.status, ca_status):
-            why = f"certificate {certificate_id_} is {row.status.value}"
-            if row.status is Status.ACTIVE:
-                why = f"the CA of certificate {certificate_id_} is {ca_status.value if ca_status else '?'}"
-            return False, why
-        return True, ""
+        if admits(row.status, ca_status):
+            return Admission(True, event=event)
+        why = f"certificate {cid} is {row.status.value}"
+        if row.status is Status.ACTIVE:
+            ca_text = ca_status.value if ca_status else "?"
+            why = f"the CA {row.ca_certificate_id} of certificate {cid} is {ca_text}"
+        return Admission(False, Reason.NOT_AUTHORIZED, why, event)
+
+    def _auto_register(
+        self, der_: bytes, cid: str, client_id: str
+    ) -> tuple[CertificateRow, dict[str, Any]] | None:
+        try:
+            cert = x509.load_der_x509_certificate(der_)
+        except ValueError:
+            return None
+        ca_id = self._registered_issuer(cert)
+        if ca_id is None:
+            return None
+        ca_row = self.registry.ca(ca_id)
+        if ca_row.auto_registration is not AutoRegistration.ENABLE or ca_row.status is not CaStatus.ACTIVE:
+            return None
+        status = Status.ACTIVE if self.settings.auto_activate else Status.PENDING_ACTIVATION
+        try:
+            row = self.registry.add(cert, status, ca_id, self.now())
+        except RegistryError:  # registered meanwhile
+            return None
+        when = self.now()
+        event = {
+            "certificateId": cid,
+            "caCertificateId": ca_id,
+            "certificateStatus": status.value,
+            "timestamp": int(when.timestamp() * 1000),
+            "certificateRegistrationTimestamp": _iso(when),
+            "gatewayThingName": self.thing,
+            "clientId": client_id,
+        }
+        log.info(
+            "auto-registered certificate %s from CA %s as %s (sensor %s)",
+            cid, ca_id, status.value, client_id,
+            extra=messages.extra(messages.CERTIFICATE_AUTO_REGISTERED, certificate_id=cid,
+                                 ca_certificate_id=ca_id, status=status.value, client_id=client_id),
+        )  # fmt: skip
+        return row, event
+
+    def trust_anchors(self) -> list[str]:
+        """PEMs the listeners' TLS must trust: registered CAs, and certificates registered without a CA."""
+        rows = self.registry.db.execute(
+            "SELECT pem FROM ca_certificates UNION ALL "
+            "SELECT pem FROM certificates WHERE ca_certificate_id IS NULL"
+        ).fetchall()
+        return [pem_ for (pem_,) in rows]
+
+    # ------------------------------------------------------------------ transfers between gateways
+
+    def transfer_certificate(self, cid: str, target: str, message: str = "") -> dict[str, Any]:
+        """TransferCertificate: INACTIVE -> PENDING_TRANSFER, and a signed bundle for the target gateway."""
+        if check_thing_name(target):
+            raise RegistryError(f"--target-gateway {target!r}: {check_thing_name(target)}")
+        if target == self.thing:
+            raise RegistryError(
+                "--target-gateway is this gateway: a certificate cannot be transferred to itself"
+            )
+        if len(message) > 128:
+            raise RegistryError("--transfer-message is longer than 128 characters (AWS IoT's limit)")
+        row = self.registry.get(cid)
+        now = self.now()
+        body: dict[str, Any] = {
+            "format": transfer.BUNDLE_FORMAT,
+            "transferId": secrets.token_hex(16),
+            "certificateId": cid,
+            "certificatePem": row.pem,
+            "caCertificatePem": self.registry.ca(row.ca_certificate_id).pem
+            if row.ca_certificate_id
+            else None,
+            "sourceGateway": self.thing,
+            "targetGateway": target,
+            "transferMessage": message,
+            "transferDate": _iso(now),
+            "expires": _iso(now + dt.timedelta(days=self.settings.transfer_expiry_days)),
+        }
+        ca_cert, ca_key = self.local_ca.ca()
+        bundle = transfer.sign(body, ca_cert, ca_key)
+        data = {
+            "transferMessage": message,
+            "transferDate": body["transferDate"],
+            "targetGateway": target,
+            "transferId": body["transferId"],
+            "bundleDigest": transfer.digest(bundle),
+            "expires": body["expires"],
+        }
+        self.registry.apply(cid, Action.TRANSFER, now, data)
+        return {"transferredCertificateArn": self.arn(cid), "bundle": bundle}
+
+    def _incoming(
+        self, bundle_text: str, expect_signer: str | None
+    ) -> tuple[dict[str, Any], x509.Certificate]:
+        doc = transfer.parse(bundle_text, transfer.BUNDLE_FORMAT, "transfer bundle")
+        if expect_signer and doc["signerCertificateId"] != expect_signer:
+            raise RegistryError(
+                f"the transfer bundle is signed by {doc['signerCertificateId']}, not {expect_signer}"
+            )
+        target = transfer.field(doc, "targetGateway", "transfer bundle")
+        if target != self.thing:
+            raise RegistryError(f"the transfer bundle is meant for gateway {target}, this is {self.thing}")
+        if transfer.field(doc, "sourceGateway", "transfer bundle") == self.thing:
+            raise RegistryError("the transfer bundle comes from this gateway itself")
+        now = self.now()
+        try:
+            expires = parse_utc(transfer.field(doc, "expires", "transfer bundle"))
+            dated = parse_utc(transfer.field(doc, "transferDate", "transfer bundle"))
+        except ValueError as exc:
+            raise RegistryError(f"the transfer bundle's dates are malformed: {exc}") from None
+        if expires <= now:
+            raise RegistryError(f"the transfer bundle is stale: it expired at {_iso(expires)}")
+        if dated > now + CLOCK_SKEW:
+            raise RegistryError(
+                f"the transfer bundle is dated in the future ({_iso(dated)}): check the clocks"
+            )
+        cert = self._device_certificate(transfer.field(doc, "certificatePem", "transfer bundle"))
+        if certificate_id(cert) != transfer.field(doc, "certificateId", "transfer bundle"):
+            raise RegistryError("the transfer bundle's certificateId does not match its certificate")
+        return doc, cert
+
+    def _reply(self, doc: dict[str, Any], decision: str, **extra: Any) -> dict[str, Any]:
+        body = {
+            "format": transfer.REPLY_FORMAT,
+            "transferId": doc["transferId"],
+            "certificateId": doc["certificateId"],
+            "sourceGateway": doc["sourceGateway"],
+            "targetGateway": self.thing,
+            "decision": decision,
+            "date": _iso(self.now()),
+            "bundleDigest": transfer.digest({k: v for k, v in doc.items() if k != "signerCertificateId"}),
+            **extra,
+        }
+        ca_cert, ca_key = self.local_ca.ca()
+        return transfer.sign(body, ca_cert, ca_key)
+
+    def accept_certificate_transfer(
+        self, bundle_text: str, set_as_active: bool = False, expect_signer: str | None = None
+    ) -> dict[str, Any]:
+        """AcceptCertificateTransfer on the target: the certificate joins this registry (INACTIVE unless
+        --set-as-active), owned by this gateway, previously by the source; the reply tells the source."""
+        doc, cert = self._incoming(bundle_text, expect_signer)
+        transfer.field(doc, "transferId", "transfer bundle")
+        now = self.now()
+        data = {
+            "transferMessage": doc.get("transferMessage") or "",
+            "transferDate": doc["transferDate"],
+            "acceptDate": _iso(now),
+        }
+        reply = self._reply(doc, "ACCEPTED")
+        status = Status.ACTIVE if set_as_active else Status.INACTIVE
+        row = self.registry.add(
+            cert, status, self._registered_issuer(cert), now, previous_owner=doc["sourceGateway"],
+            transfer_data=data,
+        )  # fmt: skip
+        return {
+            "certificateArn": self.arn(row.certificate_id),
+            "certificateId": row.certificate_id,
+            "status": row.status.value,
+            "previousOwnedBy": doc["sourceGateway"],
+            "signerCertificateId": doc["signerCertificateId"],
+            "reply": reply,
+        }
+
+    def reject_certificate_transfer(
+        self, bundle_text: str, reject_reason: str = "", expect_signer: str | None = None
+    ) -> dict[str, Any]:
+        """RejectCertificateTransfer on the target: nothing is stored here; the reply tells the source."""
+        if len(reject_reason) > 128:
+            raise RegistryError("--reject-reason is longer than 128 characters (AWS IoT's limit)")
+        doc, _ = self._incoming(bundle_text, expect_signer)
+        transfer.field(doc, "transferId", "transfer bundle")
+        return {
+            "certificateId": doc["certificateId"],
+            "signerCertificateId": doc["signerCertificateId"],
+            "reply": self._reply(doc, "REJECTED", rejectReason=reject_reason),
+        }
+
+    def cancel_certificate_transfer(self, cid: str) -> dict[str, Any]:
+        """CancelCertificateTransfer on the source: PENDING_TRANSFER -> INACTIVE; a later reply is refused."""
+        self.registry.apply(cid, Action.CANCEL_TRANSFER, self.now())
+        return {}
+
+    def complete_certificate_transfer(
+        self, reply_text: str, expect_signer: str | None = None
+    ) -> dict[str, Any]:
+        """Apply the target's reply on the source: accepted -> the certificate leaves this registry;
+        rejected -> INACTIVE again, with the reason in its transferData (as AWS IoT keeps it)."""
+        doc = transfer.parse(reply_text, transfer.REPLY_FORMAT, "transfer reply")
+        if expect_signer and doc["signerCertificateId"] != expect_signer:
+            raise RegistryError(
+                f"the transfer reply is signed by {doc['signerCertificateId']}, not {expect_signer}"
+            )
+        source = transfer.field(doc, "sourceGateway", "transfer reply")
+        if source != self.thing:
+            raise RegistryError(f"the transfer reply is meant for gateway {source}, this is {self.thing}")
+        cid = transfer.field(doc, "certificateId", "transfer reply")
+        row = self.registry.get(cid)
+        pending = row.transfer_data or {}
+        if row.status is not Status.PENDING_TRANSFER:
+            raise RegistryError(
+                f"certificate {cid} is {row.status.value}, not PENDING_TRANSFER: the reply is stale"
+            )
+        if transfer.field(doc, "transferId", "transfer reply") != pending.get("transferId"):
+            raise RegistryError(
+                "the transfer reply is stale: it answers an earlier transfer of this certificate"
+            )
+        if transfer.field(doc, "targetGateway", "transfer reply") != pending.get("targetGateway"):
+            raise RegistryError(
+                f"the transfer reply comes from {doc['targetGateway']}, but the transfer was to "
+                f"{pending.get('targetGateway')}"
+            )
+        if doc.get("bundleDigest") != pending.get("bundleDigest"):
+            raise RegistryError("the transfer reply does not answer the bundle this gateway wrote")
+        decision = transfer.field(doc, "decision", "transfer reply")
+        now = self.now()
+        if decision == "ACCEPTED":
+            self.registry.apply(cid, Action.TRANSFER_ACCEPTED, now)
+            return {"certificateId": cid, "transferred": True, "ownedBy": doc["targetGateway"]}
+        if decision == "REJECTED":
+            data = {**pending, "rejectReason": str(doc.get("rejectReason", "")), "rejectDate": _iso(now)}
+            self.registry.apply(cid, Action.TRANSFER_REJECTED, now, data)
+            return {"certificateId": cid, "transferred": False, "status": Status.INACTIVE.value}
+        raise RegistryError(f"the transfer reply's decision {decision!r} is neither ACCEPTED nor REJECTED")
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for gatewayctl status: certificates by status, CA certificates."""
+        db = self.registry.db
+        by_status = dict(db.execute("SELECT status, COUNT(*) FROM certificates GROUP BY status").fetchall())
+        (cas,) = db.execute("SELECT COUNT(*) FROM ca_certificates").fetchone()
+        return {"certificates": by_status, "caCertificates": cas}
+
+    # ------------------------------------------------------------------ the listeners
+
+    def describe_endpoint(self) -> dict[str, Any]:
+        """The listener addresses and the CA certificate sensors must trust to authenticate the gateway."""
+        endpoints = []
+        for lst in self.settings.listener:
+            unix = lst.address.startswith("unix:")
+            endpoints.append(
+                {
+                    "address": lst.address[5:] if unix else lst.address,
+                    "port": None if unix else lst.port,
+                    "transport": "unix" if unix else "tcp",
+                    "tls": lst.tls,
+                    "clientCertificateRequired": lst.require_client_cert,
+                }
+            )
+        first = next((e for e in endpoints if e["transport"] == "tcp" and e["tls"]), None)
+        ca_cert, _ = self.local_ca.ca()
+        return {
+            "endpointAddress": f"{first['address']}:{first['port']}" if first else None,
+            "endpoints": endpoints,
+            "caCertificateId": certificate_id(ca_cert),
+            "caCertificatePem": pem(ca_cert).decode(),
+        }
 
     # ------------------------------------------------------------------ helpers
 
@@ -320,3 +610,141 @@ class RegistryService:
             "autoRegistrationStatus": r.auto_registration.value,
             "validity": {"notBefore": r.not_before, "notAfter": r.not_after},
         }
+
+
+# ------------------------------------------------------------------ the control socket's registry commands
+
+
+def _flag(name: str) -> str:
+    return "--" + "".join(f"-{c.lower()}" if c.isupper() else c for c in name)
+
+
+def _text(args: dict[str, Any], name: str, required: bool = True) -> str:
+    value = args.get(name)
+    if value is None or value == "":
+        if required:
+            raise RegistryError(f"{_flag(name)} is required")
+        return ""
+    if not isinstance(value, str):
+        raise RegistryError(f"{_flag(name)} must be a string")
+    return value
+
+
+def _bool(args: dict[str, Any], name: str) -> bool:
+    value = args.get(name, False)
+    if not isinstance(value, bool):
+        raise RegistryError(f"{_flag(name)} must be true or false")
+    return value
+
+
+def _int(args: dict[str, Any], name: str, default: int) -> int:
+    value = args.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RegistryError(f"{_flag(name)} must be a whole number")
+    return value
+
+
+# Every registry command, and whether it changes the registry (get-registration-code creates the code once).
+CHANGES = {
+    "get-registration-code": False,
+    "register-ca-certificate": True,
+    "update-ca-certificate": True,
+    "describe-ca-certificate": False,
+    "list-ca-certificates": False,
+    "delete-ca-certificate": True,
+    "create-keys-and-certificate": True,
+    "register-certificate": True,
+    "register-certificate-without-ca": True,
+    "update-certificate": True,
+    "describe-certificate": False,
+    "list-certificates": False,
+    "list-certificates-by-ca": False,
+    "delete-certificate": True,
+    "transfer-certificate": True,
+    "accept-certificate-transfer": True,
+    "reject-certificate-transfer": False,
+    "cancel-certificate-transfer": True,
+    "complete-certificate-transfer": True,
+    "describe-endpoint": False,
+}
+
+
+def _dispatch(s: RegistryService, command: str, a: dict[str, Any]) -> dict[str, Any]:
+    status = _text(a, "status", False) or "INACTIVE"
+    signer = _text(a, "expectSigner", False) or None
+    match command:
+        case "get-registration-code":
+            return s.get_registration_code()
+        case "register-ca-certificate":
+            ca, verification = _text(a, "caCertificate"), _text(a, "verificationCertificate")
+            return s.register_ca_certificate(
+                ca, verification, _bool(a, "setAsActive"), _bool(a, "allowAutoRegistration")
+            )
+        case "update-ca-certificate":
+            new_auto = _text(a, "newAutoRegistrationStatus", False) or None
+            new_status = _text(a, "newStatus", False) or None
+            if new_auto is None and new_status is None:
+                raise RegistryError("give --new-status or --new-auto-registration-status")
+            return s.update_ca_certificate(_text(a, "certificateId"), new_status, new_auto)
+        case "describe-ca-certificate":
+            return s.describe_ca_certificate(_text(a, "certificateId"))
+        case "list-ca-certificates":
+            return s.list_ca_certificates()
+        case "delete-ca-certificate":
+            return s.delete_ca_certificate(_text(a, "certificateId"))
+        case "create-keys-and-certificate":
+            return s.create_keys_and_certificate(_text(a, "commonName", False), _bool(a, "setAsActive"))
+        case "register-certificate":
+            ca_pem = _text(a, "caCertificatePem", False) or None
+            return s.register_certificate(_text(a, "certificatePem"), ca_pem, status)
+        case "register-certificate-without-ca":
+            return s.register_certificate_without_ca(_text(a, "certificatePem"), status)
+        case "update-certificate":
+            return s.update_certificate(_text(a, "certificateId"), _text(a, "newStatus"))
+        case "describe-certificate":
+            return s.describe_certificate(_text(a, "certificateId"))
+        case "list-certificates" | "list-certificates-by-ca":
+            ca_id = _text(a, "caCertificateId") if command == "list-certificates-by-ca" else None
+            marker = _text(a, "marker", False) or None
+            return s.list_certificates(_int(a, "pageSize", 25), marker, _bool(a, "ascendingOrder"), ca_id)
+        case "delete-certificate":
+            return s.delete_certificate(_text(a, "certificateId"))
+        case "transfer-certificate":
+            message = _text(a, "transferMessage", False)
+            return s.transfer_certificate(_text(a, "certificateId"), _text(a, "targetGateway"), message)
+        case "accept-certificate-transfer":
+            return s.accept_certificate_transfer(_text(a, "bundle"), _bool(a, "setAsActive"), signer)
+        case "reject-certificate-transfer":
+            return s.reject_certificate_transfer(_text(a, "bundle"), _text(a, "rejectReason", False), signer)
+        case "cancel-certificate-transfer":
+            return s.cancel_certificate_transfer(_text(a, "certificateId"))
+        case "complete-certificate-transfer":
+            return s.complete_certificate_transfer(_text(a, "reply"), signer)
+        case "describe-endpoint":
+            return s.describe_endpoint()
+    raise RegistryError(f"unknown registry command {command!r}")
+
+
+def run_command(service: RegistryService, command: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Run one registry command; a change is logged (REGISTRY_CHANGED).
+
+    RegistryError (one line): refused, nothing written."""
+    try:
+        result = _dispatch(service, command, args)
+    except ValueError as exc:  # e.g. an unknown status name reaching an enum
+        raise RegistryError(str(exc)) from None
+    if CHANGES.get(command):
+        cid = str(result.get("certificateId") or args.get("certificateId") or "")
+        status = str(args.get("newStatus") or result.get("status") or "")
+        log.info(
+            "registry: %s %s%s",
+            command,
+            cid or "-",
+            f" -> {status}" if status else "",
+            extra=messages.extra(
+                messages.REGISTRY_CHANGED, command=command, certificate_id=cid, status=status
+            ),
+        )
+    return result

@@ -201,6 +201,7 @@ class Registry:
         ca_id: str | None,
         now: dt.datetime,
         previous_owner: str | None = None,
+        transfer_data: dict[str, Any] | None = None,
     ) -> CertificateRow:
         cid = certificate_id(cert)
         cn_attrs = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
@@ -214,7 +215,7 @@ class Registry:
                 "INSERT INTO certificates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (cid, pem(cert).decode(), status.value, self.owner, previous_owner, ca_id,
                  cert.subject.rfc4514_string(), cn, _iso(now), _iso(now), _iso(not_before(cert)),
-                 _iso(not_after(cert)), None),
+                 _iso(not_after(cert)), json.dumps(transfer_data) if transfer_data is not None else None),
             )  # fmt: skip
         return self.get(cid)
 
@@ -238,14 +239,16 @@ class Registry:
     def apply(
         self, cid: str, action: Action, now: dt.datetime, transfer_data: dict[str, Any] | None = None
     ) -> CertificateRow | None:
-        """Change a certificate's status by the rules; None when it left the registry (transferred away)."""
+        """Change a certificate's status by the rules; None when it left the registry (transferred away).
+
+        transfer_data replaces the row's transfer data when given (AWS IoT keeps it after a transfer ends)."""
         with self._write():
             current = self.get(cid)
             new = transition(cid, current.status, action)
             if new is None:
                 self.db.execute("DELETE FROM certificates WHERE certificate_id=?", (cid,))
                 return None
-            data = transfer_data if new is Status.PENDING_TRANSFER else None
+            data = transfer_data if transfer_data is not None else current.transfer_data
             self.db.execute(
                 "UPDATE certificates SET status=?, last_modified=?, transfer_data=? WHERE certificate_id=?",
                 (new.value, _iso(now), json.dumps(data) if data is not None else None, cid),
