@@ -18,7 +18,15 @@ from pathlib import Path
 from types import FrameType
 
 from gatewayd_dev import pki
-from gatewayd_dev.gateway import Gateway, gateway_env, provision, standin_config, write_config
+from gatewayd_dev.gateway import (
+    Gateway,
+    gateway_env,
+    gatewayctl,
+    provision,
+    register_ca,
+    standin_config,
+    write_config,
+)
 from gatewayd_dev.procs import Proc, pid_alive
 from gatewayd_dev.sensors_sim import TELEMETRY, VALVE
 from gatewayd_dev.stack import DevStack
@@ -64,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             issued = pki.make_client(sensor_ca, cid)
             pki.write(certs / f"{cid}.pem", issued.cert_pem())
             pki.write(certs / f"{cid}.key", issued.key_pem(), 0o600)
-        ca_file = pki.write(workdir / "sensor-ca.pem", sensor_ca.cert_pem())
-        tables = standin_config(
-            stack, workdir, THING, "rsa", status={"interval": 5}, downstream={"client_ca_file": str(ca_file)}
-        )
+        tables = standin_config(stack, workdir, THING, "rsa", status={"interval": 5})
         listener_port = tables["downstream"]["listener"][0]["port"]
         config = write_config(workdir / "gatewayd.toml", tables)
         _say("Provisioning: key generated inside the software TPM, CSR signed by it, certificate from the")
@@ -88,6 +93,20 @@ def main(argv: list[str] | None = None) -> int:
         tail = LogTail(gateway.proc.log_path)
         (workdir / "demo.json").write_text(json.dumps({"pids": pids}))
         ready = gateway.wait_ready()
+        _say("Registry: the sensors' CA registered with proof of possession (get-registration-code,")
+        _say("register-ca-certificate), then each sensor's certificate (register-certificate) ...")
+        ca_id = register_ca(config, sensor_ca)
+        for pem_file in sorted(certs.glob("*.pem")):
+            registered = gatewayctl(
+                config,
+                "register-certificate",
+                "--certificate-pem",
+                f"file://{pem_file}",
+                "--status",
+                "ACTIVE",
+            )
+            _say(f"  {pem_file.stem}: certificate {registered['certificateId'][:16]}... ACTIVE")
+        _say(f"  CA {ca_id[:16]}... ACTIVE; `gatewayctl list-certificates` shows them")
         sim = Proc(
             "sensors",
             [sys.executable, "-m", "gatewayd_dev.sensors_sim", str(listener_port),

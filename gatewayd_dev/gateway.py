@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gatewayd_dev import pki
 from gatewayd_dev.procs import Proc, free_port
 from gatewayd_dev.stack import DevStack
 
@@ -215,3 +216,18 @@ def provision(stack: DevStack, config: Path, days: float = 365, new_key: bool = 
     cert.write_bytes(stack.standin.sign_csr(csr, days))
     result: dict[str, Any] = gatewayctl(config, "identity", "install-certificate", str(cert), env=env)
     return result
+
+
+def register_ca(config: Path, ca: pki.Issued, active: bool = True, auto_registration: bool = False) -> str:
+    """Register a sensor CA with the gateway the way an operator does (get-registration-code, a verification
+    certificate with that code as CN signed by the CA's key, register-ca-certificate). Returns its id."""
+    code = gatewayctl(config, "get-registration-code")["registrationCode"]
+    ca_file = pki.write(config.parent / f"ca-{time.monotonic_ns()}.pem", ca.cert_pem())
+    verification = pki.write(
+        config.parent / f"verification-{time.monotonic_ns()}.pem", pki.make_client(ca, code).cert_pem()
+    )
+    flags = ["--set-as-active"] if active else []
+    flags += ["--allow-auto-registration"] if auto_registration else []
+    args = ["--ca-certificate", f"file://{ca_file}", "--verification-certificate", str(verification)]
+    result = gatewayctl(config, "register-ca-certificate", *args, *flags)
+    return str(result["certificateId"])

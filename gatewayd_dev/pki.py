@@ -182,6 +182,17 @@ def make_client(issuer: Issued, cn: str, kind: str = "ecc", validity: Validity |
     return Issued(sign_client_csr(issuer, csr.public_bytes(serialization.Encoding.PEM), validity), key)
 
 
+def make_self_signed_client(cn: str, kind: str = "ecc", validity: Validity | None = None) -> Issued:
+    """A self-signed device certificate (for register-certificate-without-ca)."""
+    key = new_key(kind)
+    builder = (
+        _builder(_name(cn), _name(cn), key.public_key(), validity or Validity.days(365))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    )
+    return Issued(_sign(builder, key), key)
+
+
 def cn(cert: x509.Certificate) -> str:
     return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
 

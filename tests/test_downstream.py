@@ -24,7 +24,7 @@ from gatewayd.core.mqtt.codec import Decoder, encode
 from gatewayd.core.mqtt.packets import MQTT_311, Connack, Connect, Will
 from gatewayd.service.control import request
 from gatewayd_dev import pki
-from gatewayd_dev.gateway import Gateway, gateway_env, provision, standin_config, write_config
+from gatewayd_dev.gateway import Gateway, gateway_env, provision, register_ca, standin_config, write_config
 from gatewayd_dev.observer import Observer
 from gatewayd_dev.sensor import PAHO2, Sensor, wait_until
 from gatewayd_dev.stack import DevStack
@@ -65,9 +65,10 @@ class Setup:
 def setup(devstack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     workdir = tmp_path_factory.mktemp("downstream")
     sensor_ca = pki.make_root("Test Sensor CA", "ecc")
-    ca_file = pki.write(workdir / "sensor-ca.pem", sensor_ca.cert_pem())
+    # The sensor CA is registered with auto-registration, and auto_activate admits each new sensor at once
+    # (the registry's own tests cover the other ways in).
     tables = standin_config(
-        devstack, workdir, THING, downstream={"client_ca_file": str(ca_file), "connect_timeout": 2},
+        devstack, workdir, THING, downstream={"auto_activate": True, "connect_timeout": 2},
     )  # fmt: skip
     tables["downstream.policy"] = {
         "publish": ["sensors/${iot:ClientId}/#", "local/#"],
@@ -78,6 +79,7 @@ def setup(devstack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Itera
     daemon = Gateway(config, workdir, env=gateway_env(devstack))
     try:
         daemon.wait_ready()
+        register_ca(config, sensor_ca, auto_registration=True)
         wait_until(
             lambda: request(workdir / "control.sock", "status")["uplink"]["state"] == "connected",
             20,

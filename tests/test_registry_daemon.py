@@ -1,0 +1,615 @@
+"""The registry through `gatewayctl` against running daemons: the AWS IoT developer guide's certificate
+workflow, the listener obeying every status at once (third-party clients disconnected within a second),
+auto-registration, a transfer between two gateways, the offline fallback, and who may use the control socket.
+
+Real parts: two daemons with TPM-held uplinks to the stand-in, mutual TLS on 127.0.0.1, gatewayctl as a
+separate process, mosquitto_sub and paho-mqtt as sensors.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gatewayd.core.mqtt.codec import Decoder, encode
+from gatewayd.core.mqtt.packets import MQTT_311, Connack, Connect
+from gatewayd.service.control import request
+from gatewayd_dev import pki
+from gatewayd_dev.gateway import (
+    Gateway,
+    gateway_env,
+    gatewayctl,
+    provision,
+    register_ca,
+    standin_config,
+    write_config,
+)
+from gatewayd_dev.observer import Observer
+from gatewayd_dev.sensor import PAHO2, Sensor, wait_until
+from gatewayd_dev.stack import DevStack
+
+
+@dataclass
+class Gw:
+    thing: str
+    workdir: Path
+    config: Path
+    port: int
+    daemon: Gateway | None
+
+    @property
+    def ca_file(self) -> Path:
+        return self.workdir / "state" / "localca" / "ca.pem"
+
+    def ctl(self, *args: str) -> Any:
+        return gatewayctl(self.config, *args)
+
+    def fails(self, *args: str, code: int = 1) -> str:
+        """Run gatewayctl expecting a refusal: exit 1 (2: usage) and one line on stderr, nothing on stdout."""
+        result = subprocess.run(
+            [sys.executable, "-m", "gatewayd.cli.gatewayctl", "--config", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == code, result
+        assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+        return result.stderr.strip()
+
+    def request(self, command: str, args: dict[str, Any] | None = None) -> Any:
+        return request(self.workdir / "control.sock", command, args)
+
+    def files(self, pem_name: str) -> tuple[Path, Path]:
+        return self.workdir / f"{pem_name}.pem", self.workdir / f"{pem_name}.key"
+
+    def sensor(self, name: str, mqtt5: bool = True, client_id: str | None = None) -> Sensor:
+        cert, key = self.files(name)
+        return Sensor(client_id or name, self.port, self.ca_file, cert, key, mqtt5)
+
+
+def _start(devstack: DevStack, workdir: Path, thing: str, uplink: bool = True, **downstream: Any) -> Gw:
+    workdir.mkdir(parents=True, exist_ok=True)
+    tables = standin_config(devstack, workdir, thing, downstream=downstream)
+    tables["downstream.policy"] = {"publish": ["sensors/${iot:ClientId}/#"]}
+    config = write_config(workdir / "g.toml", tables)
+    if uplink:
+        provision(devstack, config)
+    daemon = Gateway(config, workdir, env=gateway_env(devstack))
+    daemon.wait_ready()
+    return Gw(thing, workdir, config, tables["downstream"]["listener"][0]["port"], daemon)
+
+
+@pytest.fixture(scope="module")
+def gw(devstack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gw]:
+    g = _start(devstack, tmp_path_factory.mktemp("registry-a"), "gw-reg-a")
+    try:
+        wait_until(lambda: g.request("status")["uplink"]["state"] == "connected", 20, "uplink")
+        yield g
+    finally:
+        assert g.daemon is not None
+        g.daemon.stop()
+
+
+def _issue(gw: Gw, ca: pki.Issued, name: str) -> Path:
+    issued = pki.make_client(ca, name)
+    cert, key = gw.files(name)
+    pki.write(cert, issued.cert_pem())
+    pki.write(key, issued.key_pem(), 0o600)
+    return cert
+
+
+def _create(gw: Gw, name: str, *flags: str) -> dict[str, Any]:
+    cert, key = gw.files(name)
+    out: dict[str, Any] = gw.ctl(
+        "create-keys-and-certificate",
+        "--common-name",
+        name,
+        "--certificate-pem-outfile",
+        str(cert),
+        "--private-key-outfile",
+        str(key),
+        *flags,
+    )
+    return out
+
+
+def _raw_311(gw: Gw, name: str) -> int:
+    """CONNECT over 3.1.1 with our own codec (paho 2.x reports 3.1.1 codes as 5.0 ones); the CONNACK code."""
+    cert, key = gw.files(name)
+    ctx = ssl.create_default_context(cafile=str(gw.ca_file))
+    ctx.load_cert_chain(str(cert), str(key))
+    with ctx.wrap_socket(
+        socket.create_connection(("127.0.0.1", gw.port), 10), server_hostname="127.0.0.1"
+    ) as s:
+        s.settimeout(10)
+        s.sendall(encode(Connect(name, MQTT_311), MQTT_311))
+        data = s.recv(4)
+        if not data:
+            raise ConnectionResetError("closed without CONNACK")
+        (connack,) = Decoder(MQTT_311).feed(data)
+        assert isinstance(connack, Connack)
+        return int(connack.reason_code)
+
+
+def _status(gw: Gw, cid: str) -> str:
+    return str(gw.ctl("describe-certificate", "--certificate-id", cid)["certificateDescription"]["status"])
+
+
+def test_create_keys_and_certificate_then_connect(gw: Gw) -> None:
+    out = _create(gw, "made-1", "--set-as-active")
+    cert, key = gw.files("made-1")
+    assert cert.read_text() == out["certificatePem"]
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and key.read_text() == out["keyPair"]["PrivateKey"]
+    assert out["certificateArn"] == f"arn:gatewayd:gw-reg-a:cert/{out['certificateId']}"
+    desc = gw.ctl("describe-certificate", "--certificate-id", out["certificateId"])["certificateDescription"]
+    assert desc["status"] == "ACTIVE" and desc["validity"]["notAfter"] == "2049-12-31T23:59:59Z"
+    s = gw.sensor("made-1")
+    try:
+        assert s.connect() == 0 and s.publish("sensors/made-1/t", b"1") == 0
+    finally:
+        s.stop()
+    inactive = _create(gw, "made-2")
+    assert _status(gw, inactive["certificateId"]) == "INACTIVE"
+    s2 = gw.sensor("made-2")
+    try:
+        assert s2.connect() == 0x87  # INACTIVE: Not authorized
+    finally:
+        s2.stop()
+    assert _raw_311(gw, "made-2") == 5  # 3.1.1: not authorized
+    assert f"certificate {inactive['certificateId']} is INACTIVE" in gw.daemon.log()  # type: ignore[union-attr]
+
+
+def test_ca_workflow_and_every_input_check(gw: Gw) -> None:
+    ca = pki.make_root("Plant CA", "ecc")
+    ca_file = pki.write(gw.workdir / "plant-ca.pem", ca.cert_pem())
+    code = gw.ctl("get-registration-code")["registrationCode"]
+    wrong = pki.write(gw.workdir / "plant-wrong.pem", pki.make_client(ca, "not-the-code").cert_pem())
+    impostor = pki.make_root("Plant CA", "ecc")
+    forged = pki.write(gw.workdir / "plant-forged.pem", pki.make_client(impostor, code).cert_pem())
+    args = ["register-ca-certificate", "--ca-certificate", str(ca_file), "--verification-certificate"]
+    assert "registration code" in gw.fails(*args, str(wrong))
+    assert "proof of possession" in gw.fails(*args, str(forged))
+    device = _issue(gw, ca, "plant-1")
+    assert "not a CA certificate" in gw.fails(
+        "register-ca-certificate", "--ca-certificate", str(device), "--verification-certificate", str(device)
+    )
+    junk = gw.workdir / "junk.pem"
+    junk.write_text("hello\n")
+    assert "PEM" in gw.fails(*args[:2], str(junk), args[3], str(device))
+    missing = gw.workdir / "missing.pem"
+    assert "cannot read" in gw.fails(*args[:2], str(missing), args[3], str(device), code=2)
+    ca_id = register_ca(gw.config, ca, active=False)
+    assert "already registered" in gw.fails(
+        "register-ca-certificate",
+        "--ca-certificate",
+        f"file://{ca_file}",
+        "--verification-certificate",
+        str(pki.write(gw.workdir / "v2.pem", pki.make_client(ca, code).cert_pem())),
+    )
+    described = gw.ctl("describe-ca-certificate", "--certificate-id", ca_id)["certificateDescription"]
+    assert described["status"] == "INACTIVE" and described["autoRegistrationStatus"] == "DISABLE"
+    assert ca_id in [c["certificateId"] for c in gw.ctl("list-ca-certificates")["certificates"]]
+    # a device certificate needs its CA registered and ACTIVE
+    assert "is INACTIVE, not ACTIVE" in gw.fails("register-certificate", "--certificate-pem", str(device))
+    gw.ctl("update-ca-certificate", "--certificate-id", ca_id, "--new-status", "ACTIVE")
+    stranger = _issue(gw, pki.make_root("Other CA", "ecc"), "stranger")
+    assert "CA is not registered" in gw.fails("register-certificate", "--certificate-pem", str(stranger))
+    three_days_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
+    expired = pki.make_client(ca, "old", validity=pki.Validity.days(1, three_days_ago))
+    old = pki.write(gw.workdir / "old.pem", expired.cert_pem())
+    assert "expired at" in gw.fails("register-certificate", "--certificate-pem", str(old))
+    cid = gw.ctl(
+        "register-certificate",
+        "--certificate-pem",
+        f"file://{device}",
+        "--ca-certificate-pem",
+        str(ca_file),
+        "--status",
+        "ACTIVE",
+    )["certificateId"]
+    assert "already registered" in gw.fails("register-certificate", "--certificate-pem", str(device))
+    assert "--status must be ACTIVE or INACTIVE" in gw.fails(
+        "register-certificate", "--certificate-pem", str(_issue(gw, ca, "plant-2")), "--status", "REVOKED"
+    )
+    by_ca = gw.ctl("list-certificates-by-ca", "--ca-certificate-id", ca_id)["certificates"]
+    assert [c["certificateId"] for c in by_ca] == [cid]
+    delete_ca = ["delete-ca-certificate", "--certificate-id", ca_id]
+    assert "ACTIVE CA certificate cannot be deleted" in gw.fails(*delete_ca)
+    gw.ctl("update-ca-certificate", "--certificate-id", ca_id, "--new-status", "INACTIVE")
+    assert "referenced by 1 device certificate" in gw.fails(*delete_ca)
+    assert "ACTIVE certificate cannot be deleted" in gw.fails("delete-certificate", "--certificate-id", cid)
+    assert "no certificate with id" in gw.fails("describe-certificate", "--certificate-id", "0" * 64)
+    assert "not settable" in gw.fails(
+        "update-certificate", "--certificate-id", cid, "--new-status", "PENDING_TRANSFER"
+    )
+    gw.ctl("update-certificate", "--certificate-id", cid, "--new-status", "REVOKED")
+    assert "REVOKED, which is final" in gw.fails(
+        "update-certificate", "--certificate-id", cid, "--new-status", "ACTIVE"
+    )
+    assert gw.ctl("delete-certificate", "--certificate-id", cid) == {}
+    assert gw.ctl(*delete_ca) == {}
+    assert "no CA certificate with id" in gw.fails("describe-ca-certificate", "--certificate-id", ca_id)
+
+
+def test_list_certificates_pages(gw: Gw) -> None:
+    for i in range(3):
+        _create(gw, f"paged-{i}")
+    everything: list[str] = []
+    marker: list[str] = []
+    while True:
+        page = gw.ctl("list-certificates", "--page-size", "2", "--ascending-order", *marker)
+        assert len(page["certificates"]) <= 2
+        everything += [c["certificateId"] for c in page["certificates"]]
+        if "nextMarker" not in page:
+            break
+        marker = ["--marker", page["nextMarker"]]
+    assert len(everything) == len(set(everything)) >= 3
+    newest_first = [
+        c["certificateId"] for c in gw.ctl("list-certificates", "--page-size", "250")["certificates"]
+    ]
+    assert newest_first == everything[::-1]
+    assert "--page-size must be between 1 and 250" in gw.fails("list-certificates", "--page-size", "0")
+
+
+@pytest.mark.parametrize("how", ["deactivate", "revoke", "ca"])
+def test_live_revocation_disconnects_a_third_party_client_within_a_second(gw: Gw, how: str) -> None:
+    ca = pki.make_root(f"Live CA {how}", "ecc")
+    ca_id = register_ca(gw.config, ca)
+    name = f"live-{how}"
+    cert = _issue(gw, ca, name)
+    cid = gw.ctl("register-certificate", "--certificate-pem", str(cert), "--status", "ACTIVE")[
+        "certificateId"
+    ]
+    _, key = gw.files(name)
+    sub = subprocess.Popen(
+        [
+            "mosquitto_sub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(gw.port),
+            "--cafile",
+            str(gw.ca_file),
+            "--cert",
+            str(cert),
+            "--key",
+            str(key),
+            "-i",
+            name,
+            "-t",
+            f"commands/{name}/#",
+            "-V",
+            "mqttv311",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: name in [c["clientId"] for c in gw.request("list-connections")["connections"]],
+            10,
+            "mosquitto_sub connected",
+        )
+        t0 = time.monotonic()
+        if how == "ca":
+            gw.request("update-ca-certificate", {"certificateId": ca_id, "newStatus": "INACTIVE"})
+        else:
+            new_status = {"deactivate": "INACTIVE", "revoke": "REVOKED"}[how]
+            gw.request("update-certificate", {"certificateId": cid, "newStatus": new_status})
+        gone = time.monotonic() - t0  # the command returns once the connection is closed
+        assert name not in [c["clientId"] for c in gw.request("list-connections")["connections"]]
+        sub.wait(10)  # mosquitto_sub notices, reconnects, is refused, and exits
+        _, err = sub.communicate(timeout=5)
+        assert sub.returncode != 0 and "not authorised" in err.lower(), err
+        print(f"\n{how}: connection closed {gone * 1000:.0f} ms after the command was sent")
+        assert gone < 1.0
+        assert f"disconnecting sensor {name}:" in gw.daemon.log()  # type: ignore[union-attr]
+        paho5 = gw.sensor(name)  # the same certificate over MQTT 5.0
+        try:
+            assert paho5.connect() == 0x87
+        finally:
+            paho5.stop()
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+            sub.wait()
+
+
+def test_a_connected_mqtt5_sensor_gets_disconnect_0x87(gw: Gw) -> None:
+    out = _create(gw, "live-5", "--set-as-active")
+    s = gw.sensor("live-5")
+    try:
+        assert s.connect() == 0
+        gw.request("update-certificate", {"certificateId": out["certificateId"], "newStatus": "INACTIVE"})
+        wait_until(lambda: bool(s.disconnects), 1.0, "DISCONNECT")
+        if PAHO2:  # paho 1.6 reports the closed socket (7), not the DISCONNECT's reason code
+            assert s.disconnects[0] == 0x87
+    finally:
+        s.stop()
+    gw.ctl("update-certificate", "--certificate-id", out["certificateId"], "--new-status", "ACTIVE")
+    again = gw.sensor("live-5")
+    try:
+        assert again.connect() == 0  # reactivated: admitted again without a restart
+    finally:
+        again.stop()
+
+
+def test_certificate_registered_without_ca_is_trusted_at_once(gw: Gw) -> None:
+    issued = pki.make_self_signed_client("selfie")
+    cert, key = gw.files("selfie")
+    pki.write(cert, issued.cert_pem())
+    pki.write(key, issued.key_pem(), 0o600)
+    with pytest.raises((ssl.SSLError, ConnectionError)) as refused:  # unknown to TLS before it is registered
+        _raw_311(gw, "selfie")
+    assert "unknown ca" in str(refused.value).lower() or isinstance(refused.value, ConnectionError)
+    out = gw.ctl("register-certificate-without-ca", "--certificate-pem", str(cert), "--status", "ACTIVE")
+    assert (
+        gw.ctl("describe-certificate", "--certificate-id", out["certificateId"])["certificateDescription"][
+            "certificateMode"
+        ]
+        == "SNI_ONLY"
+    )
+    s = gw.sensor("selfie")
+    try:
+        assert s.connect() == 0
+    finally:
+        s.stop()
+
+
+def test_auto_registration_jitr_then_activation(gw: Gw, devstack: DevStack) -> None:
+    ca = pki.make_root("Auto CA", "ecc")
+    ca_id = register_ca(gw.config, ca, auto_registration=True)
+    _issue(gw, ca, "jitr-1")
+    topic = "gatewayd/gw-reg-a/events/certificates/registered"
+    obs = Observer(devstack, topic, gw.workdir / "events.txt")
+    try:
+        s = gw.sensor("jitr-1")
+        try:
+            assert s.connect() == 0x87  # recorded PENDING_ACTIVATION and refused, as AWS JITR does
+        finally:
+            s.stop()
+        (line,) = obs.wait()
+        event = json.loads(line.split(" ", 1)[1])
+    finally:
+        obs.stop()
+    assert event["caCertificateId"] == ca_id and event["certificateStatus"] == "PENDING_ACTIVATION"
+    assert event["clientId"] == "jitr-1" and event["gatewayThingName"] == "gw-reg-a"
+    cid = event["certificateId"]
+    assert _status(gw, cid) == "PENDING_ACTIVATION"
+    assert f"auto-registered certificate {cid}" in gw.daemon.log()  # type: ignore[union-attr]
+    gw.ctl("update-certificate", "--certificate-id", cid, "--new-status", "ACTIVE")
+    s = gw.sensor("jitr-1")
+    try:
+        assert s.connect() == 0
+    finally:
+        s.stop()
+
+
+def test_auto_activate_set_by_reload(gw: Gw) -> None:
+    ca = pki.make_root("JITP CA", "ecc")
+    register_ca(gw.config, ca, auto_registration=True)
+    _issue(gw, ca, "jitp-1")
+    text = gw.config.read_text()
+    gw.config.write_text(text.replace("[downstream]\n", "[downstream]\nauto_activate = true\n", 1))
+    try:
+        assert gw.daemon is not None
+        gw.daemon.signal(1)  # SIGHUP
+        wait_until(
+            lambda: (
+                "downstream.auto_activate" in (gw.request("status")["lastReload"] or {}).get("changed", [])
+            ),
+            10,
+            "reload",
+        )
+        s = gw.sensor("jitp-1")
+        try:
+            assert s.connect() == 0  # admitted on its first connection
+        finally:
+            s.stop()
+    finally:
+        gw.config.write_text(text)
+        gw.daemon.signal(1)  # type: ignore[union-attr]
+
+
+def test_describe_endpoint(gw: Gw) -> None:
+    out_file = gw.workdir / "endpoint-ca.pem"
+    out = gw.ctl("describe-endpoint", "--ca-certificate-outfile", str(out_file))
+    assert out["endpointAddress"] == f"127.0.0.1:{gw.port}"
+    assert out["endpoints"] == [
+        {
+            "address": "127.0.0.1",
+            "port": gw.port,
+            "transport": "tcp",
+            "tls": True,
+            "clientCertificateRequired": True,
+        }
+    ]
+    assert out_file.read_text() == out["caCertificatePem"] == gw.ca_file.read_text()
+    assert "is not a directory" in gw.fails(
+        "describe-endpoint", "--ca-certificate-outfile", "/nonexistent/x.pem"
+    )
+
+
+def test_status_counts_the_registry(gw: Gw) -> None:
+    registry = gw.request("status")["registry"]
+    assert registry["caCertificates"] >= 1 and registry["certificates"].get("ACTIVE", 0) >= 1
+
+
+def test_transfer_between_two_gateways(gw: Gw, devstack: DevStack, tmp_path: Path) -> None:
+    b = _start(devstack, tmp_path / "b", "gw-reg-b", uplink=False)
+    try:
+        out = _create(gw, "mover", "--set-as-active")
+        cid = out["certificateId"]
+        bundle = tmp_path / "bundle.json"
+        transfer = [
+            "transfer-certificate",
+            "--certificate-id",
+            cid,
+            "--target-gateway",
+            "gw-reg-b",
+            "--outfile",
+        ]
+        assert "set it INACTIVE first" in gw.fails(*transfer, str(bundle))
+        assert not bundle.exists()
+        gw.ctl("update-certificate", "--certificate-id", cid, "--new-status", "INACTIVE")
+        # 1. cancelled: the certificate is INACTIVE again at the source, the target never saw it
+        assert gw.ctl(*transfer, str(bundle))["bundleFile"] == str(bundle)
+        assert _status(gw, cid) == "PENDING_TRANSFER"
+        gw.ctl("cancel-certificate-transfer", "--certificate-id", cid)
+        assert _status(gw, cid) == "INACTIVE"
+        # 2. rejected
+        gw.ctl(*transfer, str(bundle), "--transfer-message", "for the barn")
+        reply = tmp_path / "reply.json"
+        rejected = b.ctl(
+            "reject-certificate-transfer",
+            "--bundle",
+            str(bundle),
+            "--reject-reason",
+            "not ours",
+            "--reply-outfile",
+            str(reply),
+        )
+        assert rejected["replyFile"] == str(reply) and reply.exists()
+        assert gw.ctl("complete-certificate-transfer", "--reply", str(reply))["status"] == "INACTIVE"
+        desc = gw.ctl("describe-certificate", "--certificate-id", cid)["certificateDescription"]
+        assert desc["status"] == "INACTIVE" and desc["transferData"]["rejectReason"] == "not ours"
+        # 3. tampered bundle, then accepted
+        gw.ctl(*transfer, str(bundle), "--transfer-message", "second try")
+        doc = json.loads(bundle.read_text())
+        tampered = tmp_path / "tampered.json"
+        tampered.write_text(json.dumps({**doc, "transferMessage": "edited"}))
+        assert "altered after it was signed" in b.fails(
+            "accept-certificate-transfer", "--bundle", str(tampered), "--reply-outfile", str(reply)
+        )
+        assert "meant for gateway gw-reg-b, this is gw-reg-a" in gw.fails(
+            "accept-certificate-transfer", "--bundle", str(bundle), "--reply-outfile", str(reply)
+        )
+        source_ca = gw.ctl("describe-endpoint")["caCertificateId"]
+        accepted = b.ctl(
+            "accept-certificate-transfer",
+            "--bundle",
+            f"file://{bundle}",
+            "--set-as-active",
+            "--expect-signer",
+            source_ca,
+            "--reply-outfile",
+            str(reply),
+        )
+        assert accepted["status"] == "ACTIVE" and accepted["previousOwnedBy"] == "gw-reg-a"
+        done = gw.ctl("complete-certificate-transfer", "--reply", str(reply))
+        assert done == {"certificateId": cid, "transferred": True, "ownedBy": "gw-reg-b"}
+        assert "no certificate with id" in gw.fails("describe-certificate", "--certificate-id", cid)
+        on_b = b.ctl("describe-certificate", "--certificate-id", cid)["certificateDescription"]
+        assert on_b["ownedBy"] == "gw-reg-b" and on_b["previousOwnedBy"] == "gw-reg-a"
+        # the sensor now connects to gateway B, trusting B's local CA
+        cert, key = gw.files("mover")
+        s = Sensor("mover", b.port, b.ca_file, cert, key, True)
+        try:
+            assert s.connect() == 0
+        finally:
+            s.stop()
+        s = gw.sensor("mover")
+        try:
+            assert s.connect() == 0x87  # and no longer to A
+        finally:
+            s.stop()
+    finally:
+        assert b.daemon is not None
+        b.daemon.stop()
+
+
+def test_registry_survives_a_restart_and_works_offline(devstack: DevStack, tmp_path: Path) -> None:
+    g = _start(devstack, tmp_path / "r", "gw-reg-r", uplink=False)
+    assert g.daemon is not None
+    out = _create(g, "keeper", "--set-as-active")
+    assert g.daemon.terminate() == 0
+    g.daemon.stop()
+    # no daemon: gatewayctl works on the state directory itself, under its lock
+    assert _status(g, out["certificateId"]) == "ACTIVE"
+    g.ctl("update-certificate", "--certificate-id", out["certificateId"], "--new-status", "INACTIVE")
+    offline = _create(g, "offline-made")
+    db = g.workdir / "state" / "registry.db"
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    key = g.workdir / "state" / "localca" / "ca.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    g.daemon = Gateway(g.config, g.workdir, env=gateway_env(devstack))
+    try:
+        g.daemon.wait_ready()
+        assert _status(g, out["certificateId"]) == "INACTIVE"
+        assert _status(g, offline["certificateId"]) == "INACTIVE"
+        s = g.sensor("keeper")
+        try:
+            assert s.connect() == 0x87
+        finally:
+            s.stop()
+    finally:
+        g.daemon.stop()
+
+
+CLIENT = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(b'{"command": "status"}\\n')
+print(s.makefile().readline().strip())
+"""
+
+
+def _as_nobody(sock: Path) -> dict[str, Any]:
+    """Ask for status as user nobody (group nogroup, no other groups), with Debian's own python3."""
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    drop = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    result = subprocess.run(
+        [*sudo, *drop, "/usr/bin/python3", "-c", CLIENT, str(sock)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    reply: dict[str, Any] = json.loads(result.stdout)
+    return reply
+
+
+@pytest.mark.parametrize("group", ["", "nogroup"], ids=["no-group", "nogroup-member"])
+def test_control_socket_checks_peer_credentials(devstack: DevStack, tmp_path: Path, group: str) -> None:
+    """A process that may open the socket file is still refused unless it is root, the daemon's user or in
+    control_group (the socket file is made world-accessible here to prove the credential check itself)."""
+    sockdir = Path(tempfile.mkdtemp(prefix="gatewayd-ctl-"))
+    try:
+        sockdir.chmod(0o755)
+        tables = standin_config(devstack, tmp_path, "gw-ctl")
+        tables["gateway"]["control_group"] = group
+        tables["gateway"]["control_socket"] = str(sockdir / "control.sock")
+        config = write_config(tmp_path / "g.toml", tables)
+        daemon = Gateway(config, tmp_path, env=gateway_env(devstack))
+        try:
+            daemon.wait_ready()
+            sock = sockdir / "control.sock"
+            sock.chmod(0o666)
+            reply = _as_nobody(sock)
+            if group:
+                assert reply["ok"] and reply["result"]["state"] == "running", reply
+            else:
+                assert not reply["ok"] and "permission denied" in reply["error"], reply
+                assert "control socket: refused uid" in daemon.log()
+            assert request(sock, "status")["state"] == "running"  # the daemon's own user may, always
+        finally:
+            daemon.stop()
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
