@@ -278,6 +278,11 @@ def test_listener_rules(tmp_path: Path) -> None:
         listeners('address = "0.0.0.0"\ntls = false\nrequire_client_cert = false\nallow_insecure = true')
         == []
     )
+    assert listeners('address = "0.0.0.0"\nrequire_client_cert = false') == [
+        f"{main}:downstream.listener: listener[0]: without client certificates on 0.0.0.0, sensors bypass "
+        "the registry; use require_client_cert = true, a loopback address, or allow_insecure = true"
+    ]
+    assert listeners('address = "::1"\nrequire_client_cert = false') == []
     assert listeners('address = "::"\ntls = false') == [
         f"{main}:downstream.listener: listener[0]: require_client_cert needs tls = true"
     ]

@@ -260,6 +260,11 @@ def check_listeners(listeners: tuple[Any, ...]) -> str | None:
                 f"{where}: plain MQTT on {lst.address} would expose sensors' traffic; "
                 "use tls, a loopback address, or allow_insecure = true"
             )
+        if lst.tls and not lst.require_client_cert and not lst.allow_insecure and not _loopback(lst.address):
+            return (
+                f"{where}: without client certificates on {lst.address}, sensors bypass the registry; "
+                "use require_client_cert = true, a loopback address, or allow_insecure = true"
+            )
     return None
 
 
@@ -285,7 +290,7 @@ class ListenerSection:
     tls: bool = opt(True, "TLS with a server certificate from the gateway's local CA.")
     require_client_cert: bool = opt(True, "Sensors must present a certificate from a trusted sensor CA.")
     allow_insecure: bool = opt(
-        False, "Allow plain MQTT on a non-loopback address (sensors' traffic unprotected)."
+        False, "Allow plain MQTT, or TLS without client certificates, on a non-loopback address."
     )
 
 
