@@ -544,6 +544,11 @@ def test_registry_survives_a_restart_and_works_offline(devstack: DevStack, tmp_p
     assert _status(g, out["certificateId"]) == "ACTIVE"
     g.ctl("update-certificate", "--certificate-id", out["certificateId"], "--new-status", "INACTIVE")
     offline = _create(g, "offline-made")
+    selfie = pki.make_self_signed_client("offline-selfie")
+    cert, key = g.files("offline-selfie")
+    pki.write(cert, selfie.cert_pem())
+    pki.write(key, selfie.key_pem(), 0o600)
+    g.ctl("register-certificate-without-ca", "--certificate-pem", str(cert), "--status", "ACTIVE")
     db = g.workdir / "state" / "registry.db"
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
     key = g.workdir / "state" / "localca" / "ca.key"
@@ -556,6 +561,11 @@ def test_registry_survives_a_restart_and_works_offline(devstack: DevStack, tmp_p
         s = g.sensor("keeper")
         try:
             assert s.connect() == 0x87
+        finally:
+            s.stop()
+        s = g.sensor("offline-selfie")  # trusted by TLS from the registry at start
+        try:
+            assert s.connect() == 0
         finally:
             s.stop()
     finally:

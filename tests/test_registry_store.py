@@ -26,6 +26,9 @@ def reg(tmp_path: Path) -> Registry:
 def test_file_is_private_wal_and_versioned(reg: Registry) -> None:
     assert stat.S_IMODE(reg.path.stat().st_mode) == 0o600
     assert reg.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    reg.db.execute("INSERT INTO meta VALUES ('probe', 'x')")  # the WAL and its index exist once written
+    for side in ("-wal", "-shm"):
+        assert stat.S_IMODE(Path(f"{reg.path}{side}").stat().st_mode) == 0o600  # SQLite copies the db's mode
     assert reg.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(
         SCHEMA_VERSION
     )
