@@ -240,6 +240,8 @@ def test_reference_documents_every_key_with_its_default_and_reload_kind() -> Non
                 value = [dataclasses.asdict(v) for v in value]  # an array of tables: compare as dicts
             elif isinstance(default, list):
                 default = tuple(default)
+            elif isinstance(default, dict):  # a table of strings
+                default = tuple(sorted(default.items()))
             assert default == value, f"{key}: reference shows {default!r}, code default is {value!r}"
 
 
@@ -313,3 +315,36 @@ def test_policy_and_forwarding_are_validated(tmp_path: Path) -> None:
         found[2]
         == f"{main}:forwarding.upstream_topic: the upstream topic template must end with ${{topic}}, once"
     )
+
+
+def test_renewal_section(tmp_path: Path) -> None:
+    good = load(
+        write(
+            tmp_path / "r.toml",
+            MINIMAL + '[renewal]\nissuer = "aws-fleet-provisioning"\ntemplate_name = "GatewayTemplate"\n'
+            'parameters = { SerialNumber = "0042", Site = "barn" }\nrenew_before = "30d"\n',
+        )
+    )
+    assert good.renewal.parameters == (("SerialNumber", "0042"), ("Site", "barn"))
+    assert good.renewal.renew_before == "30d"
+    main = write(
+        tmp_path / "bad.toml",
+        MINIMAL + '[renewal]\nissuer = "command"\nrenew_before = "100%"\nretry_interval = "soon"\n'
+        "parameters = { n = 1 }\n",
+    )
+    assert problems(main) == [
+        f"{main}:renewal.parameters: expected a table of strings, got a table",
+        f"{main}:renewal.renew_before: '100%': a share must be between 0% and 100% (exclusive), like 33%",
+        f"{main}:renewal.retry_interval: 'soon' is not a duration like 30d, 12h, 90m or 45s",
+        f'{main}:renewal.command: required when issuer is "command"',
+    ]
+    relative = write(
+        tmp_path / "rel.toml", MINIMAL + '[renewal]\nissuer = "command"\ncommand = ["issue.sh"]\n'
+    )
+    assert problems(relative) == [
+        f"{relative}:renewal.command: the command must be an absolute path, not 'issue.sh'"
+    ]
+    fleet = write(tmp_path / "f.toml", MINIMAL + '[renewal]\nissuer = "aws-fleet-provisioning"\n')
+    assert problems(fleet) == [
+        f'{fleet}:renewal.template_name: required when issuer is "aws-fleet-provisioning"'
+    ]

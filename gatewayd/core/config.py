@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from gatewayd.core.errors import ConfigError, ConfigProblem
 from gatewayd.core.keys import KEY_BACKENDS, KEY_TYPES
 from gatewayd.core.mqtt.topics import TopicMap, check_policy_filters
+from gatewayd.core.renewal import RenewBefore, parse_duration
 from gatewayd.core.topics import TemplateError, expand
 from gatewayd.core.trust import FILE_MODES, MODES
 
@@ -381,6 +382,90 @@ class ForwardingSection:
     )  # fmt: skip
 
 
+def check_duration(value: str) -> str | None:
+    try:
+        parse_duration(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def check_renew_before(value: str) -> str | None:
+    try:
+        RenewBefore.parse(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def check_argv(value: tuple[str, ...]) -> str | None:
+    if value and not value[0].startswith("/"):
+        return f"the command must be an absolute path, not {value[0]!r}"
+    return None
+
+
+ISSUERS = ("", "command", "aws-fleet-provisioning")
+
+
+@dataclass(frozen=True)
+class RenewalSection:
+    issuer: str = opt(
+        "",
+        'Who issues renewed certificates: "command" (an executable: CSR on stdin, certificate chain on '
+        'stdout), "aws-fleet-provisioning" (AWS IoT CreateCertificateFromCsr + RegisterThing over the '
+        'uplink), or "" (no automatic renewal; expiry is only warned about).',
+        live=True,
+        choices=ISSUERS,
+    )
+    command: tuple[str, ...] = opt(
+        (), "For issuer command: the argv, an absolute path first; run without a shell.", live=True,
+        check=check_argv,
+    )  # fmt: skip
+    command_timeout: str = opt(
+        "2m", "How long the command may take before it is killed and the attempt fails.", live=True,
+        check=check_duration,
+    )  # fmt: skip
+    template_name: str = opt(
+        "", "For issuer aws-fleet-provisioning: the provisioning template's name.", live=True
+    )
+    parameters: tuple[tuple[str, str], ...] = opt(
+        (), "For issuer aws-fleet-provisioning: the template's parameters (a table of strings).", live=True
+    )
+    renew_before: str = opt(
+        "33%",
+        'How long before expiry to renew: a share of the certificate\'s lifetime ("33%") or a duration '
+        '("30d", "12h").',
+        live=True,
+        check=check_renew_before,
+    )
+    rotate_key: bool = opt(
+        True, "Make a new TPM key for every renewal (else: reuse the current key).", live=True
+    )
+    retry_interval: str = opt(
+        "5m", "First wait after a failed renewal; doubled each time, with jitter.", live=True,
+        check=check_duration,
+    )  # fmt: skip
+    retry_max: str = opt("6h", "Longest wait between renewal attempts.", live=True, check=check_duration)
+    check_interval: str = opt(
+        "1h", "How often the gateway checks whether renewal is due.", live=True, check=check_duration
+    )
+    trial_client_id: str = opt(
+        "",
+        "Client id of the trial connection that proves a new certificate before it goes live. Empty: the "
+        "thing name, with the uplink paused for the trial (AWS policies often allow only that id).",
+        live=True,
+    )
+    trial_timeout: str = opt(
+        "30s", "How long the trial connection may take.", live=True, check=check_duration
+    )
+    rollback_window: str = opt(
+        "10m",
+        "How long a promoted certificate has to connect before the previous one is restored.",
+        live=True,
+        check=check_duration,
+    )
+
+
 @dataclass(frozen=True)
 class StatusSection:
     topic: str = opt(
@@ -399,6 +484,7 @@ class Config:
     identity: IdentitySection = field(default_factory=IdentitySection)
     downstream: DownstreamSection = field(default_factory=DownstreamSection)
     forwarding: ForwardingSection = field(default_factory=ForwardingSection)
+    renewal: RenewalSection = field(default_factory=RenewalSection)
     status: StatusSection = field(default_factory=StatusSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
@@ -518,6 +604,10 @@ def _convert(ftype: Any, raw: Any) -> Any:
         return float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else MISSING
     if ftype is str:
         return raw if isinstance(raw, str) else MISSING
+    if ftype == tuple[tuple[str, str], ...]:  # a table of strings, kept sorted by key
+        if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+            return MISSING
+        return tuple(sorted(raw.items()))
     if typing.get_origin(ftype) is tuple:
         (item_type, _ellipsis) = typing.get_args(ftype)
         if not isinstance(raw, list):
@@ -531,6 +621,8 @@ def _type_name(ftype: Any) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
     if ftype in names:
         return names[ftype]
+    if ftype == tuple[tuple[str, str], ...]:
+        return "a table of strings"
     if typing.get_origin(ftype) is tuple:
         return f"an array of {_type_name(typing.get_args(ftype)[0]).split(' ', 1)[1]}s"
     return str(ftype)
@@ -567,6 +659,11 @@ def cross_checks(values: Mapping[str, Any]) -> list[tuple[str, str]]:
             problems.append(
                 ("upstream.ca_file", f"only used with validation_mode legacy or custom, not {mode!r}")
             )
+    issuer = values.get("renewal.issuer")
+    if issuer == "command" and values.get("renewal.command") == ():
+        problems.append(("renewal.command", 'required when issuer is "command"'))
+    if issuer == "aws-fleet-provisioning" and values.get("renewal.template_name") == "":
+        problems.append(("renewal.template_name", 'required when issuer is "aws-fleet-provisioning"'))
     if values.get("identity.key_backend") == "tpm" and values.get("identity.tcti") == "":
         problems.append(("identity.tcti", 'required when key_backend is "tpm"'))
     return problems
