@@ -1,0 +1,117 @@
+"""Issuers of renewed certificates, behind one interface: `await issuer.issue(csr_pem) -> chain PEM`.
+
+- CommandIssuer: a configured executable gets the CSR (PEM) on stdin and prints the certificate chain (PEM,
+  leaf first) on stdout: EST clients, step-ca, any private PKI. A non-zero exit, a timeout or output that is
+  not a certificate is an IssuerError saying which, with the command's last line of stderr.
+
+Whether the certificate fits the key and the trust is the renewal's check, not the issuer's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from typing import Protocol
+
+from gatewayd.core.errors import GatewaydError
+from gatewayd.stores.x509util import CertificateError, load_pem_certificates
+
+MAX_OUTPUT = 256 * 1024  # a certificate chain is a few KiB; more is garbage
+
+
+class IssuerError(GatewaydError):
+    """The issuer did not deliver a certificate; the message says why in one line."""
+
+
+class Issuer(Protocol):
+    name: str
+
+    async def issue(self, csr_pem: bytes) -> bytes: ...
+
+
+def _last_line(data: bytes) -> str:
+    lines = [line.strip() for line in data.decode(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+async def _read(stream: asyncio.StreamReader, limit: int) -> bytes:
+    """Everything until end of file, but no more than `limit` bytes (the rest is left unread)."""
+    data = bytearray()
+    while len(data) < limit:
+        chunk = await stream.read(min(65536, limit - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+class CommandIssuer:
+    name = "command"
+
+    def __init__(self, argv: tuple[str, ...], timeout: float, env: dict[str, str] | None = None) -> None:
+        self.argv = argv
+        self.timeout = timeout
+        self.env = env or {}
+
+    async def issue(self, csr_pem: bytes) -> bytes:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # its own process group: a timeout ends everything it started
+                env=self._environment(),
+            )
+        except OSError as exc:
+            raise IssuerError(f"cannot run {self.argv[0]}: {exc.strerror or exc}") from exc
+        collect = asyncio.ensure_future(self._collect(proc, csr_pem))
+        try:
+            out, err = await asyncio.wait_for(asyncio.shield(collect), self.timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):  # its pipes close with it: read them to the end
+                await asyncio.wait_for(collect, 5)
+            raise IssuerError(f"{self.argv[0]} did not finish within {self.timeout:g} s; killed") from None
+        if len(out) > MAX_OUTPUT:
+            raise IssuerError(f"{self.argv[0]} printed more than {MAX_OUTPUT} bytes: not a certificate chain")
+        if proc.returncode != 0:
+            detail = _last_line(err)
+            raise IssuerError(
+                f"{self.argv[0]} exited with status {proc.returncode}" + (f": {detail}" if detail else "")
+            )
+        try:
+            load_pem_certificates(out, "output")
+        except CertificateError as exc:
+            raise IssuerError(f"{self.argv[0]} did not print a certificate: {exc}") from None
+        return out
+
+    def _environment(self) -> dict[str, str]:
+        """The daemon's environment without systemd's notify and watchdog variables (the command must not
+        speak for the daemon), plus GATEWAYD_THING_NAME and the like."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
+        return {**env, **self.env}
+
+    async def _collect(self, proc: asyncio.subprocess.Process, csr_pem: bytes) -> tuple[bytes, bytes]:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it may not read its stdin
+            proc.stdin.write(csr_pem)
+            await proc.stdin.drain()
+            proc.stdin.close()
+
+        async def stdout() -> bytes:
+            assert proc.stdout is not None
+            data = await _read(proc.stdout, MAX_OUTPUT + 1)
+            if len(data) > MAX_OUTPUT:  # stop it now: it would block on a full pipe, we on its stderr
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                while await proc.stdout.read(65536):  # what was left in the pipe, so the pipe closes
+                    pass
+            return data
+
+        out, err = await asyncio.gather(stdout(), _read(proc.stderr, 64 * 1024))
+        await proc.wait()
+        return out, err
