@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import socket
 import ssl
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,7 @@ class StandIn:
                 ecc_root = root
         self._device_ca = pki.make_root("Stand-in Device CA", "ecc")
         pki.write(d / "device-ca.pem", self._device_ca.cert_pem())
+        pki.write(d / "device-ca.key", self._device_ca.key_pem(), 0o600)  # for issuing commands (renewal)
         # Faulty endpoints, all under the RSA root.
         past = pki.Validity(
             dt.datetime.now(dt.UTC) - dt.timedelta(days=30), dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
@@ -116,6 +118,12 @@ class StandIn:
     @property
     def device_ca_file(self) -> Path:
         return self.workdir / "device-ca.pem"
+
+    def issue_command(self, *extra: str) -> list[str]:
+        """argv of a renewal `command` issuer signing with the stand-in device CA (gatewayd_dev.issue_cmd)."""
+        ca_key = self.workdir / "device-ca.key"
+        return [sys.executable, "-m", "gatewayd_dev.issue_cmd", "--ca-cert", str(self.device_ca_file),
+                "--ca-key", str(ca_key), *extra]  # fmt: skip
 
     def endpoint(self, name: str) -> Endpoint:
         root = "ecc" if name == "ecc" else "rsa"

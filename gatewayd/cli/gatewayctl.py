@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     inst.add_argument("--chain", type=Path, help="intermediate CA certificates (PEM)")
     ident.add_parser("show", help="certificate id, subject, issuer, validity, key and stored versions")
+    renew = ident.add_parser("renew", help="renew now if due (see status: renewal.nextRenewal)")
+    renew.add_argument("--now", action="store_true", help="renew now, whether due or not")
     sub.add_parser(
         "list-connections", help="sensors connected now: client id, certificate id, address, traffic"
     )
@@ -264,6 +266,8 @@ def _command(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             return args.command, {"clientId": args.client_id}
         case "identity":
             body: dict[str, Any] = {"action": args.action}
+            if args.action == "renew":
+                body["now"] = args.now
             if args.action == "install-certificate":
                 body["certificatePem"] = _read(args.certificate, "certificate")
                 body["chainPem"] = _read(args.chain, "chain") if args.chain else ""
@@ -316,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = request(socket_path(args), command, body)
         except DaemonUnreachable:
-            if command != "identity" and command not in REGISTRY_COMMANDS:
-                raise
+            if (command != "identity" or body["action"] == "renew") and command not in REGISTRY_COMMANDS:
+                raise  # renewal needs the running daemon (its uplink proves the new certificate)
             result = _offline(args, command, body)
         if command == "identity" and args.action == "create-csr" and args.out is not None:
             args.out.write_text(result["csrPem"])

@@ -236,6 +236,62 @@ CONTROL_DENIED = Message(
     fields="GATEWAYD_PEER_UID, GATEWAYD_PEER_PID",
 )
 
+RENEWAL_STARTED = Message(
+    "RENEWAL_STARTED",
+    "6ec98490f2bb4f79af36396d3a645549",
+    Priority.NOTICE,
+    "A renewal of the gateway's certificate started (due, or `gatewayctl identity renew`).",
+    "",
+    fields="GATEWAYD_ISSUER, GATEWAYD_CERTIFICATE_ID",
+)
+RENEWAL_ISSUED = Message(
+    "RENEWAL_ISSUED",
+    "35406479ca404b28bf8b81e8d1b8aa2b",
+    Priority.NOTICE,
+    "The issuer delivered a certificate for the new key; it is staged, not live, until a trial connection"
+    " proves it.",
+    "",
+    fields="GATEWAYD_CERTIFICATE_ID, GATEWAYD_NOT_BEFORE, GATEWAYD_NOT_AFTER",
+)
+RENEWAL_TRIAL_FAILED = Message(
+    "RENEWAL_TRIAL_FAILED",
+    "fccc691baa464b56bbbfc7423461fc11",
+    Priority.WARNING,
+    "The trial connection with the staged certificate failed; the staged certificate and its key are "
+    "discarded and the current identity stays live.",
+    "Check GATEWAYD_REASON: the issuer may deliver certificates AWS IoT does not accept (not registered "
+    "or not active, wrong CA, policy).",
+    fields="GATEWAYD_CERTIFICATE_ID, GATEWAYD_REASON",
+)
+RENEWAL_PROMOTED = Message(
+    "RENEWAL_PROMOTED",
+    "ce00d0eac7da4b869d8b6ff357872963",
+    Priority.NOTICE,
+    "A renewed certificate passed its trial and is live; the previous one is kept until the new one has "
+    "connected.",
+    "",
+    fields="GATEWAYD_CERTIFICATE_ID, GATEWAYD_NOT_AFTER",
+)
+RENEWAL_ROLLED_BACK = Message(
+    "RENEWAL_ROLLED_BACK",
+    "5d7d9cffea774762a87eec4beb59c79d",
+    Priority.ERR,
+    "The promoted certificate did not connect within renewal.rollback_window; the previous version is "
+    "live again and the renewal will be retried.",
+    "Find out why the new certificate could not connect (GATEWAYD_REASON, and the UPLINK_CONNECT_FAILED "
+    "entries before this one).",
+    fields="GATEWAYD_REASON, GATEWAYD_VERSION",
+)
+RENEWAL_FAILED = Message(
+    "RENEWAL_FAILED",
+    "b65fac4ca24c4c7dac4d7dfcd0c7f8dd",
+    Priority.ERR,
+    "A renewal failed before anything went live (issuer error, unusable certificate, failed trial, "
+    "restart mid-way); what it made was discarded; it is retried after GATEWAYD_RETRY_IN seconds.",
+    "If it keeps failing, fix the cause in GATEWAYD_REASON before the certificate expires.",
+    fields="GATEWAYD_REASON, GATEWAYD_RETRY_IN",
+)
+
 ALL: tuple[Message, ...] = (
     STARTED,
     STOPPING,
@@ -261,6 +317,12 @@ ALL: tuple[Message, ...] = (
     REGISTRY_CHANGED,
     SENSOR_ADMISSION_REVOKED,
     CONTROL_DENIED,
+    RENEWAL_STARTED,
+    RENEWAL_ISSUED,
+    RENEWAL_TRIAL_FAILED,
+    RENEWAL_PROMOTED,
+    RENEWAL_ROLLED_BACK,
+    RENEWAL_FAILED,
 )
 
 

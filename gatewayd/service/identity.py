@@ -135,6 +135,44 @@ class Identity:
 
     def install_certificate(self, cert_pem: bytes, chain_pem: bytes = b"") -> Version:
         """Check and install a certificate (and its chain) for a stored key; make it live. All or nothing."""
+        version = self.add_certificate(cert_pem, chain_pem)
+        self.store.promote(version)
+        self.store.keep = self.config.identity.keep_versions
+        self.store.prune()
+        self._log_change("install-certificate", version)
+        return version
+
+    def stage_certificate(self, cert_pem: bytes, key_number: int) -> Version:
+        """Check a renewed certificate (chain included) and stage it: stored, never live before it is
+        proven. It must be for the key this renewal made (or chose)."""
+        version = self.add_certificate(cert_pem, b"", key_number)
+        self.store.stage(version)
+        return version
+
+    def promote(self, version: Version, action: str) -> None:
+        self.store.promote(version)
+        self._log_change(action, version)
+
+    def _log_change(self, action: str, version: Version) -> None:
+        summary = CertSummary.of(version.certificate())
+        log.info(
+            "%s: certificate %s (valid until %s) is live as version %s",
+            action,
+            summary.certificate_id,
+            _iso(summary.not_after),
+            version.number,
+            extra=messages.extra(
+                messages.IDENTITY_CHANGED,
+                action=action,
+                certificate_id=summary.certificate_id,
+                not_after=_iso(summary.not_after),
+            ),
+        )
+
+    def add_certificate(
+        self, cert_pem: bytes, chain_pem: bytes = b"", key_number: int | None = None
+    ) -> Version:
+        """Check a certificate (and its chain) and store it as a new version, not live."""
         try:
             certs = load_pem_certificates(cert_pem, "certificate")
             chain = load_pem_certificates(chain_pem, "chain") if chain_pem.strip() else []
@@ -144,6 +182,10 @@ class Identity:
         if is_ca(leaf):
             raise IdentityError("the certificate is a CA certificate, not the gateway's own")
         key = self._key_for(leaf)
+        if key_number is not None and key.number != key_number:
+            raise IdentityError(
+                f"the certificate is for key {key.number}, not for the renewal's key {key_number}"
+            )
         now = _now()
         if not_before(leaf) > now:
             raise IdentityError(f"the certificate is not valid before {_iso(not_before(leaf))}")
@@ -152,28 +194,12 @@ class Identity:
         if self.config.identity.issuer_ca_file:
             self._check_chain(leaf, chain, Path(self.config.identity.issuer_ca_file))
         summary = CertSummary.of(leaf)
-        version = self.store.add_version(
+        return self.store.add_version(
             key,
             pem(leaf),
             pem(*chain),
             {"certificateId": summary.certificate_id, "installed": now, "notAfter": summary.not_after},
         )
-        self.store.promote(version)
-        self.store.keep = self.config.identity.keep_versions
-        self.store.prune()
-        log.info(
-            "installed certificate %s (valid until %s) as version %s",
-            summary.certificate_id,
-            _iso(summary.not_after),
-            version.number,
-            extra=messages.extra(
-                messages.IDENTITY_CHANGED,
-                action="install-certificate",
-                certificate_id=summary.certificate_id,
-                not_after=_iso(summary.not_after),
-            ),
-        )
-        return version
 
     def _key_for(self, cert: x509.Certificate) -> StoredKey:
         candidates = [k for k in (self.store.pending_key(), self._live_key()) if k is not None]

@@ -114,6 +114,9 @@ class Uplink:
         self._task: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._restart = Backoff(cap=reconnect_max_delay)
+        self._switching = False  # the child was stopped on purpose (restart): not a failure
+        self._suspended = asyncio.Event()
+        self._resumed = asyncio.Event()
         self._last_connect_attempt: float | None = None
 
     # ------------------------------------------------------------------ public API
@@ -147,6 +150,33 @@ class Uplink:
         """Try again now (identity installed, TPM appeared, network changed)."""
         self._restart.reset_now()
         self._kick.set()
+
+    def restart(self) -> None:
+        """Reconnect now with whatever identity is live (after a renewal or a rollback): the child is told
+        to stop; what it had in flight goes back to the head of the queue (at-least-once)."""
+        self._restart.reset_now()
+        self._switching = True
+        if self._writer is not None:
+            self._send(ipc.frame(ipc.Kind.STOP, b""))
+        self._kick.set()
+
+    async def suspend(self, timeout: float = 10.0) -> None:
+        """Disconnect and stay disconnected until resume(); messages wait in the queue. For a trial
+        connection that must use the same client id (AWS IoT allows one connection per client id)."""
+        self._suspended.set()
+        self.restart()
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+    def resume(self) -> None:
+        self._suspended.clear()
+        self._resumed.set()
+        self.kick()
 
     def closing(self) -> bool:
         return self._closing  # a method, so type narrowing of the attribute does not outlive an await
@@ -209,6 +239,12 @@ class Uplink:
 
     async def _attempt(self) -> None:
         """Prepare, run one child until it exits, and wait as long as the outcome says."""
+        if self._suspended.is_set():
+            self._set("suspended", "")
+            self._resumed.clear()
+            await self._resumed.wait()
+            return
+        self._switching = False
         spec = await self.prepare()
         if isinstance(spec, Blocked):
             if self.status.state != spec.state or self.status.last_error != spec.reason:
@@ -222,6 +258,8 @@ class Uplink:
             return
         exit_code = await self._run_child(spec)
         if self.closing():
+            return
+        if self._switching:  # stopped on purpose: connect again at once (or stay suspended)
             return
         if exit_code == EXIT_BAD_SETUP:
             await self._wait_kick(self.blocked_retry)

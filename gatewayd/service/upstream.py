@@ -22,12 +22,15 @@ from gatewayd.adapters.tpm import TPMError, TPMUnavailable
 from gatewayd.core import messages
 from gatewayd.core.config import Config
 from gatewayd.core.errors import GatewaydError
+from gatewayd.core.renewal import Step
 from gatewayd.core.topics import expand
 from gatewayd.core.trust import AMAZON, FILE_MODES, expiry_warnings
 from gatewayd.service.identity import Identity, Ready
+from gatewayd.service.renewal import Renewer
 from gatewayd.service.uplink import Blocked, ChildSpec, MessageHandler, Uplink, UplinkStatus
 from gatewayd.stores import atomic, truststore
-from gatewayd.stores.identity import IdentityError, IdentityStore
+from gatewayd.stores.identity import IdentityError, IdentityStore, Version
+from gatewayd.stores.renewal import RenewalStore
 from gatewayd.stores.x509util import CertificateError
 
 log = logging.getLogger("gatewayd.upstream")
@@ -86,6 +89,15 @@ class Upstream:
             on_state=self._on_uplink_state,
             reconnect_max_delay=config.upstream.reconnect_max_delay,
         )
+        self.renewer = Renewer(
+            config,
+            store,
+            RenewalStore(Path(config.gateway.state_dir)),
+            self.uplink,
+            self.spec_for,
+            self.connected_certificate,
+            on_change=on_change,
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -101,6 +113,7 @@ class Upstream:
         self._tasks = [
             asyncio.create_task(self._status_loop(), name="status-publisher"),
             asyncio.create_task(self._root_check_loop(), name="root-expiry"),
+            asyncio.create_task(self.renewer.run(), name="renewal"),
         ]
         return self
 
@@ -116,6 +129,7 @@ class Upstream:
         """Live keys changed (SIGHUP)."""
         self.config = config
         self.identity = Identity(config, self.store)
+        self.renewer.configure(config)
         self.check_roots()
 
     # ------------------------------------------------------------------ trust
@@ -159,6 +173,17 @@ class Upstream:
             self.ready = None
             return Blocked(str(exc))
         self.ready = ready
+        return self.spec_for(ready.version, self.config.gateway.thing_name)
+
+    def connected_certificate(self) -> str | None:
+        """The certificate id the uplink is connected with now, if it is connected."""
+        if self.ready is None or not self.uplink.connected:
+            return None
+        return self.ready.summary.certificate_id
+
+    def spec_for(self, version: Version, client_id: str) -> ChildSpec:
+        """How an uplink process connects with this certificate version (live, or staged for a trial)."""
+        key = self.store.key(version.key_number)
         up, ident = self.config.upstream, self.config.identity
         env: dict[str, str] = {}
         if ident.key_backend == "tpm":
@@ -171,12 +196,12 @@ class Upstream:
             "endpoint": up.endpoint,
             "port": up.port,
             "connect_address": up.connect_address,
-            "client_id": self.config.gateway.thing_name,
+            "client_id": client_id,
             "keepalive": up.keepalive,
             "alpn": tls.alpn_protocols(up.alpn, up.port),
             "ca_bundle": str(self.trust.path),
-            "cert_file": str(ready.version.fullchain_file),
-            "key_file": str(ready.key.key_file),
+            "cert_file": str(version.fullchain_file),
+            "key_file": str(key.key_file),
             "reconnect_max_delay": up.reconnect_max_delay,
         }
         return ChildSpec(config, env)
@@ -213,6 +238,7 @@ class Upstream:
             "queued": s.queued,
             "inflight": s.inflight,
             "uplinkPid": s.child_pid,
+            "renewal": self.renewer.summary(),
         }
 
     def status_line(self) -> str:
@@ -229,6 +255,8 @@ class Upstream:
         days = self.days_left()
         if days is not None and self.ready is not None:
             line += f"; certificate {self.ready.summary.certificate_id[:12]} {days:.0f} days left"
+        if self.renewer.state.step is not Step.IDLE:
+            line += f"; renewal in progress ({self.renewer.state.step.value})"
         if self.root_warnings:
             first = self.root_warnings[0]
             line += f"; root CA {first['root']} expires in {first['daysLeft']} days"
@@ -259,6 +287,8 @@ class Upstream:
     # ------------------------------------------------------------------ control commands
 
     async def cmd_identity(self, action: str, args: dict[str, Any]) -> Any:
+        if action == "renew":
+            return self.renewer.request(bool(args.get("now")))
         result = await asyncio.to_thread(run_identity_action, self.identity, action, args)
         if action == "install-certificate":
             self.uplink.kick()  # connect with the new identity now

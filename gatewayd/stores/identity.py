@@ -208,6 +208,27 @@ class IdentityStore:
         if self._pointer("staged") == version.number:
             atomic.remove_link(self.root / "staged")
 
+    def discard(self) -> list[str]:
+        """Remove what an unfinished renewal left: the staged version and the pending key, unless the live
+        version uses them. Returns what was removed (for the log)."""
+        removed: list[str] = []
+        live = self._pointer("live")
+        live_key = self.version(live).key_number if live is not None else None
+        staged = self._pointer("staged")
+        if staged is not None:
+            atomic.remove_link(self.root / "staged")
+            if staged != live:
+                atomic.remove_tree(self.archive_dir / str(staged))
+                removed.append(f"archive/{staged}")
+        pending = self._pointer("pending-key")
+        if pending is not None:
+            atomic.remove_link(self.root / "pending-key")
+            used = {self.version(n).key_number for n in self._numbers(self.archive_dir)}
+            if pending != live_key and pending not in used:
+                atomic.remove_tree(self.keys_dir / str(pending))
+                removed.append(f"keys/{pending}")
+        return removed
+
     def prune(self) -> list[str]:
         """Keep the newest `keep` versions (always the live and staged ones) and the keys they use."""
         protected = {n for n in (self._pointer("live"), self._pointer("staged")) if n is not None}

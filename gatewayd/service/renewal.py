@@ -1,0 +1,381 @@
+"""Renewal of the gateway's own certificate ahead of expiry, with a proven switch-over and rollback.
+
+The steps and what a crash at each leaves are in gatewayd.core.renewal; the state is in
+STATE_DIR/renewal.json.
+One renewal runs at a time, on the daemon's event loop; blocking work (TPM, files) goes to a thread.
+
+Trial connection: with `renewal.trial_client_id` set, a second uplink process connects with the staged
+identity under that client id while the main uplink keeps running. Without it (AWS IoT policies often allow
+only the thing name as client id, and AWS IoT allows one connection per client id), the main uplink is
+suspended for the trial: sensor messages wait in the gateway's queue, the trial connects as the thing, and
+the main uplink resumes (with the new identity if the trial passed, else the old one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gatewayd.core import messages
+from gatewayd.core.config import Config, RenewalSection
+from gatewayd.core.errors import GatewaydError
+from gatewayd.core.renewal import (
+    RESUME,
+    Event,
+    RenewBefore,
+    Resume,
+    Step,
+    due_time,
+    parse_duration,
+    retry_delay,
+)
+from gatewayd.service.identity import Identity
+from gatewayd.service.issuer import CommandIssuer, Issuer
+from gatewayd.service.uplink import Blocked, ChildSpec, Uplink, UplinkStatus
+from gatewayd.stores.identity import IdentityStore, Version
+from gatewayd.stores.renewal import Outcome, RenewalStore
+from gatewayd.stores.x509util import CertSummary
+
+log = logging.getLogger("gatewayd.renewal")
+
+SpecFor = Callable[[Version, str], ChildSpec]  # (version, client id) -> how to connect with it
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def jitter_for(certificate_id: str) -> float:
+    """A stable per-certificate value in [0, 1): the same after a restart, different across a fleet."""
+    return int(certificate_id[:8], 16) / 2**32
+
+
+class RenewalFailed(GatewaydError):
+    pass
+
+
+async def trial_connection(spec: ChildSpec, timeout: float) -> str | None:
+    """Connect once with `spec` in a separate uplink process; None when it connected, else why not."""
+    outcome: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+
+    def on_state(status: UplinkStatus) -> None:
+        if outcome.done():
+            return
+        if status.state == "connected":
+            outcome.set_result(None)
+        elif status.state in ("failed", "refused", "setup-failed"):
+            outcome.set_result(status.last_error or status.state)
+
+    async def prepare() -> ChildSpec | Blocked:
+        return spec
+
+    trial = Uplink(prepare, lambda *a: None, on_state=on_state, blocked_retry=timeout)
+    async with trial:
+        try:
+            return await asyncio.wait_for(outcome, timeout)
+        except TimeoutError:
+            return f"no connection within {timeout:g} s"
+
+
+class Renewer:
+    def __init__(
+        self,
+        config: Config,
+        store: IdentityStore,
+        state: RenewalStore,
+        uplink: Uplink,
+        spec_for: SpecFor,
+        connected_id: Callable[[], str | None],
+        on_change: Callable[[], None] = lambda: None,
+        now: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.store = store
+        self.states = state
+        self.uplink = uplink
+        self.spec_for = spec_for
+        self.connected_id = connected_id  # the certificate id the uplink is connected with now, if any
+        self.on_change = on_change
+        self.now = now
+        self.rand = rand
+        self.state = state.load()
+        self.retry_at: float | None = None
+        self._wake = asyncio.Event()
+        self._force = False
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        self.config = config
+        self.settings: RenewalSection = config.renewal
+        self.identity = Identity(config, self.store)
+
+    # ------------------------------------------------------------------ the schedule
+
+    def issuer(self) -> Issuer | None:
+        s = self.settings
+        if s.issuer == "command":
+            env = {"GATEWAYD_THING_NAME": self.config.gateway.thing_name}
+            return CommandIssuer(s.command, parse_duration(s.command_timeout), env)
+        return None  # "" (off); aws-fleet-provisioning is not implemented yet (issue 6, in progress)
+
+    def due(self) -> float | None:
+        """When the live certificate is due for renewal (the policy, jittered per certificate)."""
+        live = self.store.live()
+        if live is None:
+            return None
+        s = CertSummary.of(live.certificate())
+        policy = RenewBefore.parse(self.settings.renew_before)
+        return due_time(
+            s.not_before.timestamp(), s.not_after.timestamp(), policy, jitter_for(s.certificate_id)
+        )
+
+    def next_attempt(self) -> float | None:
+        due = self.due()
+        if due is None:
+            return None
+        return max(due, self.retry_at) if self.retry_at is not None else due
+
+    def request(self, force: bool) -> dict[str, Any]:
+        """`gatewayctl identity renew [--now]`: check now (renew if due), or renew now regardless."""
+        if self.issuer() is None:
+            raise RenewalFailed(
+                f"renewal.issuer is {self.settings.issuer!r}: "
+                + ("not implemented yet" if self.settings.issuer else "automatic renewal is off")
+            )
+        if self.state.step is not Step.IDLE:
+            return {"started": False, **self.summary(), "reason": "a renewal is already in progress"}
+        self._force = self._force or force
+        self._wake.set()
+        return {"started": True, **self.summary()}
+
+    def summary(self) -> dict[str, Any]:
+        nxt = self.next_attempt()
+        last = self.state.last
+        return {
+            "issuer": self.settings.issuer,
+            "step": self.state.step.value,
+            "nextRenewal": _iso(nxt) if nxt is not None and self.settings.issuer else None,
+            "failedAttempts": self.state.attempt,
+            "last": None
+            if last is None
+            else {
+                "at": _iso(last.at),
+                "result": last.result,
+                "reason": last.reason,
+                "certificateId": last.certificate_id,
+            },
+        }
+
+    async def run(self) -> None:
+        await self._resume()
+        while True:
+            issuer = self.issuer()
+            nxt = self.next_attempt()
+            wait = parse_duration(self.settings.check_interval)
+            if issuer is not None and nxt is not None:
+                wait = min(wait, max(nxt - self.now(), 0.0))
+            if not self._force and (issuer is None or nxt is None or nxt > self.now()):
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                continue
+            self._force = False
+            if issuer is None:
+                continue
+            try:
+                await self.renew(issuer)
+            except Exception:  # a renewal bug must not end the daemon's renewals
+                log.exception("renewal failed unexpectedly")
+                await self._failed("internal error (see the log)")
+
+    # ------------------------------------------------------------------ one renewal
+
+    def _advance(self, event: Event, **changes: Any) -> None:
+        self.state = self.states.advance(self.state, event, **changes)
+        self.on_change()
+
+    async def renew(self, issuer: Issuer) -> None:
+        live = self.store.live()
+        if live is None:
+            return
+        self._advance(Event.START, started_at=self.now())
+        log.info(
+            "renewal started (issuer %s, certificate %s)",
+            issuer.name,
+            live.meta.get("certificateId"),
+            extra=messages.extra(
+                messages.RENEWAL_STARTED,
+                issuer=issuer.name,
+                certificate_id=str(live.meta.get("certificateId")),
+            ),
+        )
+        try:
+            if self.settings.rotate_key:
+                key = await asyncio.to_thread(self.identity.create_key)
+                self._advance(Event.KEY_CREATED, key_number=key.number, key_created=True)
+            else:
+                self._advance(Event.KEY_CREATED, key_number=live.key_number, key_created=False)
+            csr = await asyncio.to_thread(self.identity.create_csr)
+            self._advance(Event.REQUESTED)
+            chain = await issuer.issue(csr)
+            assert self.state.key_number is not None
+            version = await asyncio.to_thread(self.identity.stage_certificate, chain, self.state.key_number)
+        except (GatewaydError, OSError) as exc:
+            await self._failed(str(exc))
+            return
+        self._advance(Event.ISSUED, staged_version=version.number)
+        s = CertSummary.of(version.certificate())
+        log.info(
+            "renewal: certificate %s issued (valid %s to %s), staged as version %s",
+            s.certificate_id,
+            _iso(s.not_before.timestamp()),
+            _iso(s.not_after.timestamp()),
+            version.number,
+            extra=messages.extra(
+                messages.RENEWAL_ISSUED,
+                certificate_id=s.certificate_id,
+                not_before=_iso(s.not_before.timestamp()),
+                not_after=_iso(s.not_after.timestamp()),
+            ),
+        )
+        await self._trial_and_promote()
+
+    async def _trial_and_promote(self) -> None:
+        assert self.state.staged_version is not None
+        version = self.store.version(self.state.staged_version)
+        s = CertSummary.of(version.certificate())
+        self._advance(Event.TRIAL_STARTED)
+        client_id = self.settings.trial_client_id or self.config.gateway.thing_name
+        paused = not self.settings.trial_client_id
+        if paused:
+            await self.uplink.suspend()
+        try:
+            error = await trial_connection(
+                self.spec_for(version, client_id), parse_duration(self.settings.trial_timeout)
+            )
+            if error is not None:
+                log.warning(
+                    "renewal: trial connection with certificate %s failed: %s",
+                    s.certificate_id,
+                    error,
+                    extra=messages.extra(
+                        messages.RENEWAL_TRIAL_FAILED, certificate_id=s.certificate_id, reason=error
+                    ),
+                )
+                await self._failed(f"trial connection failed: {error}")
+                return
+            live = self.store.live()
+            self._advance(
+                Event.TRIAL_PASSED, previous_version=live.number if live else None, promoted_at=self.now()
+            )
+            await asyncio.to_thread(self.identity.promote, version, "renewal")
+            log.info(
+                "renewal: certificate %s promoted (previous version %s kept for rollback)",
+                s.certificate_id,
+                self.state.previous_version,
+                extra=messages.extra(
+                    messages.RENEWAL_PROMOTED,
+                    certificate_id=s.certificate_id,
+                    not_after=_iso(s.not_after.timestamp()),
+                ),
+            )
+        finally:
+            if paused:
+                self.uplink.resume()
+        if not paused:
+            self.uplink.restart()
+        await self._confirm()
+
+    async def _confirm(self) -> None:
+        """The promoted identity must connect within the rollback window, else the previous one returns."""
+        assert self.state.staged_version is not None and self.state.promoted_at is not None
+        version = self.store.version(self.state.staged_version)
+        cid = str(version.meta.get("certificateId"))
+        deadline = self.state.promoted_at + parse_duration(self.settings.rollback_window)
+        while self.now() < deadline:
+            if self.uplink.connected and self.connected_id() == cid:
+                self._advance(Event.CONFIRMED, attempt=0, last=Outcome(self.now(), "renewed", "", cid))
+                self.retry_at = None
+                await asyncio.to_thread(self._prune)
+                log.info("renewal: connected with certificate %s; renewal complete", cid)
+                return
+            await asyncio.sleep(min(1.0, max(deadline - self.now(), 0.05)))
+        await self._rollback(f"certificate {cid} did not connect within the rollback window")
+
+    async def _rollback(self, reason: str) -> None:
+        previous = self.state.previous_version
+        if previous is not None:
+            await asyncio.to_thread(self.identity.promote, self.store.version(previous), "rollback")
+        self.uplink.restart()
+        log.error(
+            "renewal rolled back to version %s: %s",
+            previous,
+            reason,
+            extra=messages.extra(messages.RENEWAL_ROLLED_BACK, reason=reason, version=str(previous)),
+        )
+        attempt = self.state.attempt + 1
+        self._advance(Event.ROLLED_BACK, attempt=attempt, last=Outcome(self.now(), "rolled-back", reason))
+        self._schedule_retry(attempt)
+
+    async def _failed(self, reason: str) -> None:
+        """Anything before promotion: discard what this renewal made; the live identity stays."""
+        removed = await asyncio.to_thread(self.store.discard)
+        attempt = self.state.attempt + 1
+        if self.state.step is not Step.IDLE:
+            self._advance(Event.FAILED, attempt=attempt, last=Outcome(self.now(), "failed", reason))
+        delay = self._schedule_retry(attempt)
+        log.error(
+            "renewal failed: %s; removed %s; next attempt in %.0f s",
+            reason,
+            ", ".join(removed) or "nothing",
+            delay,
+            extra=messages.extra(messages.RENEWAL_FAILED, reason=reason, retry_in=round(delay)),
+        )
+
+    def _schedule_retry(self, attempt: int) -> float:
+        delay = retry_delay(
+            attempt,
+            parse_duration(self.settings.retry_interval),
+            parse_duration(self.settings.retry_max),
+            self.rand(),
+        )
+        self.retry_at = self.now() + delay
+        return delay
+
+    def _prune(self) -> None:
+        self.store.keep = self.config.identity.keep_versions
+        self.store.prune()
+
+    # ------------------------------------------------------------------ after a crash
+
+    async def _resume(self) -> None:
+        match RESUME[self.state.step]:
+            case Resume.NOTHING:
+                return
+            case Resume.DISCARD:
+                log.warning("renewal interrupted in step %s: discarding it", self.state.step.value)
+                await self._failed(f"interrupted in step {self.state.step.value} (restart)")
+            case Resume.TRIAL:
+                log.warning(
+                    "renewal interrupted in step %s: trying the staged certificate again",
+                    self.state.step.value,
+                )
+                if self.store.staged() is None or self.state.staged_version is None:
+                    await self._failed("the staged certificate is gone")
+                    return
+                await self._trial_and_promote()  # STAGED or TRIAL: (again) prove it, then promote
+            case Resume.CONFIRM:
+                assert self.state.staged_version is not None
+                live = self.store.live()
+                if live is None or live.number != self.state.staged_version:  # the crash came before promote
+                    await asyncio.to_thread(
+                        self.identity.promote, self.store.version(self.state.staged_version), "renewal"
+                    )
+                    self.uplink.restart()
+                await self._confirm()
