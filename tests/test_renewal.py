@@ -1,6 +1,7 @@
-"""Renewal with the `command` issuer against the stand-in: a new TPM key, a CSR, the certificate staged, proven by
-a trial connection, promoted, the uplink switched over; failures discard what was made and the gateway stays
-connected on its old identity; sensor messages published during a renewal all arrive (issue 6, in progress).
+"""Renewal with the `command` issuer against the stand-in: a new TPM key, a CSR, the certificate staged,
+proven by a trial connection, promoted, the uplink switched over; failures discard what was made and the
+gateway stays connected on its old identity; sensor messages published during a renewal all arrive
+(issue 6, in progress).
 
 Real parts: the daemon, swtpm, the stand-in (mosquitto, mutual TLS), a real issuing executable, paho sensors.
 """
@@ -104,7 +105,7 @@ def test_renewal_switches_over_without_losing_sensor_messages(gw: Renewing) -> N
         assert gw.renew()["started"] is True
         sent = 0
         while gw.renewal()["step"] != "IDLE" or sent < 20:  # publish all through the renewal
-            assert sensor.publish(f"sensors/s-renew/n", str(sent).encode(), qos=1, timeout=30) == 0
+            assert sensor.publish("sensors/s-renew/n", str(sent).encode(), qos=1, timeout=30) == 0
             sent += 1
             assert sent < 2000
         result = gw.wait_idle()
