@@ -34,6 +34,7 @@ from gatewayd.service.control import ControlServer
 from gatewayd.service.downstream import Downstream
 from gatewayd.service.logsetup import apply_level
 from gatewayd.service.registry import CHANGES, RegistryService, run_command
+from gatewayd.service.renewal import Renewer
 from gatewayd.service.upstream import Upstream, build_trust
 from gatewayd.stores.configfile import load
 from gatewayd.stores.identity import IdentityStore
@@ -43,6 +44,7 @@ from gatewayd.stores.statedir import ensure_state_dir
 log = logging.getLogger("gatewayd.daemon")
 
 SHUTDOWN_BUDGET = 8.0  # seconds; systemd's TimeoutStopSec must be larger (the unit uses 10 s or more)
+HOLD_ENV = "GATEWAYD_DEBUG_RENEWAL_HOLD"  # with DEBUG_ENV: checkpoints where renewals pause (tests)
 DEBUG_ENV = "GATEWAYD_DEBUG_COMMANDS"  # "1" enables debug-only control commands (tests, never in production)
 
 
@@ -127,6 +129,7 @@ class Daemon:
         if self.environ.get(DEBUG_ENV) == "1":
             log.warning("debug control commands are enabled (%s=1); never do this in production", DEBUG_ENV)
             handlers["debug-stall-loop"] = self._cmd_stall
+            handlers["debug-renewal-release"] = self._cmd_renewal_release
         try:
             async with contextlib.AsyncExitStack() as components:
                 store = components.enter_context(
@@ -136,7 +139,12 @@ class Daemon:
                     log.warning("identity store: removed %s left by an interrupted write", cleaned)
                 trust = build_trust(self.config)
                 self.upstream = Upstream(
-                    self.config, store, trust, on_change=self._status_changed, on_message=self._from_upstream
+                    self.config,
+                    store,
+                    trust,
+                    on_change=self._status_changed,
+                    on_message=self._from_upstream,
+                    hold_at=self._renewal_holds(),
                 )
                 await components.enter_async_context(self.upstream)
                 self.broker = Broker(self.config, self.upstream.uplink, admit=self._admit)
@@ -308,6 +316,27 @@ class Daemon:
     async def _cmd_identity(self, args: dict[str, Any]) -> Any:
         assert self.upstream is not None
         return await self.upstream.cmd_identity(str(args.get("action", "")), args)
+
+    def _renewal_holds(self) -> frozenset[str]:
+        """GATEWAYD_DEBUG_RENEWAL_HOLD=name,...: pause renewals at these checkpoints (tests only)."""
+        names = frozenset(filter(None, self.environ.get(HOLD_ENV, "").split(",")))
+        if not names:
+            return names
+        if self.environ.get(DEBUG_ENV) != "1":
+            log.warning("%s is ignored without %s=1", HOLD_ENV, DEBUG_ENV)
+            return frozenset()
+        unknown = names - set(Renewer.CHECKPOINTS)
+        if unknown:
+            log.warning("%s: ignoring unknown checkpoints %s", HOLD_ENV, ", ".join(sorted(unknown)))
+            names -= unknown
+        log.warning("debug: renewals will pause at %s", ", ".join(sorted(names)))
+        return names
+
+    async def _cmd_renewal_release(self, args: dict[str, Any]) -> dict[str, Any]:
+        assert self.upstream is not None
+        held = self.upstream.renewer.held
+        self.upstream.renewer.release()
+        return {"released": held}
 
     async def _cmd_stall(self, args: dict[str, Any]) -> dict[str, Any]:
         seconds = args.get("seconds")

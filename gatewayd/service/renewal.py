@@ -75,7 +75,7 @@ async def trial_connection(spec: ChildSpec, timeout: float) -> str | None:
     async def prepare() -> ChildSpec | Blocked:
         return spec
 
-    trial = Uplink(prepare, lambda *a: None, on_state=on_state, blocked_retry=timeout)
+    trial = Uplink(prepare, lambda *a: None, on_state=on_state, blocked_retry=timeout, trial=True)
     async with trial:
         try:
             return await asyncio.wait_for(outcome, timeout)
@@ -95,6 +95,7 @@ class Renewer:
         on_change: Callable[[], None] = lambda: None,
         now: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        hold_at: frozenset[str] = frozenset(),
     ) -> None:
         self.store = store
         self.states = state
@@ -108,6 +109,9 @@ class Renewer:
         self.retry_at: float | None = None
         self._wake = asyncio.Event()
         self._force = False
+        self.hold_at = hold_at  # debug only (tests kill the daemon at each step): pause at these checkpoints
+        self.held: str | None = None
+        self._release = asyncio.Event()
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -162,6 +166,7 @@ class Renewer:
             "step": self.state.step.value,
             "nextRenewal": _iso(nxt) if nxt is not None and self.settings.issuer else None,
             "failedAttempts": self.state.attempt,
+            **({"heldAt": self.held} if self.hold_at else {}),
             "last": None
             if last is None
             else {
@@ -196,6 +201,22 @@ class Renewer:
 
     # ------------------------------------------------------------------ one renewal
 
+    CHECKPOINTS = ("keyed", "requested", "staged", "trial", "promoting", "promoted")
+
+    async def _checkpoint(self, name: str) -> None:
+        """Debug builds of the flow (GATEWAYD_DEBUG_RENEWAL_HOLD): wait here until released, so a test can
+        SIGKILL the daemon with the renewal at exactly this point."""
+        if name not in self.hold_at:
+            return
+        self.held = name
+        log.warning("debug: renewal held at %s", name)
+        self._release.clear()
+        await self._release.wait()
+        self.held = None
+
+    def release(self) -> None:
+        self._release.set()
+
     def _advance(self, event: Event, **changes: Any) -> None:
         self.state = self.states.advance(self.state, event, **changes)
         self.on_change()
@@ -221,8 +242,10 @@ class Renewer:
                 self._advance(Event.KEY_CREATED, key_number=key.number, key_created=True)
             else:
                 self._advance(Event.KEY_CREATED, key_number=live.key_number, key_created=False)
+            await self._checkpoint("keyed")
             csr = await asyncio.to_thread(self.identity.create_csr)
             self._advance(Event.REQUESTED)
+            await self._checkpoint("requested")
             chain = await issuer.issue(csr)
             assert self.state.key_number is not None
             version = await asyncio.to_thread(self.identity.stage_certificate, chain, self.state.key_number)
@@ -230,9 +253,10 @@ class Renewer:
             await self._failed(str(exc))
             return
         self._advance(Event.ISSUED, staged_version=version.number)
+        await self._checkpoint("staged")
         s = CertSummary.of(version.certificate())
         log.info(
-            "renewal: certificate %s issued (valid %s to %s), staged as version %s",
+            "certificate %s issued (valid %s to %s), staged as version %s",
             s.certificate_id,
             _iso(s.not_before.timestamp()),
             _iso(s.not_after.timestamp()),
@@ -251,6 +275,7 @@ class Renewer:
         version = self.store.version(self.state.staged_version)
         s = CertSummary.of(version.certificate())
         self._advance(Event.TRIAL_STARTED)
+        await self._checkpoint("trial")
         client_id = self.settings.trial_client_id or self.config.gateway.thing_name
         paused = not self.settings.trial_client_id
         if paused:
@@ -261,7 +286,7 @@ class Renewer:
             )
             if error is not None:
                 log.warning(
-                    "renewal: trial connection with certificate %s failed: %s",
+                    "trial connection with certificate %s failed: %s",
                     s.certificate_id,
                     error,
                     extra=messages.extra(
@@ -274,9 +299,11 @@ class Renewer:
             self._advance(
                 Event.TRIAL_PASSED, previous_version=live.number if live else None, promoted_at=self.now()
             )
+            await self._checkpoint("promoting")
             await asyncio.to_thread(self.identity.promote, version, "renewal")
+            await self._checkpoint("promoted")
             log.info(
-                "renewal: certificate %s promoted (previous version %s kept for rollback)",
+                "certificate %s promoted (previous version %s kept for rollback)",
                 s.certificate_id,
                 self.state.previous_version,
                 extra=messages.extra(
@@ -303,7 +330,7 @@ class Renewer:
                 self._advance(Event.CONFIRMED, attempt=0, last=Outcome(self.now(), "renewed", "", cid))
                 self.retry_at = None
                 await asyncio.to_thread(self._prune)
-                log.info("renewal: connected with certificate %s; renewal complete", cid)
+                log.info("connected with certificate %s; renewal complete", cid)
                 return
             await asyncio.sleep(min(1.0, max(deadline - self.now(), 0.05)))
         await self._rollback(f"certificate {cid} did not connect within the rollback window")

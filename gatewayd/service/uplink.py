@@ -94,8 +94,12 @@ class Uplink:
         max_queued: int = 10000,
         blocked_retry: float = 30.0,
         reconnect_max_delay: float = 120.0,
+        trial: bool = False,
     ) -> None:
         self.prepare = prepare
+        self.trial = (
+            trial  # a renewal's trial connection: logs at debug level, without the uplink's MESSAGE_IDs
+        )
         self.on_message = on_message
         self.on_state = on_state
         self.window = window
@@ -114,9 +118,10 @@ class Uplink:
         self._task: asyncio.Task[None] | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._restart = Backoff(cap=reconnect_max_delay)
-        self._switching = False  # the child was stopped on purpose (restart): not a failure
-        self._suspended = asyncio.Event()
-        self._resumed = asyncio.Event()
+        self._generation = 0  # bumped by restart(): a child of an older generation was stopped on purpose
+        self._running = asyncio.Event()  # cleared while suspended
+        self._running.set()
+        self._in_child = False
         self._last_connect_attempt: float | None = None
 
     # ------------------------------------------------------------------ public API
@@ -155,7 +160,7 @@ class Uplink:
         """Reconnect now with whatever identity is live (after a renewal or a rollback): the child is told
         to stop; what it had in flight goes back to the head of the queue (at-least-once)."""
         self._restart.reset_now()
-        self._switching = True
+        self._generation += 1
         if self._writer is not None:
             self._send(ipc.frame(ipc.Kind.STOP, b""))
         self._kick.set()
@@ -163,19 +168,16 @@ class Uplink:
     async def suspend(self, timeout: float = 10.0) -> None:
         """Disconnect and stay disconnected until resume(); messages wait in the queue. For a trial
         connection that must use the same client id (AWS IoT allows one connection per client id)."""
-        self._suspended.set()
+        self._running.clear()
         self.restart()
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            try:
-                await asyncio.wait_for(proc.wait(), timeout)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        deadline = time.monotonic() + timeout
+        while self._in_child:  # a child running or being started: it is told to stop as soon as it can hear
+            if time.monotonic() > deadline and self._proc is not None and self._proc.returncode is None:
+                self._proc.kill()
+            await asyncio.sleep(0.02)
 
     def resume(self) -> None:
-        self._suspended.clear()
-        self._resumed.set()
+        self._running.set()
         self.kick()
 
     def closing(self) -> bool:
@@ -239,13 +241,14 @@ class Uplink:
 
     async def _attempt(self) -> None:
         """Prepare, run one child until it exits, and wait as long as the outcome says."""
-        if self._suspended.is_set():
+        if not self._running.is_set():
             self._set("suspended", "")
-            self._resumed.clear()
-            await self._resumed.wait()
+            await self._running.wait()
             return
-        self._switching = False
+        generation = self._generation
         spec = await self.prepare()
+        if generation != self._generation or not self._running.is_set():
+            return  # restarted or suspended while preparing: prepare again with what is live now
         if isinstance(spec, Blocked):
             if self.status.state != spec.state or self.status.last_error != spec.reason:
                 log.warning(
@@ -256,10 +259,10 @@ class Uplink:
             self._set(spec.state, spec.reason)
             await self._wait_kick(self.blocked_retry)
             return
-        exit_code = await self._run_child(spec)
+        exit_code = await self._run_child(spec, generation)
         if self.closing():
             return
-        if self._switching:  # stopped on purpose: connect again at once (or stay suspended)
+        if generation != self._generation:  # stopped on purpose: connect again at once (or stay suspended)
             return
         if exit_code == EXIT_BAD_SETUP:
             await self._wait_kick(self.blocked_retry)
@@ -269,7 +272,14 @@ class Uplink:
         log.warning("uplink process exited with %s; restarting in %.1f s", exit_code, delay)
         await self._wait_kick(delay)
 
-    async def _run_child(self, spec: ChildSpec) -> int:
+    async def _run_child(self, spec: ChildSpec, generation: int) -> int:
+        self._in_child = True
+        try:
+            return await self._child(spec, generation)
+        finally:
+            self._in_child = False
+
+    async def _child(self, spec: ChildSpec, generation: int) -> int:
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
         env.update(spec.env)
@@ -291,6 +301,8 @@ class Uplink:
         if self._last_connect_attempt is not None:
             config["seconds_since_last_attempt"] = time.monotonic() - self._last_connect_attempt
         self._send(ipc.json_frame(ipc.Kind.CONFIG, config))
+        if generation != self._generation or not self._running.is_set():
+            self._send(ipc.frame(ipc.Kind.STOP, b""))  # restarted while this child was starting
         sender = asyncio.create_task(self._sender(), name="uplink-sender")
         try:
             await self._pump(reader)
@@ -365,6 +377,9 @@ class Uplink:
                 self.status.connected_since = time.time()
                 self._restart.succeeded()
                 self._set("connected", "")
+                if self.trial:
+                    log.debug("trial connection: connected")
+                    return
                 log.info(
                     "connected to AWS IoT",
                     extra=messages.extra(messages.UPLINK_CONNECTED, child_pid=self.status.child_pid),
@@ -378,8 +393,12 @@ class Uplink:
                 self._connected = False
                 self.status.connected_since = None
                 self._set("disconnected", error)
-                if was and self.closing():
+                if self.trial:
+                    log.debug("trial connection: disconnected %s", error)
+                elif was and self.closing():
                     log.info("disconnected from AWS IoT (stopping)")
+                elif was and not self._running.is_set():
+                    log.info("disconnected from AWS IoT to switch or prove the identity")
                 elif was:
                     log.warning(
                         "connection to AWS IoT lost: %s",
@@ -388,6 +407,9 @@ class Uplink:
                     )
             case "failed" | "refused" | "setup-failed":
                 self._set(state, error)
+                if self.trial:
+                    log.debug("trial connection: %s: %s", state, error)
+                    return
                 log.error(
                     "connection to AWS IoT failed: %s",
                     error,

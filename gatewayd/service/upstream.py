@@ -74,6 +74,7 @@ class Upstream:
         trust: truststore.TrustBundle,
         on_change: Any = lambda: None,
         on_message: MessageHandler | None = None,
+        hold_at: frozenset[str] = frozenset(),
     ) -> None:
         self.config = config
         self.store = store
@@ -97,6 +98,7 @@ class Upstream:
             self.spec_for,
             self.connected_certificate,
             on_change=on_change,
+            hold_at=hold_at,
         )
         self._tasks: list[asyncio.Task[None]] = []
 
