@@ -122,7 +122,7 @@ def test_renewal_switches_over_without_losing_sensor_messages(gw: Renewing) -> N
     finally:
         sensor.stop()
         obs.stop()
-    keys_after, versions = gw.files()
+    keys_after, _ = gw.files()
     assert len(keys_after) == len(keys_before) + 1  # a new key (rotate_key), the old one kept for rollback
     shown = gw.ctl("identity", {"action": "show"})
     assert shown["pendingKey"] is None and not any(v["staged"] for v in shown["versions"])
