@@ -113,7 +113,8 @@ def test_sigkill_at_each_step(
 
 def test_rollback_when_the_promoted_certificate_cannot_connect(devstack: DevStack, tmp_path: Path) -> None:
     """Held right after promotion, the endpoint goes away: the new certificate cannot connect within the
-    rollback window, so the previous one is restored; once the endpoint is back, the gateway connects with it."""
+    rollback window, so the previous one is restored; once the endpoint is back, the gateway connects
+    with it."""
     config, env = _setup(devstack, tmp_path, rollback_window="5s")
     debug = {"GATEWAYD_DEBUG_COMMANDS": "1", "GATEWAYD_DEBUG_RENEWAL_HOLD": "promoted"}
     daemon = Gateway(config, tmp_path, env={**env, **debug})
