@@ -421,10 +421,12 @@ class RenewalSection:
         (), "For issuer command: the argv, an absolute path first; run without a shell.", live=True,
         check=check_argv,
     )  # fmt: skip
-    command_timeout: str = opt(
-        "2m", "How long the command may take before it is killed and the attempt fails.", live=True,
+    issue_timeout: str = opt(
+        "2m",
+        "How long the issuer may take: the command (then killed), or each answer from AWS IoT.",
+        live=True,
         check=check_duration,
-    )  # fmt: skip
+    )
     template_name: str = opt(
         "", "For issuer aws-fleet-provisioning: the provisioning template's name.", live=True
     )

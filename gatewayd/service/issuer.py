@@ -3,6 +3,11 @@
 - CommandIssuer: a configured executable gets the CSR (PEM) on stdin and prints the certificate chain (PEM,
   leaf first) on stdout: EST clients, step-ca, any private PKI. A non-zero exit, a timeout or output that is
   not a certificate is an IssuerError saying which, with the command's last line of stderr.
+- FleetProvisioningIssuer: AWS IoT fleet provisioning over the gateway's current uplink (AWS IoT developer
+  guide, "Device provisioning MQTT API"): subscribe to the accepted/rejected topics first, publish the CSR to
+  $aws/certificates/create-from-csr/json, then RegisterThing on $aws/provisioning-templates/<template>/
+  provision/json with the ownership token and the configured parameters. A rejection is an IssuerError with
+  AWS's statusCode, errorCode and errorMessage; no answer in time is one too.
 
 Whether the certificate fits the key and the trust is the renewal's check, not the issuer's.
 """
@@ -11,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
-from typing import Protocol
+from collections.abc import Callable, MutableMapping
+from typing import Any, Protocol
 
 from gatewayd.core.errors import GatewaydError
 from gatewayd.stores.x509util import CertificateError, load_pem_certificates
@@ -115,3 +122,102 @@ class CommandIssuer:
         out, err = await asyncio.gather(stdout(), _read(proc.stderr, 64 * 1024))
         await proc.wait()
         return out, err
+
+
+Route = Callable[[str, bytes], None]
+
+
+class Uplink(Protocol):
+    async def subscribed(self, topic_filters: list[str], timeout: float, qos: int = 1) -> None: ...
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
+
+    def unsubscribe(self, topic_filter: str) -> None: ...
+
+
+CSR_TOPIC = "$aws/certificates/create-from-csr/json"
+
+
+class FleetProvisioningIssuer:
+    name = "aws-fleet-provisioning"
+
+    def __init__(
+        self,
+        uplink: Uplink,
+        routes: MutableMapping[str, Route],
+        template: str,
+        parameters: dict[str, str],
+        thing_name: str,
+        timeout: float,
+    ) -> None:
+        self.uplink = uplink
+        self.routes = routes  # topic -> handler, for the replies (the upstream dispatches to it)
+        self.template = template
+        self.parameters = parameters
+        self.thing_name = thing_name
+        self.timeout = timeout
+
+    async def issue(self, csr_pem: bytes) -> bytes:
+        created = await self._call(
+            "CreateCertificateFromCsr", CSR_TOPIC, {"certificateSigningRequest": csr_pem.decode()}
+        )
+        cert_pem, token = created.get("certificatePem"), created.get("certificateOwnershipToken")
+        if not isinstance(cert_pem, str) or not isinstance(token, str):
+            raise IssuerError(
+                "CreateCertificateFromCsr accepted, but without certificatePem and ownership token"
+            )
+        try:
+            load_pem_certificates(cert_pem.encode(), "certificatePem")
+        except CertificateError as exc:
+            raise IssuerError(f"CreateCertificateFromCsr returned no certificate: {exc}") from None
+        topic = f"$aws/provisioning-templates/{self.template}/provision/json"
+        registered = await self._call(
+            "RegisterThing", topic, {"certificateOwnershipToken": token, "parameters": self.parameters}
+        )
+        thing = registered.get("thingName")
+        if thing != self.thing_name:
+            raise IssuerError(
+                f"RegisterThing provisioned thing {thing!r}, but this gateway is {self.thing_name!r}: "
+                "check the template (its ThingName must be this gateway's)"
+            )
+        return cert_pem.encode()
+
+    async def _call(self, operation: str, topic: str, request: dict[str, Any]) -> dict[str, Any]:
+        """One request/response exchange of the provisioning API: subscribed first, then published."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[tuple[str, bytes]] = loop.create_future()
+        replies = [f"{topic}/accepted", f"{topic}/rejected"]
+
+        def on_reply(reply_topic: str, payload: bytes) -> None:
+            if not answer.done():
+                answer.set_result((reply_topic, payload))
+
+        for reply in replies:
+            self.routes[reply] = on_reply
+        try:
+            try:
+                await self.uplink.subscribed(replies, self.timeout)
+                await asyncio.wait_for(
+                    self.uplink.publish(topic, json.dumps(request).encode(), 1), self.timeout
+                )
+                reply_topic, payload = await asyncio.wait_for(answer, self.timeout)
+            except TimeoutError:
+                raise IssuerError(f"{operation}: no answer from AWS IoT within {self.timeout:g} s") from None
+            except GatewaydError as exc:
+                raise IssuerError(f"{operation}: {exc}") from None
+        finally:
+            for reply in replies:
+                self.routes.pop(reply, None)
+                self.uplink.unsubscribe(reply)
+        try:
+            body = json.loads(payload)
+            if not isinstance(body, dict):
+                raise ValueError
+        except ValueError:
+            raise IssuerError(f"{operation}: the answer on {reply_topic} is not a JSON object") from None
+        if reply_topic.endswith("/rejected"):
+            raise IssuerError(
+                f"{operation} rejected: {body.get('statusCode')} {body.get('errorCode')}: "
+                f"{body.get('errorMessage')}"
+            )
+        return body

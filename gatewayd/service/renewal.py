@@ -19,7 +19,7 @@ import datetime as dt
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from gatewayd.core import messages
@@ -36,7 +36,7 @@ from gatewayd.core.renewal import (
     retry_delay,
 )
 from gatewayd.service.identity import Identity
-from gatewayd.service.issuer import CommandIssuer, Issuer
+from gatewayd.service.issuer import CommandIssuer, FleetProvisioningIssuer, Issuer, Route
 from gatewayd.service.uplink import Blocked, ChildSpec, Uplink, UplinkStatus
 from gatewayd.stores.identity import IdentityStore, Version
 from gatewayd.stores.renewal import Outcome, RenewalStore
@@ -90,6 +90,7 @@ class Renewer:
         store: IdentityStore,
         state: RenewalStore,
         uplink: Uplink,
+        routes: MutableMapping[str, Route],
         spec_for: SpecFor,
         connected_id: Callable[[], str | None],
         on_change: Callable[[], None] = lambda: None,
@@ -100,6 +101,7 @@ class Renewer:
         self.store = store
         self.states = state
         self.uplink = uplink
+        self.routes = routes
         self.spec_for = spec_for
         self.connected_id = connected_id  # the certificate id the uplink is connected with now, if any
         self.on_change = on_change
@@ -107,6 +109,7 @@ class Renewer:
         self.rand = rand
         self.state = state.load()
         self.retry_at: float | None = None
+        self.finished = 0  # renewals ended (renewed, failed or rolled back) since the daemon started
         self._wake = asyncio.Event()
         self._force = False
         self.hold_at = hold_at  # debug only (tests kill the daemon at each step): pause at these checkpoints
@@ -123,10 +126,16 @@ class Renewer:
 
     def issuer(self) -> Issuer | None:
         s = self.settings
+        timeout = parse_duration(s.issue_timeout)
         if s.issuer == "command":
             env = {"GATEWAYD_THING_NAME": self.config.gateway.thing_name}
-            return CommandIssuer(s.command, parse_duration(s.command_timeout), env)
-        return None  # "" (off); aws-fleet-provisioning is not implemented yet (issue 6, in progress)
+            return CommandIssuer(s.command, timeout, env)
+        if s.issuer == "aws-fleet-provisioning":
+            return FleetProvisioningIssuer(
+                self.uplink, self.routes, s.template_name, dict(s.parameters), self.config.gateway.thing_name,
+                timeout,
+            )  # fmt: skip
+        return None  # "": automatic renewal is off
 
     def due(self) -> float | None:
         """When the live certificate is due for renewal (the policy, jittered per certificate)."""
@@ -148,10 +157,7 @@ class Renewer:
     def request(self, force: bool) -> dict[str, Any]:
         """`gatewayctl identity renew [--now]`: check now (renew if due), or renew now regardless."""
         if self.issuer() is None:
-            raise RenewalFailed(
-                f"renewal.issuer is {self.settings.issuer!r}: "
-                + ("not implemented yet" if self.settings.issuer else "automatic renewal is off")
-            )
+            raise RenewalFailed('renewal.issuer is "": automatic renewal is off')
         if self.state.step is not Step.IDLE:
             return {"started": False, **self.summary(), "reason": "a renewal is already in progress"}
         self._force = self._force or force
@@ -166,6 +172,7 @@ class Renewer:
             "step": self.state.step.value,
             "nextRenewal": _iso(nxt) if nxt is not None and self.settings.issuer else None,
             "failedAttempts": self.state.attempt,
+            "finishedSinceStart": self.finished,
             **({"heldAt": self.held} if self.hold_at else {}),
             "last": None
             if last is None
@@ -219,6 +226,8 @@ class Renewer:
 
     def _advance(self, event: Event, **changes: Any) -> None:
         self.state = self.states.advance(self.state, event, **changes)
+        if self.state.step is Step.IDLE:
+            self.finished += 1
         self.on_change()
 
     async def renew(self, issuer: Issuer) -> None:

@@ -122,6 +122,7 @@ class Uplink:
         self._running = asyncio.Event()  # cleared while suspended
         self._running.set()
         self._in_child = False
+        self._suback_waiters: dict[str, list[asyncio.Future[bool]]] = {}
         self._last_connect_attempt: float | None = None
 
     # ------------------------------------------------------------------ public API
@@ -146,6 +147,30 @@ class Uplink:
         self._subscriptions[topic_filter] = qos
         if self._connected:
             self._send(ipc.json_frame(ipc.Kind.SUBSCRIBE, {"filters": [[topic_filter, qos]]}))
+
+    async def subscribed(self, topic_filters: list[str], timeout: float, qos: int = 1) -> None:
+        """Subscribe and wait until AWS IoT acknowledged every filter (SUBACK), also across a reconnect;
+        UplinkError when it refused one or did not answer in time."""
+        loop = asyncio.get_running_loop()
+        waiters = {f: loop.create_future() for f in topic_filters}
+        for f, fut in waiters.items():
+            self._suback_waiters.setdefault(f, []).append(fut)
+        try:
+            for f in topic_filters:
+                self.subscribe(f, qos)
+            async with asyncio.timeout(timeout):
+                for f, fut in waiters.items():
+                    if not await fut:
+                        raise UplinkError(f"AWS IoT refused the subscription to {f}")
+        except TimeoutError:
+            raise UplinkError(f"no SUBACK for {', '.join(topic_filters)} within {timeout:g} s") from None
+        finally:
+            for f, fut in waiters.items():
+                pending = self._suback_waiters.get(f, [])
+                if fut in pending:
+                    pending.remove(fut)
+                if not pending:
+                    self._suback_waiters.pop(f, None)
 
     def unsubscribe(self, topic_filter: str) -> None:
         if self._subscriptions.pop(topic_filter, None) is not None and self._connected:
@@ -354,6 +379,15 @@ class Uplink:
                 body = f.json()
                 if body.get("error") or any(code == 0x80 for code in body.get("codes", [])):
                     log.warning("subscription refused upstream: %s %s", body.get("filters"), body)
+                codes = body.get("codes", [])
+                for i, entry in enumerate(body.get("filters", [])):
+                    name = entry[0] if isinstance(entry, list) else entry
+                    if body.get("error"):
+                        continue  # not sent (not connected): it is sent again on connect
+                    ok = i < len(codes) and codes[i] != 0x80
+                    for fut in self._suback_waiters.get(name, []):
+                        if not fut.done():
+                            fut.set_result(ok)
 
     def _on_ack(self, ack: ipc.Ack) -> None:
         msg = self._inflight.pop(ack.id, None)

@@ -26,6 +26,7 @@ from gatewayd.core.renewal import Step
 from gatewayd.core.topics import expand
 from gatewayd.core.trust import AMAZON, FILE_MODES, expiry_warnings
 from gatewayd.service.identity import Identity, Ready
+from gatewayd.service.issuer import Route
 from gatewayd.service.renewal import Renewer
 from gatewayd.service.uplink import Blocked, ChildSpec, MessageHandler, Uplink, UplinkStatus
 from gatewayd.stores import atomic, truststore
@@ -84,9 +85,11 @@ class Upstream:
         self.ready: Ready | None = None
         self.started = time.monotonic()
         self.root_warnings: list[dict[str, Any]] = []
+        self.on_message = on_message or self._unhandled_message
+        self.routes: dict[str, Route] = {}  # exact topics answered to the gateway itself (provisioning API)
         self.uplink = Uplink(
             self._prepare,
-            on_message or self._unhandled_message,
+            self._dispatch,
             on_state=self._on_uplink_state,
             reconnect_max_delay=config.upstream.reconnect_max_delay,
         )
@@ -95,6 +98,7 @@ class Upstream:
             store,
             RenewalStore(Path(config.gateway.state_dir)),
             self.uplink,
+            self.routes,
             self.spec_for,
             self.connected_certificate,
             on_change=on_change,
@@ -210,6 +214,13 @@ class Upstream:
 
     def _on_uplink_state(self, status: UplinkStatus) -> None:
         self.on_change()
+
+    def _dispatch(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        route = self.routes.get(topic)
+        if route is not None:
+            route(topic, payload)
+        else:
+            self.on_message(topic, payload, qos, retain)
 
     def _unhandled_message(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         log.debug("message on %s with no handler (%d bytes)", topic, len(payload))

@@ -1,0 +1,115 @@
+"""Renewal with the aws-fleet-provisioning issuer over the gateway's own uplink, against the stand-in's
+provisioning responder (AWS's topics and JSON): CreateCertificateFromCsr then RegisterThing with the ownership
+token and the configured parameters; every rejection, silence and bad certificate leaves the gateway connected
+on its old identity with nothing left behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gatewayd.service.control import request
+from gatewayd_dev.gateway import Gateway, gateway_env, provision, standin_config, write_config
+from gatewayd_dev.provisioner import CSR_TOPIC, Provisioner
+from gatewayd_dev.sensor import wait_until
+from gatewayd_dev.stack import DevStack
+
+THING = "gw-fleet"
+TEMPLATE = "GatewayRenewal"
+
+
+class Fleet:
+    def __init__(self, workdir: Path, daemon: Gateway, responder: Provisioner) -> None:
+        self.workdir, self.daemon, self.responder = workdir, daemon, responder
+
+    def ctl(self, command: str, args: dict[str, Any] | None = None) -> Any:
+        return request(self.workdir / "control.sock", command, args)
+
+    def renewal(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.ctl("status")["uplink"]["renewal"]
+        return result
+
+    def renew_and_wait(self) -> dict[str, Any]:
+        finished = self.renewal()["finishedSinceStart"]
+        assert self.ctl("identity", {"action": "renew", "now": True})["started"]
+        wait_until(lambda: self.renewal()["finishedSinceStart"] > finished, 60, "the renewal to end")
+        last: dict[str, Any] = self.renewal()["last"]
+        return last
+
+    def certificate(self) -> str:
+        return str(self.ctl("status")["uplink"]["certificateId"])
+
+    def connected(self) -> bool:
+        return bool(self.ctl("status")["uplink"]["state"] == "connected")
+
+
+@pytest.fixture(scope="module")
+def fleet(devstack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    workdir = tmp_path_factory.mktemp("fleet")
+    tables = standin_config(devstack, workdir, THING)
+    tables["renewal"] = {
+        "issuer": "aws-fleet-provisioning",
+        "template_name": TEMPLATE,
+        "issue_timeout": "3s",
+        "trial_timeout": "20s",
+    }
+    config = write_config(workdir / "g.toml", tables)
+    config.write_text(config.read_text() + '\n[renewal.parameters]\nSerialNumber = "0042"\nSite = "barn"\n')
+    provision(devstack, config)
+    responder = Provisioner(devstack, TEMPLATE, THING).start()
+    daemon = Gateway(config, workdir, env=gateway_env(devstack))
+    try:
+        daemon.wait_ready()
+        f = Fleet(workdir, daemon, responder)
+        wait_until(f.connected, 20, "uplink")
+        yield f
+    finally:
+        daemon.stop()
+        responder.stop()
+
+
+def test_renewal_through_fleet_provisioning(fleet: Fleet) -> None:
+    fleet.responder.fault = None
+    fleet.responder.requests.clear()
+    before = fleet.certificate()
+    last = fleet.renew_and_wait()
+    assert last["result"] == "renewed", last
+    wait_until(fleet.connected, 20, "reconnected")
+    assert fleet.certificate() == last["certificateId"] != before
+    topics = [t for t, _ in fleet.responder.requests]
+    assert topics == [CSR_TOPIC, f"$aws/provisioning-templates/{TEMPLATE}/provision/json"]
+    csr_request, register_request = (body for _, body in fleet.responder.requests)
+    assert csr_request["certificateSigningRequest"].startswith("-----BEGIN CERTIFICATE REQUEST-----")
+    assert register_request["parameters"] == {"SerialNumber": "0042", "Site": "barn"}
+    assert fleet.responder.certificates[last["certificateId"]] == "ACTIVE"  # RegisterThing activated it
+    subscriptions = fleet.ctl("status")["upstreamSubscriptions"]
+    assert not any(s.startswith("$aws/") for s in subscriptions)
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        ("reject-csr", "CreateCertificateFromCsr rejected: 400 InvalidCSR: The CSR was malformed"),
+        ("reject-register", "RegisterThing rejected: 400 InvalidParametersException"),
+        ("no-answer", "CreateCertificateFromCsr: no answer from AWS IoT within 3 s"),
+        ("never-activate", "RegisterThing: no answer from AWS IoT within 3 s"),
+        ("other-key", "does not match the gateway's key"),
+        ("expired", "expired at"),
+        ("wrong-thing", "RegisterThing provisioned thing 'someone-else', but this gateway is 'gw-fleet'"),
+    ],
+)
+def test_every_service_failure_keeps_the_old_identity(fleet: Fleet, fault: str, reason: str) -> None:
+    fleet.responder.fault = fault
+    try:
+        before = fleet.certificate()
+        keys = sorted(p.name for p in (fleet.workdir / "state" / "identity" / "keys").iterdir())
+        last = fleet.renew_and_wait()
+        assert last["result"] == "failed" and reason in last["reason"], last
+        assert fleet.connected() and fleet.certificate() == before
+        assert sorted(p.name for p in (fleet.workdir / "state" / "identity" / "keys").iterdir()) == keys
+    finally:
+        fleet.responder.fault = None
