@@ -4,12 +4,13 @@ broker with AWS's topic names and JSON fields. Certificates come from the stand-
 
 Faults, to test every way the service can fail (`fault=`): "reject-csr" and "reject-register" (a rejection
 with statusCode/errorCode/errorMessage), "no-answer" (CreateCertificateFromCsr never answers),
-"never-activate" (RegisterThing never answers: the certificate is never activated), "other-key" (a
-certificate for a different key), "expired" (an already expired certificate), "wrong-thing" (RegisterThing
-provisions another thing).
+"never-activate" (RegisterThing never answers: the certificate is never activated), "not-activated"
+(RegisterThing accepts, but the certificate stays PENDING_ACTIVATION), "other-key" (a certificate for a
+different key), "expired" (an already expired certificate), "wrong-thing" (RegisterThing provisions another
+thing).
 
-The stand-in does not enforce certificate status at connection time (mosquitto cannot): a gatewayd that
-skipped RegisterThing would still connect here. The tests check that gatewayd calls it and waits for it.
+Certificate status is enforced at connection time as AWS IoT does: a new certificate is PENDING_ACTIVATION
+(refused by the stand-in's TLS endpoints, StandIn.set_status) until RegisterThing activates it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ FAULTS = (
     "reject-register",
     "no-answer",
     "never-activate",
+    "not-activated",
     "other-key",
     "expired",
     "wrong-thing",
@@ -49,6 +51,7 @@ class Provisioner:
         self.fault: str | None = None
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.certificates: dict[str, str] = {}  # certificate id -> status (PENDING_ACTIVATION, ACTIVE)
+        self._issued: dict[str, x509.Certificate] = {}
         self._tokens: dict[str, str] = {}  # ownership token -> certificate id
         self._lock = threading.Lock()
         if PAHO2:
@@ -125,7 +128,9 @@ class Provisioner:
         token = secrets.token_hex(32)
         with self._lock:
             self.certificates[cid] = "PENDING_ACTIVATION"
+            self._issued[cid] = cert
             self._tokens[token] = cid
+        self.stack.standin.set_status(cert, "PENDING_ACTIVATION")
         self._reply(
             f"{topic}/accepted",
             {
@@ -147,10 +152,12 @@ class Provisioner:
             return
         with self._lock:
             cid = self._tokens.pop(str(body.get("certificateOwnershipToken")), None)
-            if cid is not None:
-                self.certificates[cid] = "ACTIVE"
         if cid is None:
             self._reject(topic, 400, "InvalidCertificateOwnershipToken", "unknown or used ownership token")
             return
+        if self.fault != "not-activated":
+            with self._lock:
+                self.certificates[cid] = "ACTIVE"
+            self.stack.standin.set_status(self._issued[cid], "ACTIVE")
         thing = "someone-else" if self.fault == "wrong-thing" else self.thing_name
         self._reply(f"{topic}/accepted", {"deviceConfiguration": {}, "thingName": thing})

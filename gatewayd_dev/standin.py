@@ -20,12 +20,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import signal
 import socket
 import ssl
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from gatewayd.stores.atomic import write_file
 from gatewayd_dev import pki
 from gatewayd_dev.procs import Proc, current_user, free_port, port_open, wait_for
 
@@ -53,6 +60,7 @@ class StandIn:
         self.proc: Proc | None = None
         self.ports = {"rsa": 0, "ecc": 0, "observer": 0, "expired": 0, "wrongname": 0, "cross": 0}
         self._device_ca: pki.Issued | None = None
+        self.refused: dict[int, str] = {}  # serial -> status, for device certificates that are not ACTIVE
 
     # -------------------------------------------------------------- PKI
 
@@ -73,6 +81,7 @@ class StandIn:
         self._device_ca = pki.make_root("Stand-in Device CA", "ecc")
         pki.write(d / "device-ca.pem", self._device_ca.cert_pem())
         pki.write(d / "device-ca.key", self._device_ca.key_pem(), 0o600)  # for issuing commands (renewal)
+        self._write_crl()
         # Faulty endpoints, all under the RSA root.
         past = pki.Validity(
             dt.datetime.now(dt.UTC) - dt.timedelta(days=30), dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
@@ -149,6 +158,35 @@ class StandIn:
         """A client certificate (PEM) from the stand-in device CA for this CSR."""
         return pki.pem(pki.sign_client_csr(self.device_ca, csr_pem, pki.Validity.days(days)))
 
+    def set_status(self, cert: x509.Certificate, status: str) -> None:
+        """AWS IoT's certificate status, enforced at connection time: a certificate that is not ACTIVE
+        (PENDING_ACTIVATION, INACTIVE, REVOKED) is on the device CA's CRL, which mosquitto re-reads on SIGHUP.
+        Existing connections stay, as they do on AWS IoT until it disconnects them."""
+        if status == "ACTIVE":
+            self.refused.pop(cert.serial_number, None)
+        else:
+            self.refused[cert.serial_number] = status
+        self._write_crl()
+        if self.proc is not None and self.proc.alive():
+            os.kill(self.proc.pid, signal.SIGHUP)
+            time.sleep(0.2)  # mosquitto reloads between network events; give it a moment
+
+    def _write_crl(self) -> None:
+        now = dt.datetime.now(dt.UTC)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.device_ca.cert.subject)
+            .last_update(now - dt.timedelta(minutes=5))
+            .next_update(now + dt.timedelta(days=7))
+        )
+        for serial in self.refused:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+            )
+        assert self.device_ca.key is not None
+        crl = builder.sign(self.device_ca.key, hashes.SHA256())
+        write_file(self.workdir / "device-ca.crl", crl.public_bytes(serialization.Encoding.PEM))
+
     def client_files(self, cn: str, days: float = 365) -> ClientFiles:
         """A software-key client identity accepted by the TLS endpoints (for tests and simulated devices)."""
         issued = pki.make_client(self.device_ca, cn, validity=pki.Validity.days(days))
@@ -181,6 +219,7 @@ class StandIn:
                 f"certfile {d / f'server-{kind}-chain.pem'}",
                 f"keyfile {d / f'server-{kind}.key'}",
                 f"cafile {d / 'device-ca.pem'}",
+                f"crlfile {d / 'device-ca.crl'}",
                 "require_certificate true",
                 "use_identity_as_username true",
             ]

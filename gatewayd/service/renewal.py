@@ -69,7 +69,9 @@ async def trial_connection(spec: ChildSpec, timeout: float) -> str | None:
             return
         if status.state == "connected":
             outcome.set_result(None)
-        elif status.state in ("failed", "refused", "setup-failed"):
+        elif status.state in ("failed", "refused", "setup-failed") or (
+            status.state == "disconnected" and status.last_error
+        ):  # with TLS 1.3 a refused client certificate shows as a connection lost right after the handshake
             outcome.set_result(status.last_error or status.state)
 
     async def prepare() -> ChildSpec | Blocked:
