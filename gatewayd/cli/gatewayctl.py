@@ -64,6 +64,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     disc = sub.add_parser("disconnect", help="close a sensor's connection")
     disc.add_argument("--client-id", required=True)
+    trust = sub.add_parser("trust", help="the uplink's CA bundle").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    update = trust.add_parser(
+        "update", help="switch the validation mode, proven by a trial connection first (kept across restarts)"
+    )
+    which = update.add_mutually_exclusive_group()
+    which.add_argument("--mode", help="rsa, ecc, all, legacy or custom")
+    which.add_argument("--from-config", action="store_true", help="return to the config's validation mode")
+    update.add_argument("--ca-file", type=Path, help="for custom or legacy: the CA bundle (absolute path)")
     _registry_parsers(sub)
     stall = sub.add_parser("debug-stall-loop", help=argparse.SUPPRESS)
     stall.add_argument("--seconds", type=float, required=True)
@@ -264,6 +274,19 @@ def _command(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
             return args.command, {"seconds": args.seconds}
         case "disconnect":
             return args.command, {"clientId": args.client_id}
+        case "trust":
+            if not (args.mode or args.ca_file or args.from_config):
+                raise GatewaydError("trust update needs --mode M, --ca-file F or --from-config")
+            if args.from_config and args.ca_file:
+                raise GatewaydError("--from-config takes the CA file from the config: drop --ca-file")
+            mode = args.mode or ("custom" if args.ca_file and not args.from_config else "")
+            ca_file = str(args.ca_file.absolute()) if args.ca_file else ""
+            return "trust", {
+                "action": "update",
+                "mode": mode,
+                "caFile": ca_file,
+                "fromConfig": args.from_config,
+            }
         case "identity":
             body: dict[str, Any] = {"action": args.action}
             if args.action == "renew":

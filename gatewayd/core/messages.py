@@ -136,7 +136,8 @@ TRUST_ROOT_EXPIRING = Message(
     Priority.WARNING,
     "A root CA the validation mode trusts expires within upstream.root_expiry_warning_days "
     "(GATEWAYD_ROOT, GATEWAYD_NOT_AFTER, GATEWAYD_DAYS_LEFT).",
-    "Update ca-certificates, or choose a validation mode whose roots are current.",
+    "Update ca-certificates, or move to a validation mode whose roots are current: "
+    "gatewayctl trust update --mode all (proven by a trial connection before it is used).",
     fields="GATEWAYD_ROOT, GATEWAYD_NOT_AFTER, GATEWAYD_DAYS_LEFT",
 )
 INSECURE_KEY_BACKEND = Message(
@@ -292,6 +293,25 @@ RENEWAL_FAILED = Message(
     fields="GATEWAYD_REASON, GATEWAYD_RETRY_IN",
 )
 
+TRUST_UPDATED = Message(
+    "TRUST_UPDATED",
+    "0020c608aca0421ea43a257fa04a6996",
+    Priority.NOTICE,
+    "`gatewayctl trust update` replaced the uplink's CA bundle after a trial connection proved it; the "
+    "uplink reconnected with it.",
+    "",
+    fields="GATEWAYD_MODE, GATEWAYD_ROOTS",
+)
+TRUST_UPDATE_FAILED = Message(
+    "TRUST_UPDATE_FAILED",
+    "e72d37e79c784a00a63402f090089723",
+    Priority.WARNING,
+    "A trust update was refused (the trial connection with the new bundle failed) or rolled back (the "
+    "uplink did not connect with it); the previous bundle is in use.",
+    "Check that the new mode's roots include the one that signed the endpoint's certificate.",
+    fields="GATEWAYD_MODE, GATEWAYD_REASON",
+)
+
 ALL: tuple[Message, ...] = (
     STARTED,
     STOPPING,
@@ -323,6 +343,8 @@ ALL: tuple[Message, ...] = (
     RENEWAL_PROMOTED,
     RENEWAL_ROLLED_BACK,
     RENEWAL_FAILED,
+    TRUST_UPDATED,
+    TRUST_UPDATE_FAILED,
 )
 
 

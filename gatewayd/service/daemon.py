@@ -123,6 +123,7 @@ class Daemon:
             "identity": self._cmd_identity,
             "list-connections": self._cmd_list_connections,
             "disconnect": self._cmd_disconnect,
+            "trust": self._cmd_trust,
         }
         for name in CHANGES:
             handlers[name] = functools.partial(self._cmd_registry, name)
@@ -312,6 +313,14 @@ class Daemon:
             self.downstream.refresh_trust()
             self.broker.enforce_admission()  # a certificate or CA no longer ACTIVE: its sensors go now
         return result
+
+    async def _cmd_trust(self, args: dict[str, Any]) -> Any:
+        assert self.upstream is not None
+        if args.get("action") != "update":
+            raise ControlError("unknown trust action")
+        return await self.upstream.trust_update(
+            str(args.get("mode") or ""), str(args.get("caFile") or ""), bool(args.get("fromConfig"))
+        )
 
     async def _cmd_identity(self, args: dict[str, Any]) -> Any:
         assert self.upstream is not None

@@ -22,16 +22,17 @@ from gatewayd.adapters.tpm import TPMError, TPMUnavailable
 from gatewayd.core import messages
 from gatewayd.core.config import Config
 from gatewayd.core.errors import GatewaydError
-from gatewayd.core.renewal import Step
+from gatewayd.core.renewal import Step, parse_duration
 from gatewayd.core.topics import expand
-from gatewayd.core.trust import AMAZON, FILE_MODES, expiry_warnings
+from gatewayd.core.trust import AMAZON, FILE_MODES, MODES, expiry_warnings
 from gatewayd.service.identity import Identity, Ready
 from gatewayd.service.issuer import Route
-from gatewayd.service.renewal import Renewer
+from gatewayd.service.renewal import Renewer, trial_connection
 from gatewayd.service.uplink import Blocked, ChildSpec, MessageHandler, Uplink, UplinkStatus
 from gatewayd.stores import atomic, truststore
 from gatewayd.stores.identity import IdentityError, IdentityStore, Version
 from gatewayd.stores.renewal import RenewalStore
+from gatewayd.stores.truststore import TrustError
 from gatewayd.stores.x509util import CertificateError
 
 log = logging.getLogger("gatewayd.upstream")
@@ -43,8 +44,21 @@ def _iso(ts: float | dt.datetime) -> str:
 
 
 def build_trust(config: Config) -> truststore.TrustBundle:
-    """The CA bundle for the validation mode (a TrustError stops the daemon at start)."""
+    """The CA bundle for the validation mode (a TrustError stops the daemon at start); a mode set with
+    `gatewayctl trust update` (STATE_DIR/trust/override.json) takes precedence over the config's."""
     up = config.upstream
+    state_dir = Path(config.gateway.state_dir)
+    override = truststore.read_override(state_dir)
+    mode, ca_file = (up.validation_mode, up.ca_file) if override is None else override
+    if override is not None and override != (
+        up.validation_mode,
+        up.ca_file if up.validation_mode in FILE_MODES else "",
+    ):
+        log.warning(
+            "trust: using validation mode %s%s set by `gatewayctl trust update` instead of the config's %s; "
+            "`gatewayctl trust update --from-config` returns to the config",
+            mode, f" ({ca_file})" if ca_file else "", up.validation_mode,
+        )  # fmt: skip
     catalog = truststore.catalog_from_env(AMAZON)
     if catalog is not AMAZON:
         log.warning(
@@ -52,18 +66,14 @@ def build_trust(config: Config) -> truststore.TrustBundle:
             catalog.origin,
             extra=messages.extra(messages.DEV_TRUST_CATALOG),
         )
-    if up.validation_mode == "legacy":
+    if mode == "legacy":
         log.warning(
             "validation_mode legacy: trusting %s; AWS no longer supports legacy endpoints",
-            up.ca_file,
+            ca_file,
             extra=messages.extra(messages.LEGACY_TRUST),
         )
     return truststore.build(
-        up.validation_mode,
-        catalog,
-        Path(up.system_ca_bundle),
-        Path(up.ca_file) if up.validation_mode in FILE_MODES else None,
-        Path(config.gateway.state_dir),
+        mode, catalog, Path(up.system_ca_bundle), Path(ca_file) if mode in FILE_MODES else None, state_dir
     )
 
 
@@ -150,7 +160,8 @@ class Upstream:
         ]
         for w in found:
             log.warning(
-                "trusted root %s expires at %s (%s days)",
+                "trusted root %s expires at %s (%s days): update ca-certificates, or "
+                "`gatewayctl trust update --mode M` to a mode whose roots are current",
                 w.name,
                 _iso(w.not_after),
                 w.days_left,
@@ -187,8 +198,9 @@ class Upstream:
             return None
         return self.ready.summary.certificate_id
 
-    def spec_for(self, version: Version, client_id: str) -> ChildSpec:
-        """How an uplink process connects with this certificate version (live, or staged for a trial)."""
+    def spec_for(self, version: Version, client_id: str, ca_bundle: Path | None = None) -> ChildSpec:
+        """How an uplink process connects with this certificate version (live, or staged for a trial), and
+        this CA bundle (default: the current one)."""
         key = self.store.key(version.key_number)
         up, ident = self.config.upstream, self.config.identity
         env: dict[str, str] = {}
@@ -205,7 +217,7 @@ class Upstream:
             "client_id": client_id,
             "keepalive": up.keepalive,
             "alpn": tls.alpn_protocols(up.alpn, up.port),
-            "ca_bundle": str(self.trust.path),
+            "ca_bundle": str(ca_bundle or self.trust.path),
             "cert_file": str(version.fullchain_file),
             "key_file": str(key.key_file),
             "reconnect_max_delay": up.reconnect_max_delay,
@@ -241,7 +253,7 @@ class Upstream:
             "connectedSince": _iso(s.connected_since) if s.connected_since else None,
             "endpoint": up.endpoint,
             "port": up.port,
-            "validationMode": up.validation_mode,
+            "validationMode": self.trust.mode,
             "trustedRoots": list(self.trust.names),
             "trustBundle": str(self.trust.path),
             "rootWarnings": self.root_warnings,
@@ -264,7 +276,7 @@ class Upstream:
             line = f"Uplink {s.state} since {since}: {s.last_error}"
         else:
             line = f"Uplink {s.state} since {since}"
-        line += f"; trust {up.validation_mode}"
+        line += f"; trust {self.trust.mode}"
         days = self.days_left()
         if days is not None and self.ready is not None:
             line += f"; certificate {self.ready.summary.certificate_id[:12]} {days:.0f} days left"
@@ -296,6 +308,93 @@ class Upstream:
             with contextlib.suppress(TimeoutError, GatewaydError):
                 await asyncio.wait_for(self.uplink.publish(topic, json.dumps(body).encode(), qos=1), interval)
             await asyncio.sleep(interval)
+
+    # ------------------------------------------------------------------ trust update
+
+    async def trust_update(self, mode: str, ca_file: str, from_config: bool) -> dict[str, Any]:
+        """`gatewayctl trust update`: build the new bundle, prove it with a trial connection (with the live
+        identity), then use it; if the uplink does not connect with it within renewal.trial_timeout, the
+        previous bundle comes back. Either way the answer says what happened."""
+        up, state_dir = self.config.upstream, Path(self.config.gateway.state_dir)
+        if from_config:
+            mode, ca_file = up.validation_mode, up.ca_file if up.validation_mode in FILE_MODES else ""
+        if mode not in MODES:
+            raise TrustError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if mode in FILE_MODES and not ca_file:
+            raise TrustError(f"--mode {mode} needs --ca-file")
+        if mode not in FILE_MODES and ca_file:
+            raise TrustError(f"--ca-file is used only with --mode custom or legacy, not {mode}")
+        if ca_file and not Path(ca_file).is_absolute():
+            raise TrustError("--ca-file must be an absolute path (the daemon reads it)")
+        live = self.store.live()
+        if live is None or self.ready is None:
+            raise TrustError(
+                "no working identity to prove the new bundle with: the uplink must be able to connect"
+            )
+        catalog = truststore.catalog_from_env(AMAZON)
+        candidate = await asyncio.to_thread(
+            truststore.build, mode, catalog, Path(up.system_ca_bundle),
+            Path(ca_file) if ca_file else None, state_dir, "candidate.pem",
+        )  # fmt: skip
+        s = self.config.renewal
+        timeout = parse_duration(s.trial_timeout)
+        paused = not s.trial_client_id
+        old_trust, old_data = self.trust, self.trust.path.read_bytes()
+        old_override = truststore.read_override(state_dir)
+        if paused:
+            await self.uplink.suspend()
+        try:
+            spec = self.spec_for(live, s.trial_client_id or self.config.gateway.thing_name, candidate.path)
+            error = await trial_connection(spec, timeout)
+            if error is None:
+                new_override = None if from_config else (mode, ca_file)
+                await asyncio.to_thread(self._install_bundle, candidate, new_override)
+        finally:
+            candidate.path.unlink(missing_ok=True)
+            if paused:
+                self.uplink.resume()
+        if error is not None:
+            log.warning(
+                "trust update to %s refused: the trial connection failed: %s", mode, error,
+                extra=messages.extra(messages.TRUST_UPDATE_FAILED, mode=mode, reason=error),
+            )  # fmt: skip
+            raise TrustError(f"the {mode} bundle did not verify the endpoint ({error}); trust unchanged")
+        if not paused:
+            self.uplink.restart()
+        deadline = time.monotonic() + timeout
+        while not self.uplink.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if not self.uplink.connected:
+            atomic.write_file(old_trust.path, old_data, 0o644)
+            truststore.write_override(state_dir, old_override)
+            self.trust = old_trust
+            self.uplink.restart()
+            reason = f"the uplink did not connect with it within {timeout:g} s"
+            log.warning(
+                "trust update to %s rolled back: %s", mode, reason,
+                extra=messages.extra(messages.TRUST_UPDATE_FAILED, mode=mode, reason=reason),
+            )  # fmt: skip
+            raise TrustError(f"trust update to {mode} rolled back: {reason}")
+        log.info(
+            "trust updated to %s (%s)", mode, ", ".join(self.trust.names),
+            extra=messages.extra(messages.TRUST_UPDATED, mode=mode, roots=",".join(self.trust.names)),
+        )  # fmt: skip
+        self.check_roots()
+        return {
+            "validationMode": self.trust.mode,
+            "trustedRoots": list(self.trust.names),
+            "fromConfig": from_config,
+            "previousMode": old_trust.mode,
+        }
+
+    def _install_bundle(self, candidate: truststore.TrustBundle, override: tuple[str, str] | None) -> None:
+        state_dir = Path(self.config.gateway.state_dir)
+        path = state_dir / "trust" / "bundle.pem"
+        atomic.write_file(path, candidate.path.read_bytes(), 0o644)
+        truststore.write_override(state_dir, override)
+        self.trust = truststore.TrustBundle(
+            candidate.mode, path, candidate.certs, candidate.names, candidate.source
+        )
 
     # ------------------------------------------------------------------ control commands
 

@@ -109,14 +109,22 @@ def _missing_root(root: Root, blocks: list[bytes], system_bundle: Path) -> str:
     )
 
 
+OVERRIDE = "override.json"  # written by `gatewayctl trust update`: takes precedence over the config
+
+
 def build(
-    mode: str, catalog: Catalog, system_bundle: Path, ca_file: Path | None, state_dir: Path
+    mode: str,
+    catalog: Catalog,
+    system_bundle: Path,
+    ca_file: Path | None,
+    state_dir: Path,
+    name: str = "bundle.pem",
 ) -> TrustBundle:
-    """Select the roots and write STATE_DIR/trust/<mode>.pem (only if its content changed)."""
+    """Select the roots and write STATE_DIR/trust/<name> (only if its content changed)."""
     certs, names, source = select(mode, catalog, system_bundle, ca_file)
     trust_dir = state_dir / "trust"
     trust_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = trust_dir / "bundle.pem"
+    path = trust_dir / name
     data = pem(*certs)
     if not path.exists() or path.read_bytes() != data:
         atomic.write_file(path, data, 0o644)
@@ -125,3 +133,26 @@ def build(
 
 def root_expiries(bundle: TrustBundle) -> list[tuple[str, dt.datetime]]:
     return [(name, not_after(cert)) for name, cert in zip(bundle.names, bundle.certs, strict=True)]
+
+
+def read_override(state_dir: Path) -> tuple[str, str] | None:
+    """(mode, ca_file) set by `gatewayctl trust update`, or None."""
+    path = state_dir / "trust" / OVERRIDE
+    try:
+        body = json.loads(path.read_text())
+        return str(body["mode"]), str(body.get("caFile") or "")
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, OSError) as exc:
+        raise TrustError(f"{path} is unreadable ({exc}): remove it to use the configured trust") from exc
+
+
+def write_override(state_dir: Path, override: tuple[str, str] | None) -> None:
+    path = state_dir / "trust" / OVERRIDE
+    if override is None:
+        if path.exists():
+            path.unlink()
+            atomic.fsync_dir(path.parent)
+        return
+    body = {"mode": override[0], "caFile": override[1]}
+    atomic.write_file(path, json.dumps(body, indent=2).encode() + b"\n", 0o600)
