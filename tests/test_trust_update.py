@@ -4,6 +4,7 @@ configured mode. Real parts: the daemon, its TPM-held uplink, the stand-in's RSA
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -36,7 +37,7 @@ class Gw:
     def fails(self, *args: str) -> str:
         result = subprocess.run(
             [sys.executable, "-m", "gatewayd.cli.gatewayctl", "--config", str(self.config), *args],
-            capture_output=True, text=True, timeout=90, env={**gateway_env(self.stack), "PATH": "/usr/bin:/bin"},
+            capture_output=True, text=True, timeout=90, env={**os.environ, **gateway_env(self.stack)},
         )  # fmt: skip
         assert result.returncode == 1 and result.stderr.count("\n") == 1, result
         return result.stderr
