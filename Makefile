@@ -60,7 +60,7 @@ test-debian: deps
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: deps
-	$(VPY) -m gatewayd_dev.demo
+	$(VPY) -m gatewayd_dev.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

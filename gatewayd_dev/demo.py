@@ -1,6 +1,10 @@
 """`make demo`: the dev stack plus a gatewayd on a generated config, its log streamed, Ctrl-C to stop.
 
-Options: --workdir DIR (kept afterwards; default a temp dir removed at exit), --duration S (stop by itself).
+Options: --workdir DIR (kept afterwards; default a temp dir removed at exit), --duration S (stop by itself),
+--rollback (the stand-in refuses the first renewed certificate once it is live, so the gateway rolls back).
+
+The gateway's certificate lives 4 minutes and renews at half its life (a new TPM key, a CSR, a certificate
+from the stand-in CA by a `command` issuer, a trial connection, the switch-over), while the sensors publish.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from cryptography import x509
+
+from gatewayd.core.errors import GatewaydError
+from gatewayd.service.control import request
 from gatewayd_dev import pki
 from gatewayd_dev.gateway import (
     Gateway,
@@ -32,6 +40,7 @@ from gatewayd_dev.sensors_sim import TELEMETRY, VALVE
 from gatewayd_dev.stack import DevStack
 
 THING = "demo-gateway"
+CERT_MINUTES = 4.0  # the gateway's certificates live this long in the demo, and renew at half-life
 
 
 def _say(text: str = "") -> None:
@@ -42,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gatewayd-demo", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, help="keep everything in this directory (kept afterwards)")
     parser.add_argument("--duration", type=float, default=0, help="stop by itself after this many seconds")
+    parser.add_argument(
+        "--cert-minutes", type=float, default=CERT_MINUTES, help="lifetime of the gateway's certificates"
+    )
+    parser.add_argument(
+        "--rollback",
+        action="store_true",
+        help="make the first renewed certificate fail once live: a rollback",
+    )
     args = parser.parse_args(argv)
 
     stop_requested = False
@@ -73,11 +90,20 @@ def main(argv: list[str] | None = None) -> int:
             pki.write(certs / f"{cid}.pem", issued.cert_pem())
             pki.write(certs / f"{cid}.key", issued.key_pem(), 0o600)
         tables = standin_config(stack, workdir, THING, "rsa", status={"interval": 5})
+        tables["renewal"] = {
+            "issuer": "command",
+            "command": stack.standin.issue_command("--minutes", str(args.cert_minutes)),
+            "renew_before": "50%",
+            "retry_interval": "30s",
+            "retry_max": "2m",
+            "trial_timeout": "20s",
+            "rollback_window": "20s",
+        }
         listener_port = tables["downstream"]["listener"][0]["port"]
         config = write_config(workdir / "gatewayd.toml", tables)
         _say("Provisioning: key generated inside the software TPM, CSR signed by it, certificate from the")
         _say("stand-in CA, installed (gatewayctl identity create-key / create-csr / install-certificate) ...")
-        shown = provision(stack, config)
+        shown = provision(stack, config, days=args.cert_minutes / 1440)
         _say(f"  certificate {shown['certificateId']}")
         _say(f"  subject {shown['subject']}, valid until {shown['notAfter']}")
         _say(f"  {shown['keyType']} key inside the TPM under the storage key at {shown['tpmParent']}")
@@ -88,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         pids["mosquitto_sub"] = watcher.pid
         traffic = LogTail(watcher.log_path, prefix="[at the stand-in] ")
-        gateway = Gateway(config, workdir, env=gateway_env(stack))
+        env = gateway_env(stack)
+        if args.rollback:  # pause each renewal once promoted, so the demo can make the cloud refuse it
+            env |= {"GATEWAYD_DEBUG_COMMANDS": "1", "GATEWAYD_DEBUG_RENEWAL_HOLD": "promoted"}
+        gateway = Gateway(config, workdir, env=env)
         pids["gatewayd"] = gateway.pid
         tail = LogTail(gateway.proc.log_path)
         (workdir / "demo.json").write_text(json.dumps({"pids": pids}))
@@ -118,7 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         sensors_tail = LogTail(sim.log_path, prefix="[sensors] ")
         _banner(stack, workdir, config, pids, ready.get("STATUS", ""), listener_port)
         cloud = CloudCommands(stack.standin.observer_port)
-        _stream(gateway, [tail, sensors_tail, traffic], lambda: stop_requested, args.duration, cloud.tick)
+        renewals = RenewalWatch(stack, workdir, args.rollback)
+
+        def tick() -> None:
+            cloud.tick()
+            renewals.tick()
+
+        _stream(gateway, [tail, sensors_tail, traffic], lambda: stop_requested, args.duration, tick)
         _say("\ngatewayd demo: stopping ...")
     finally:
         status = gateway.terminate() if gateway is not None else None
@@ -195,6 +230,40 @@ class LogTail:
             lines = data.decode(errors="replace").splitlines()
             sys.stdout.write("".join(f"{self.prefix}{line}\n" for line in lines))
             sys.stdout.flush()
+
+
+class RenewalWatch:
+    """Says when the gateway's certificate will be renewed, and with --rollback makes the stand-in refuse the
+    first renewed certificate once it is live (as AWS IoT would refuse a deactivated one): a rollback."""
+
+    def __init__(self, stack: DevStack, workdir: Path, rollback: bool) -> None:
+        self.stack, self.workdir, self.rollback = stack, workdir, rollback
+        self.next = time.monotonic() + 2
+        self.announced: str | None = None
+        self.forced = False
+
+    def tick(self) -> None:
+        if time.monotonic() < self.next:
+            return
+        self.next = time.monotonic() + 1
+        try:
+            renewal = request(self.workdir / "control.sock", "status", timeout=5)["uplink"]["renewal"]
+        except GatewaydError:
+            return
+        if renewal["nextRenewal"] != self.announced and renewal["step"] == "IDLE":
+            self.announced = renewal["nextRenewal"]
+            _say(f"[demo] next renewal of the gateway's certificate at {self.announced}")
+        if renewal.get("heldAt") == "promoted":
+            if not self.forced:
+                self.forced = True
+                live = x509.load_pem_x509_certificate(
+                    (self.workdir / "state" / "identity" / "live" / "cert.pem").read_bytes()
+                )
+                _say(
+                    "[demo] --rollback: the stand-in now refuses the renewed certificate (as if deactivated)"
+                )
+                self.stack.standin.set_status(live, "INACTIVE")
+            request(self.workdir / "control.sock", "debug-renewal-release", timeout=5)
 
 
 class CloudCommands:

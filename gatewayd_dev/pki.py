@@ -60,7 +60,10 @@ class Validity:
 
     @classmethod
     def days(cls, days: float, start: dt.datetime | None = None) -> Validity:
-        begin = start or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+        """`days` long, starting at `start` or a little before now (5 minutes, less for short lives, so a
+        few-minute certificate is not born half spent)."""
+        backdate = dt.timedelta(seconds=min(300.0, days * 86400 * 0.1))
+        begin = start or dt.datetime.now(dt.UTC) - backdate
         return cls(begin, begin + dt.timedelta(days=days))
 
 

@@ -73,3 +73,41 @@ def test_demo_runs_until_ctrl_c_and_leaves_nothing(tmp_path: Path) -> None:
     assert json.loads(status.split(" ", 4)[4])["state"] == "connected"
     assert "[at the stand-in] demo-gateway/sensors/temp-kitchen/reading" in text  # sensor -> AWS
     assert "[at the stand-in] demo-gateway/sensors/valve-1/state open" in text  # AWS -> sensor -> AWS
+
+
+def test_demo_shows_a_renewal_after_a_forced_rollback_while_sensors_publish(tmp_path: Path) -> None:
+    """`make demo` with --rollback (and one-minute certificates, to keep the test short): the first renewed
+    certificate is refused by the stand-in once live, so the gateway rolls back; the retry renews; sensor
+    readings reach the stand-in before, between and after."""
+    out = tmp_path / "demo.out"
+    args = ["--workdir", str(tmp_path / "run"), "--cert-minutes", "1", "--rollback", "--duration", "170"]
+    with out.open("w") as sink:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "gatewayd_dev.demo", *args],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        try:
+            deadline = time.monotonic() + 180
+            while "renewal complete" not in out.read_text():
+                assert time.monotonic() < deadline, out.read_text()[-4000:]
+                assert demo.poll() is None, out.read_text()[-4000:]
+                time.sleep(0.5)
+            demo.send_signal(signal.SIGINT)
+            assert demo.wait(30) == 0
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+    text = out.read_text()
+    rolled = text.index("renewal rolled back to version 1")
+    complete = text.index("renewal complete")
+    assert text.index("--rollback: the stand-in now refuses the renewed certificate") < rolled < complete
+    readings = [
+        i for i, line in enumerate(text.splitlines()) if line.startswith("[at the stand-in] demo-gateway/")
+    ]
+    lines = text.splitlines()
+    rolled_line = next(i for i, line in enumerate(lines) if "renewal rolled back" in line)
+    complete_line = next(i for i, line in enumerate(lines) if "renewal complete" in line)
+    assert any(i < rolled_line for i in readings) and any(rolled_line < i < complete_line for i in readings)
+    assert "no process left" in text
