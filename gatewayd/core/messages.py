@@ -237,6 +237,15 @@ CONTROL_DENIED = Message(
     fields="GATEWAYD_PEER_UID, GATEWAYD_PEER_PID",
 )
 
+RENEWAL_SCHEDULED = Message(
+    "RENEWAL_SCHEDULED",
+    "2596c0ed56d64c3c980ee2fa0d1b2c65",
+    Priority.INFO,
+    "The next renewal of the gateway's certificate is due at GATEWAYD_DUE (from renewal.renew_before, or the "
+    "retry backoff after a failure); logged whenever that time changes.",
+    "",
+    fields="GATEWAYD_DUE, GATEWAYD_CERTIFICATE_ID, GATEWAYD_NOT_AFTER",
+)
 RENEWAL_STARTED = Message(
     "RENEWAL_STARTED",
     "6ec98490f2bb4f79af36396d3a645549",
@@ -337,6 +346,7 @@ ALL: tuple[Message, ...] = (
     REGISTRY_CHANGED,
     SENSOR_ADMISSION_REVOKED,
     CONTROL_DENIED,
+    RENEWAL_SCHEDULED,
     RENEWAL_STARTED,
     RENEWAL_ISSUED,
     RENEWAL_TRIAL_FAILED,

@@ -111,6 +111,7 @@ class Renewer:
         self.rand = rand
         self.state = state.load()
         self.retry_at: float | None = None
+        self._scheduled: float | None = None
         self.finished = 0  # renewals ended (renewed, failed or rolled back) since the daemon started
         self._wake = asyncio.Event()
         self._force = False
@@ -186,11 +187,32 @@ class Renewer:
             },
         }
 
+    def _log_schedule(self, nxt: float | None) -> None:
+        if nxt is None or nxt == self._scheduled:
+            return
+        self._scheduled = nxt
+        live = self.store.live()
+        s = CertSummary.of(live.certificate()) if live is not None else None
+        log.info(
+            "next renewal due at %s (certificate %s valid until %s)",
+            _iso(nxt),
+            s.certificate_id if s else "-",
+            _iso(s.not_after.timestamp()) if s else "-",
+            extra=messages.extra(
+                messages.RENEWAL_SCHEDULED,
+                due=_iso(nxt),
+                certificate_id=s.certificate_id if s else "",
+                not_after=_iso(s.not_after.timestamp()) if s else "",
+            ),
+        )
+
     async def run(self) -> None:
         await self._resume()
         while True:
             issuer = self.issuer()
             nxt = self.next_attempt()
+            if issuer is not None:
+                self._log_schedule(nxt)
             wait = parse_duration(self.settings.check_interval)
             if issuer is not None and nxt is not None:
                 wait = min(wait, max(nxt - self.now(), 0.0))

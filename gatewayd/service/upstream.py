@@ -279,7 +279,14 @@ class Upstream:
         line += f"; trust {self.trust.mode}"
         days = self.days_left()
         if days is not None and self.ready is not None:
-            line += f"; certificate {self.ready.summary.certificate_id[:12]} {days:.0f} days left"
+            left = (
+                f"{days:.0f} days"
+                if days >= 2
+                else f"{days * 24:.1f} hours"
+                if days * 24 >= 2
+                else f"{days * 1440:.0f} min"
+            )
+            line += f"; certificate {self.ready.summary.certificate_id[:12]} {left} left"
         if self.renewer.state.step is not Step.IDLE:
             line += f"; renewal in progress ({self.renewer.state.step.value})"
         if self.root_warnings:
