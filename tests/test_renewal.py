@@ -195,3 +195,20 @@ def test_status_shows_the_schedule_and_renew_refuses_when_off(gw: Renewing) -> N
             gw.renew()
     finally:
         gw.reconfigure(issuer="command")
+
+
+def test_trial_with_its_own_client_id_keeps_the_uplink_running(gw: Renewing) -> None:
+    gw.wait_idle()
+    gw.reconfigure(trial_client_id="gw-renew-trial")
+    try:
+        before = gw.status()["uplink"]["certificateId"]
+        log_before = len(gw.daemon.log())
+        assert gw.renew()["started"] is True
+        result = gw.wait_idle()
+        assert result["last"]["result"] == "renewed" and result["last"]["certificateId"] != before
+        wait_until(lambda: gw.status()["uplink"]["state"] == "connected", 20, "connected")
+        during = gw.daemon.log()[log_before:]
+        assert "to switch or prove the identity" in during  # one switch-over, after the promotion
+        assert "Uplink suspended" not in during and "suspended" not in json.dumps(gw.status())
+    finally:
+        gw.reconfigure(trial_client_id="")

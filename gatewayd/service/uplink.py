@@ -122,6 +122,7 @@ class Uplink:
         self._running = asyncio.Event()  # cleared while suspended
         self._running.set()
         self._in_child = False
+        self._child_generation = 0
         self._suback_waiters: dict[str, list[asyncio.Future[bool]]] = {}
         self._last_connect_attempt: float | None = None
 
@@ -305,6 +306,7 @@ class Uplink:
             self._in_child = False
 
     async def _child(self, spec: ChildSpec, generation: int) -> int:
+        self._child_generation = generation
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
         env.update(spec.env)
@@ -431,7 +433,7 @@ class Uplink:
                     log.debug("trial connection: disconnected %s", error)
                 elif was and self.closing():
                     log.info("disconnected from AWS IoT (stopping)")
-                elif was and not self._running.is_set():
+                elif was and (not self._running.is_set() or self._child_generation != self._generation):
                     log.info("disconnected from AWS IoT to switch or prove the identity")
                 elif was:
                     log.warning(
