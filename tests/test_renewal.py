@@ -212,3 +212,27 @@ def test_trial_with_its_own_client_id_keeps_the_uplink_running(gw: Renewing) -> 
         assert "Uplink suspended" not in during and "suspended" not in json.dumps(gw.status())
     finally:
         gw.reconfigure(trial_client_id="")
+
+
+def test_rotate_key_false_reuses_the_live_key(gw: Renewing) -> None:
+    gw.wait_idle()
+    key_before = gw.ctl("identity", {"action": "show"})["key"]["number"]
+    keys_before, _ = gw.files()
+    gw.reconfigure(rotate_key=False)
+    try:
+        assert gw.renew()["started"] is True
+        result = gw.wait_idle()
+        assert result["last"]["result"] == "renewed", result
+        shown = gw.ctl("identity", {"action": "show"})
+        assert (
+            shown["key"]["number"] == key_before and shown["certificateId"] == result["last"]["certificateId"]
+        )
+        assert gw.files()[0] == keys_before  # no new key
+        gw.reconfigure(command=gw.stack.standin.issue_command("--fault", "exit"))
+        gw.renew()
+        wait_until(lambda: (gw.renewal()["last"] or {}).get("result") == "failed", 60, "the failure")
+        gw.wait_idle()
+        assert gw.files()[0] == keys_before  # a failure never removes the key in use
+        wait_until(lambda: gw.status()["uplink"]["state"] == "connected", 20, "connected")
+    finally:
+        gw.reconfigure(rotate_key=True, command=gw.stack.standin.issue_command("--minutes", "600"))
