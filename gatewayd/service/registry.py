@@ -381,14 +381,8 @@ class RegistryService:
     def _incoming(
         self, bundle_text: str, expect_signer: str | None
     ) -> tuple[dict[str, Any], x509.Certificate]:
-        doc = transfer.parse(bundle_text, transfer.BUNDLE_FORMAT, "transfer bundle")
-        if expect_signer and doc["signerCertificateId"] != expect_signer:
-            raise RegistryError(
-                f"the transfer bundle is signed by {doc['signerCertificateId']}, not {expect_signer}"
-            )
-        target = transfer.field(doc, "targetGateway", "transfer bundle")
-        if target != self.thing:
-            raise RegistryError(f"the transfer bundle is meant for gateway {target}, this is {self.thing}")
+        doc = transfer.parse(bundle_text, transfer.BUNDLE_FORMAT, "transfer bundle", expect_signer)
+        transfer.addressed_to(doc, "targetGateway", self.thing, "transfer bundle")
         if transfer.field(doc, "sourceGateway", "transfer bundle") == self.thing:
             raise RegistryError("the transfer bundle comes from this gateway itself")
         now = self.now()
@@ -475,14 +469,8 @@ class RegistryService:
     ) -> dict[str, Any]:
         """Apply the target's reply on the source: accepted -> the certificate leaves this registry;
         rejected -> INACTIVE again, with the reason in its transferData (as AWS IoT keeps it)."""
-        doc = transfer.parse(reply_text, transfer.REPLY_FORMAT, "transfer reply")
-        if expect_signer and doc["signerCertificateId"] != expect_signer:
-            raise RegistryError(
-                f"the transfer reply is signed by {doc['signerCertificateId']}, not {expect_signer}"
-            )
-        source = transfer.field(doc, "sourceGateway", "transfer reply")
-        if source != self.thing:
-            raise RegistryError(f"the transfer reply is meant for gateway {source}, this is {self.thing}")
+        doc = transfer.parse(reply_text, transfer.REPLY_FORMAT, "transfer reply", expect_signer)
+        transfer.addressed_to(doc, "sourceGateway", self.thing, "transfer reply")
         cid = transfer.field(doc, "certificateId", "transfer reply")
         row = self.registry.get(cid)
         pending = row.transfer_data or {}

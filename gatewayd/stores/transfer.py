@@ -44,8 +44,9 @@ def sign(
     return {**unsigned, "signature": base64.b64encode(signature).decode()}
 
 
-def parse(text: str, fmt: str, what: str) -> dict[str, Any]:
-    """Parse and verify a signed transfer file; RegistryError (one line) for anything wrong with it."""
+def parse(text: str, fmt: str, what: str, expect_signer: str | None = None) -> dict[str, Any]:
+    """Parse and verify a signed transfer file (signed by `expect_signer`'s key, when given); RegistryError
+    (one line) for anything wrong with it."""
     if len(text.encode()) > MAX_FILE:
         raise RegistryError(f"the {what} is larger than {MAX_FILE} bytes: not a transfer file")
     try:
@@ -73,7 +74,17 @@ def parse(text: str, fmt: str, what: str) -> dict[str, Any]:
             f"the {what} was altered after it was signed (signature does not verify)"
         ) from None
     doc["signerCertificateId"] = certificate_id(signer)
+    if expect_signer and doc["signerCertificateId"] != expect_signer:
+        raise RegistryError(f"the {what} is signed by {doc['signerCertificateId']}, not {expect_signer}")
     return doc
+
+
+def addressed_to(doc: dict[str, Any], name: str, thing: str, what: str) -> str:
+    """The gateway named in field `name`, which must be this one (`thing`)."""
+    value = field(doc, name, what)
+    if value != thing:
+        raise RegistryError(f"the {what} is meant for gateway {value}, this is {thing}")
+    return value
 
 
 def field(doc: dict[str, Any], name: str, what: str) -> str:
