@@ -1,0 +1,191 @@
+"""The durable spool (issue 7 groundwork, not wired into the daemon yet): messages accepted from sensors for
+upstream, kept in SQLite (WAL, synchronous=FULL, mode 0600) until AWS IoT acknowledged them.
+
+- Group commit: append() takes a batch and writes it in one transaction, one fsync for many messages.
+- Order: messages leave oldest first (by sequence number), so each sensor's order is kept.
+- Bounds: `max_bytes` of payload and `max_age` seconds. When a batch does not fit, the oldest QoS 0 messages
+  are dropped first; if that is not enough, the batch is refused (SpoolFull, nothing written: the broker holds
+  back the sensors' acknowledgements of QoS 1 messages, so the sensors keep them; QoS 0 ones are counted as
+  dropped) and QoS 1 is never silently dropped. Messages older than `max_age` are dropped by expire(). Every
+  drop is counted and returned, for the log.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from gatewayd.core.errors import GatewaydError
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    sensor TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    enqueued REAL NOT NULL
+);
+CREATE INDEX messages_by_qos ON messages(qos, seq);
+"""
+
+
+class SpoolError(GatewaydError):
+    pass
+
+
+class SpoolFull(SpoolError):
+    """QoS 1 messages that did not fit; the caller must not acknowledge them to their sensor."""
+
+
+@dataclass(frozen=True)
+class Message:
+    sensor: str
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class Spooled:
+    seq: int
+    message: Message
+    enqueued: float
+
+
+@dataclass(frozen=True)
+class Stats:
+    messages: int
+    bytes: int
+    oldest: float | None  # enqueue time of the oldest message
+
+
+class Spool:
+    def __init__(self, path: Path, max_bytes: int, max_age: float) -> None:
+        if max_bytes <= 0 or max_age <= 0:
+            raise ValueError("max_bytes and max_age must be positive")
+        self.path = path
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        if not path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # an acknowledged message survives a power cut
+        with self._write():
+            if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone():
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    self.db.execute(statement)
+                self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            else:
+                (version,) = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                if int(version) > SCHEMA_VERSION:
+                    raise SpoolError(f"{path} has schema version {version}, newer than this gatewayd")
+        self._bytes = self._sum()
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _sum(self) -> int:
+        (total,) = self.db.execute("SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM messages").fetchone()
+        return int(total)
+
+    # ------------------------------------------------------------------ in
+
+    def append(self, batch: Iterable[Message], now: float) -> tuple[list[int], list[Spooled]]:
+        """Store a batch in one transaction. Returns (sequence numbers of the batch, QoS 0 messages dropped to
+        make room). SpoolFull (nothing written) when the QoS 1 messages do not fit even then."""
+        messages = list(batch)
+        incoming = sum(len(m.payload) for m in messages)
+        dropped: list[Spooled] = []
+        with self._write():
+            over = self._bytes + incoming - self.max_bytes
+            if over > 0:
+                dropped = self._drop_qos0(over)
+                freed = sum(len(d.message.payload) for d in dropped)
+                if freed < over:  # the drops above are rolled back with the refusal: nothing changes
+                    raise SpoolFull(
+                        f"spool full ({self._bytes} of {self.max_bytes} bytes, no QoS 0 message left to "
+                        f"drop): {len(messages)} message(s) refused"
+                    )
+            seqs = []
+            for m in messages:
+                cur = self.db.execute(
+                    "INSERT INTO messages (sensor, topic, payload, qos, retain, enqueued) "
+                    "VALUES (?,?,?,?,?,?)",
+                    (m.sensor, m.topic, m.payload, m.qos, int(m.retain), now),
+                )
+                assert cur.lastrowid is not None
+                seqs.append(cur.lastrowid)
+        self._bytes += incoming - sum(len(d.message.payload) for d in dropped)
+        return seqs, dropped
+
+    def _drop_qos0(self, needed: int) -> list[Spooled]:
+        """Inside a write transaction: delete the oldest QoS 0 messages until `needed` bytes are freed."""
+        dropped: list[Spooled] = []
+        freed = 0
+        for row in self.db.execute("SELECT * FROM messages WHERE qos=0 ORDER BY seq"):
+            if freed >= needed:
+                break
+            dropped.append(_row(row))
+            freed += len(row[3])
+        for d in dropped:
+            self.db.execute("DELETE FROM messages WHERE seq=?", (d.seq,))
+        return dropped
+
+    # ------------------------------------------------------------------ out
+
+    def peek(self, limit: int, after: int = 0) -> list[Spooled]:
+        """The oldest `limit` messages with a sequence number above `after`."""
+        rows = self.db.execute("SELECT * FROM messages WHERE seq>? ORDER BY seq LIMIT ?", (after, limit))
+        return [_row(r) for r in rows]
+
+    def ack(self, seqs: Iterable[int]) -> None:
+        """Delivered: forget them (one transaction)."""
+        seqs = list(seqs)
+        if not seqs:
+            return
+        with self._write():
+            for seq in seqs:
+                row = self.db.execute("SELECT LENGTH(payload) FROM messages WHERE seq=?", (seq,)).fetchone()
+                if row is not None:
+                    self.db.execute("DELETE FROM messages WHERE seq=?", (seq,))
+                    self._bytes -= int(row[0])
+
+    def expire(self, now: float) -> list[Spooled]:
+        """Drop (and return, for counting and logging) every message older than max_age."""
+        limit = now - self.max_age
+        with self._write():
+            old = [
+                _row(r)
+                for r in self.db.execute("SELECT * FROM messages WHERE enqueued<? ORDER BY seq", (limit,))
+            ]
+            self.db.execute("DELETE FROM messages WHERE enqueued<?", (limit,))
+        self._bytes -= sum(len(s.message.payload) for s in old)
+        return old
+
+    def stats(self) -> Stats:
+        count, oldest = self.db.execute("SELECT COUNT(*), MIN(enqueued) FROM messages").fetchone()
+        return Stats(int(count), self._bytes, oldest)
+
+
+def _row(r: tuple[int, str, str, bytes, int, int, float]) -> Spooled:
+    return Spooled(r[0], Message(r[1], r[2], bytes(r[3]), r[4], bool(r[5])), r[6])
