@@ -55,6 +55,8 @@ def test_protocol(tmp_path: Path) -> None:
             assert (await call(raw, path, b'{"command": "echo"}'))["ok"] is False  # no newline before EOF
             too_big = b'{"command": "echo", "args": {"x": "' + b"a" * 70000 + b'"}}\n'
             assert (await call(raw, path, too_big))["ok"] is False
+            with pytest.raises(ControlError, match="within 5 s and 64 KiB"):  # the answer, not a broken pipe
+                await call(request, path, "echo", {"x": "a" * 4_000_000})
             assert await call(request, path, "echo") == {"echo": {}}  # still serving
         assert not path.exists()
 

@@ -114,6 +114,13 @@ class ControlServer:
             if self.allowed(writer):
                 reply = await self._answer(reader)
             else:
+                # Read (and ignore) the request first: closing on a client still sending would leave it a
+                # broken pipe instead of this answer.
+                with contextlib.suppress(
+                    asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError
+                ):
+                    async with asyncio.timeout(REQUEST_TIMEOUT):
+                        await reader.readuntil(b"\n")
                 reply = {"ok": False, "error": "permission denied: run as root or as a member of group "
                          f"{self.group or '(none configured)'}"}  # fmt: skip
             writer.write(json.dumps(reply).encode() + b"\n")
@@ -193,10 +200,15 @@ def request(path: Path, command: str, args: dict[str, Any] | None = None, timeou
         sock.settimeout(timeout)
         try:
             sock.connect(str(path))
-            sock.sendall(json.dumps({"command": command, "args": args or {}}).encode() + b"\n")
+            # The daemon may answer early (a refusal) and close while this is still sending: read its answer.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(json.dumps({"command": command, "args": args or {}}).encode() + b"\n")
             data = b""
             while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    break
                 if not chunk:
                     break
                 data += chunk
