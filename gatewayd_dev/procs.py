@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -96,41 +95,22 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_port(pair: bool = False) -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (with pair=True, also the next one).
-
-    Chosen below the kernel's ephemeral range, so the client side of some other connection cannot take it
-    between this check and the listener's bind (which made a server fail to start now and then)."""
-    low, _ = _ephemeral_range()
-    if low > 12000:
-        for _ in range(200):
-            port = random.randrange(10000, low - 2)
-            if _bindable(port) and (not pair or _bindable(port + 1)):
-                return port
+    """A TCP port on 127.0.0.1 that nothing listens on now (with pair=True, also the next one)."""
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-        if not pair or (port < 65535 and _bindable(port + 1)):
+        if not pair:
             return port
-    raise StartError("no free port (pair) found")
+        if port < 65535:
+            with socket.socket() as s2:
+                try:
+                    s2.bind(("127.0.0.1", port + 1))
+                    return port
+                except OSError:
+                    continue
+    raise StartError("no free port pair found")
 
 
 def pid_alive(pid: int) -> bool:
