@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from gatewayd.stores.atomic import write_file
 from gatewayd_dev import pki
-from gatewayd_dev.procs import Proc, current_user, free_port, port_open, wait_for
+from gatewayd_dev.procs import Proc, StartError, current_user, free_port, port_open, wait_for
 
 ENDPOINT_NAME = "standin-ats.iot.local.gatewayd.test"  # .test is reserved (RFC 6761): never a real host
 
@@ -228,16 +228,25 @@ class StandIn:
     def start(self) -> StandIn:
         if self._device_ca is None:
             self._make_pki()
-        if not all(self.ports.values()):
-            self.ports = {name: free_port() for name in self.ports}
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(self._config())
-        self.proc = Proc("mosquitto", ["mosquitto", "-c", str(conf)], self.workdir / "mosquitto.stdout")
-        try:
-            wait_for("mosquitto", lambda: all(port_open(p) for p in self.ports.values()), self.proc)
-        except BaseException:
-            self.proc.stop()
-            raise
+        fresh = not all(self.ports.values())
+        for attempt in range(3):
+            if fresh:
+                self.ports = {name: free_port() for name in self.ports}
+            conf = self.workdir / "mosquitto.conf"
+            conf.write_text(self._config())
+            self.proc = Proc("mosquitto", ["mosquitto", "-c", str(conf)], self.workdir / "mosquitto.stdout")
+            try:
+                wait_for("mosquitto", lambda: all(port_open(p) for p in self.ports.values()), self.proc)
+                return self
+            except StartError:
+                self.proc.stop()
+                # A port found free was taken before mosquitto bound it (the client side of some other
+                # connection): with ports of its own choosing the stand-in tries again; restart() keeps them.
+                if not fresh or attempt == 2:
+                    raise
+            except BaseException:
+                self.proc.stop()
+                raise
         return self
 
     def stop(self) -> None:
