@@ -7,8 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tpm2_pytss.types  # noqa: F401  before any test module imports hypothesis: see below
 
 from gatewayd_dev.gateway import Gateway, loopback_listener, write_config
+
+# Debian bookworm: importing hypothesis (6.67) before tpm2-pytss (1.2) leaves tpm2-pytss objects without
+# their C data ("'TPM2B_PUBLIC' object has no attribute '_cdata'"). The daemon never imports hypothesis; the
+# test process does both, so tpm2-pytss is imported first, here.
 from gatewayd_dev.stack import DevStack
 
 REPO = Path(__file__).resolve().parent.parent
