@@ -59,6 +59,8 @@ class CommandIssuer:
 
     def __init__(self, argv: tuple[str, ...], timeout: float, env: dict[str, str] | None = None) -> None:
         self.argv = argv
+        # how errors name the command: "python3 -m pkg.mod" rather than just the interpreter
+        self.what = " ".join(argv[:3] if argv[1:2] == ("-m",) else argv[:1])
         self.timeout = timeout
         self.env = env or {}
 
@@ -73,7 +75,7 @@ class CommandIssuer:
                 env=self._environment(),
             )
         except OSError as exc:
-            raise IssuerError(f"cannot run {self.argv[0]}: {exc.strerror or exc}") from exc
+            raise IssuerError(f"cannot run {self.what}: {exc.strerror or exc}") from exc
         collect = asyncio.ensure_future(self._collect(proc, csr_pem))
         try:
             out, err = await asyncio.wait_for(asyncio.shield(collect), self.timeout)
@@ -82,18 +84,18 @@ class CommandIssuer:
                 os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(TimeoutError):  # its pipes close with it: read them to the end
                 await asyncio.wait_for(collect, 5)
-            raise IssuerError(f"{self.argv[0]} did not finish within {self.timeout:g} s; killed") from None
+            raise IssuerError(f"{self.what} did not finish within {self.timeout:g} s; killed") from None
         if len(out) > MAX_OUTPUT:
-            raise IssuerError(f"{self.argv[0]} printed more than {MAX_OUTPUT} bytes: not a certificate chain")
+            raise IssuerError(f"{self.what} printed more than {MAX_OUTPUT} bytes: not a certificate chain")
         if proc.returncode != 0:
             detail = _last_line(err)
             raise IssuerError(
-                f"{self.argv[0]} exited with status {proc.returncode}" + (f": {detail}" if detail else "")
+                f"{self.what} exited with status {proc.returncode}" + (f": {detail}" if detail else "")
             )
         try:
             load_pem_certificates(out, "output")
         except CertificateError as exc:
-            raise IssuerError(f"{self.argv[0]} did not print a certificate: {exc}") from None
+            raise IssuerError(f"{self.what} did not print a certificate: {exc}") from None
         return out
 
     def _environment(self) -> dict[str, str]:

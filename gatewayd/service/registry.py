@@ -80,6 +80,7 @@ class RegistryService:
         self.thing = thing_name
         self.now = now
         self.settings = DownstreamSection()
+        self._parsed_cas: dict[str, x509.Certificate] = {}  # by certificate id (a hash: never stale)
 
     def configure(self, config: Config) -> None:
         """Take the live settings (auto_activate, certificate_not_after, transfer_expiry_days, listeners)."""
@@ -564,10 +565,13 @@ class RegistryService:
             return None
 
     def _registered_issuer(self, cert: x509.Certificate) -> str | None:
-        for row in self.registry.cas():
-            ca = _one(row.pem, "CA certificate")
+        rows = self.registry.cas()
+        parsed = {r.certificate_id: self._parsed_cas.get(r.certificate_id) or _one(r.pem, "CA certificate")
+                  for r in rows}  # fmt: skip
+        self._parsed_cas = parsed  # deleted CAs leave the cache
+        for cid, ca in parsed.items():
             if ca.subject == cert.issuer and signed_by(cert, ca):
-                return row.certificate_id
+                return cid
         return None
 
     def _description(self, r: CertificateRow) -> dict[str, Any]:

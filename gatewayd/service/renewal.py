@@ -19,7 +19,7 @@ import datetime as dt
 import logging
 import random
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from gatewayd.core import messages
@@ -85,6 +85,35 @@ async def trial_connection(spec: ChildSpec, timeout: float) -> str | None:
             return f"no connection within {timeout:g} s"
 
 
+async def prove(
+    uplink: Uplink,
+    spec: ChildSpec,
+    separate_client_id: bool,
+    timeout: float,
+    on_success: Callable[[], Awaitable[None]],
+) -> str | None:
+    """Prove `spec` (a staged identity or a candidate trust bundle) with a trial connection; if it
+    connects, await `on_success` (which installs what was proven) before the uplink goes on with it.
+
+    With the thing name as client id a trial would take over the live session, so the uplink is suspended
+    for the trial (sensor traffic waits in the gateway) and resumes afterwards; with a separate trial
+    client id the uplink keeps running and is restarted after a success to switch over. Returns the
+    trial's error, or None.
+    """
+    if not separate_client_id:
+        await uplink.suspend()
+    try:
+        error = await trial_connection(spec, timeout)
+        if error is None:
+            await on_success()
+    finally:
+        if not separate_client_id:
+            uplink.resume()
+    if error is None and separate_client_id:
+        uplink.restart()
+    return error
+
+
 class Renewer:
     def __init__(
         self,
@@ -124,10 +153,11 @@ class Renewer:
         self.config = config
         self.settings: RenewalSection = config.renewal
         self.identity = Identity(config, self.store)
+        self.issuer = self._issuer()
 
     # ------------------------------------------------------------------ the schedule
 
-    def issuer(self) -> Issuer | None:
+    def _issuer(self) -> Issuer | None:
         s = self.settings
         timeout = parse_duration(s.issue_timeout)
         if s.issuer == "command":
@@ -159,7 +189,7 @@ class Renewer:
 
     def request(self, force: bool) -> dict[str, Any]:
         """`gatewayctl identity renew [--now]`: check now (renew if due), or renew now regardless."""
-        if self.issuer() is None:
+        if self.issuer is None:
             raise RenewalFailed('renewal.issuer is "": automatic renewal is off')
         if self.state.step is not Step.IDLE:
             return {"started": False, **self.summary(), "reason": "a renewal is already in progress"}
@@ -209,7 +239,7 @@ class Renewer:
     async def run(self) -> None:
         await self._resume()
         while True:
-            issuer = self.issuer()
+            issuer = self.issuer
             nxt = self.next_attempt()
             if issuer is not None:
                 self._log_schedule(nxt)
@@ -310,24 +340,8 @@ class Renewer:
         self._advance(Event.TRIAL_STARTED)
         await self._checkpoint("trial")
         client_id = self.settings.trial_client_id or self.config.gateway.thing_name
-        paused = not self.settings.trial_client_id
-        if paused:
-            await self.uplink.suspend()
-        try:
-            error = await trial_connection(
-                self.spec_for(version, client_id), parse_duration(self.settings.trial_timeout)
-            )
-            if error is not None:
-                log.warning(
-                    "trial connection with certificate %s failed: %s",
-                    s.certificate_id,
-                    error,
-                    extra=messages.extra(
-                        messages.RENEWAL_TRIAL_FAILED, certificate_id=s.certificate_id, reason=error
-                    ),
-                )
-                await self._failed(f"trial connection failed: {error}")
-                return
+
+        async def promote() -> None:
             live = self.store.live()
             self._advance(
                 Event.TRIAL_PASSED, previous_version=live.number if live else None, promoted_at=self.now()
@@ -345,11 +359,25 @@ class Renewer:
                     not_after=_iso(s.not_after.timestamp()),
                 ),
             )
-        finally:
-            if paused:
-                self.uplink.resume()
-        if not paused:
-            self.uplink.restart()
+
+        error = await prove(
+            self.uplink,
+            self.spec_for(version, client_id),
+            bool(self.settings.trial_client_id),
+            parse_duration(self.settings.trial_timeout),
+            promote,
+        )
+        if error is not None:
+            log.warning(
+                "trial connection with certificate %s failed: %s",
+                s.certificate_id,
+                error,
+                extra=messages.extra(
+                    messages.RENEWAL_TRIAL_FAILED, certificate_id=s.certificate_id, reason=error
+                ),
+            )
+            await self._failed(f"trial connection failed: {error}")
+            return
         await self._confirm()
 
     async def _confirm(self) -> None:

@@ -27,7 +27,7 @@ from gatewayd.core.topics import expand
 from gatewayd.core.trust import AMAZON, FILE_MODES, MODES, expiry_warnings
 from gatewayd.service.identity import Identity, Ready
 from gatewayd.service.issuer import Route
-from gatewayd.service.renewal import Renewer, trial_connection
+from gatewayd.service.renewal import Renewer, prove
 from gatewayd.service.uplink import Blocked, ChildSpec, MessageHandler, Uplink, UplinkStatus
 from gatewayd.stores import atomic, truststore
 from gatewayd.stores.identity import IdentityError, IdentityStore, Version
@@ -345,29 +345,24 @@ class Upstream:
         )  # fmt: skip
         s = self.config.renewal
         timeout = parse_duration(s.trial_timeout)
-        paused = not s.trial_client_id
         old_trust, old_data = self.trust, self.trust.path.read_bytes()
         old_override = truststore.read_override(state_dir)
-        if paused:
-            await self.uplink.suspend()
+
+        async def install() -> None:
+            new_override = None if from_config else (mode, ca_file)
+            await asyncio.to_thread(self._install_bundle, candidate, new_override)
+
         try:
             spec = self.spec_for(live, s.trial_client_id or self.config.gateway.thing_name, candidate.path)
-            error = await trial_connection(spec, timeout)
-            if error is None:
-                new_override = None if from_config else (mode, ca_file)
-                await asyncio.to_thread(self._install_bundle, candidate, new_override)
+            error = await prove(self.uplink, spec, bool(s.trial_client_id), timeout, install)
         finally:
             candidate.path.unlink(missing_ok=True)
-            if paused:
-                self.uplink.resume()
         if error is not None:
             log.warning(
                 "trust update to %s refused: the trial connection failed: %s", mode, error,
                 extra=messages.extra(messages.TRUST_UPDATE_FAILED, mode=mode, reason=error),
             )  # fmt: skip
             raise TrustError(f"the {mode} bundle did not verify the endpoint ({error}); trust unchanged")
-        if not paused:
-            self.uplink.restart()
         deadline = time.monotonic() + timeout
         while not self.uplink.connected and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
