@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gatewayd.core.config import Config, diff, leaves, with_live_changes
+from gatewayd.core.config import Config, diff, leaves, validate, with_live_changes
 from gatewayd.core.errors import ConfigError
 from gatewayd.stores.configfile import load
 
@@ -234,7 +234,15 @@ def test_reference_documents_every_key_with_its_default_and_reload_kind() -> Non
             assert "Live." in comment, f"{key} is live but not documented as such"
         else:
             assert "Needs a restart." in comment, f"{key} needs a restart but is not documented as such"
-        if "REQUIRED" not in comment:
+        if "The default is none" in comment:  # an array of tables shown by example: the example must be valid
+            assert value == (), f"{key}: documented as empty by default, code default is {value!r}"
+            section, name = key.rsplit(".", 1)
+            example = tomllib.loads(f"v = {value_text}")["v"]
+            doc = tomllib.loads(MINIMAL)
+            doc.setdefault(section, {})[name] = example
+            built = validate(doc, {}, "reference example")
+            assert getattr(getattr(built, section), name), f"{key}: the example is not valid"
+        elif "REQUIRED" not in comment:
             default = tomllib.loads(f"v = {value_text}")["v"]
             if isinstance(default, list) and default and isinstance(default[0], dict):
                 value = [dataclasses.asdict(v) for v in value]  # an array of tables: compare as dicts

@@ -3,6 +3,8 @@ any one-second window, and one flooding sensor cannot starve the others."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -97,3 +99,18 @@ def test_a_flooding_sensor_cannot_starve_the_others() -> None:
     first = [q.pop() for _ in range(3)]
     assert {p[0] for p in first if p is not None} == {"flood", "quiet-1", "quiet-2"}
     assert q.waiting("flood") == 9_999 and q.waiting("quiet-1") == 0
+
+
+def test_shaper_paces_publishes_evenly() -> None:
+    """A second's quota never leaves as one burst: publishes are 1/rate apart, so network jitter cannot
+    squeeze two bursts into one second at the broker."""
+    shaper = Shaper(Quota(publishes_per_second=20))
+    now, sent = 0.0, []
+    for _ in range(100):
+        while (wait := shaper.delay(now, 100)) > 0:
+            now += wait
+        sent.append(now)
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert min(gaps) >= 0.05 - 1e-9 and sent[-1] == pytest.approx(99 * 0.05)
+    # even if every arrival were 40 ms late or early, no one-second window would hold more than 21
+    assert _max_in_any_window([(t, 1.0) for t in sent], 1.0 - 0.04) <= 20

@@ -1,8 +1,8 @@
-"""Batching of sensor readings for the uplink (pure; issue 7 groundwork, not wired yet): readings for the same
+"""Batching of sensor readings for the uplink (pure): readings for the same
 upstream topic are combined into one JSON message up to a size and a latency bound, so thousands of readings
 per second fit within AWS IoT's 100 publishes per second.
 
-The batch format (documented in README when wired):
+The batch format (documented in README and config/gatewayd.toml):
 
     {"batch": [{"clientId": "temp-1", "timestamp": 1764201600123, "payload": {...}}, ...]}
 
@@ -34,6 +34,7 @@ class Batch:
     opened: float  # when its first reading arrived
     items: list[bytes] = field(default_factory=list)
     size: int = OVERHEAD
+    tags: list[int] = field(default_factory=list)  # the caller's handles of the readings (spool sequence)
 
     def encode(self) -> bytes:
         return b'{"batch":[' + b",".join(self.items) + b"]}"
@@ -54,9 +55,18 @@ class Batcher:
         self.max_delay = max_delay
         self.open: dict[str, Batch] = {}
 
-    def add(self, topic: str, client_id: str, payload: bytes, now: float) -> list[Batch]:
-        """Add a reading; returns the batches that are complete now (full, in arrival order)."""
-        item = _item(client_id, payload, now)
+    def add(
+        self,
+        topic: str,
+        client_id: str,
+        payload: bytes,
+        now: float,
+        tag: int = 0,
+        received: float | None = None,
+    ) -> list[Batch]:
+        """Add a reading (received at `received`, default now); returns the batches that are complete now
+        (full, in arrival order)."""
+        item = _item(client_id, payload, now if received is None else received)
         if OVERHEAD + len(item) > self.max_bytes:
             raise ValueError(
                 f"a reading of {len(payload)} bytes does not fit in a {self.max_bytes}-byte batch"
@@ -70,6 +80,7 @@ class Batcher:
             batch = self.open[topic] = Batch(topic, now)
         batch.size += len(item) + (1 if batch.items else 0)
         batch.items.append(item)
+        batch.tags.append(tag)
         return ready
 
     def due(self, now: float) -> list[Batch]:

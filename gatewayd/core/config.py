@@ -149,6 +149,34 @@ class LoggingSection:
 
 
 @dataclass(frozen=True)
+class QuotaSection:
+    publishes_per_second: int = opt(
+        100, "Most publishes per second on the uplink connection (AWS IoT Core: 100).", minimum=1
+    )
+    bytes_per_second: int = opt(
+        524288, "Most payload bytes per second on the uplink connection (AWS IoT Core: 512 KiB).", minimum=1
+    )
+    max_message_bytes: int = opt(
+        131072,
+        "Largest payload forwarded (AWS IoT Core: 128 KiB); a sensor's larger message is refused with "
+        "reason 0x97 (quota exceeded).",
+        minimum=1,
+    )
+    max_inflight: int = opt(
+        100, "Most unacknowledged QoS 1 publishes on the uplink (AWS IoT Core: 100).", minimum=1
+    )
+    max_subscriptions: int = opt(
+        50,
+        "Most upstream subscriptions (AWS IoT Core: 50 per connection); a sensor subscription that would "
+        "need one more upstream filter is refused with reason 0x97.",
+        minimum=1,
+    )
+    filters_per_subscribe: int = opt(
+        8, "Most topic filters in one SUBSCRIBE to AWS IoT (AWS IoT Core: 8).", minimum=1
+    )
+
+
+@dataclass(frozen=True)
 class UpstreamSection:
     endpoint: str = opt(
         REQUIRED,
@@ -195,6 +223,7 @@ class UpstreamSection:
     root_expiry_warning_days: int = opt(
         180, "Warn this many days before a trusted root CA expires.", live=True, minimum=1
     )
+    quota: QuotaSection = field(default_factory=QuotaSection)
 
 
 @dataclass(frozen=True)
@@ -369,6 +398,44 @@ class DownstreamSection:
     policy: PolicySection = field(default_factory=PolicySection)
 
 
+def check_duration(value: str) -> str | None:
+    try:
+        parse_duration(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def check_sensor_filter(value: str) -> str | None:
+    return check_policy((value,))
+
+
+def check_rule_name(value: str) -> str | None:
+    if value and not re.fullmatch(r"[A-Za-z0-9_]{1,128}", value):
+        return "an AWS IoT rule name is 1-128 letters, digits and underscores"
+    return None
+
+
+@dataclass(frozen=True)
+class BatchSection:
+    topic: str = opt(
+        REQUIRED, "Sensor topic filter whose readings are batched (MQTT wildcards allowed).",
+        check=check_sensor_filter,
+    )  # fmt: skip
+    max_bytes: int = opt(
+        65536, "Largest batch message in bytes (at most upstream.quota.max_message_bytes).", minimum=64
+    )
+    max_delay: str = opt(
+        "1s", "Longest a reading waits in an open batch before the batch goes.", check=check_duration
+    )
+    basic_ingest_rule: str = opt(
+        "",
+        "Publish the batches with AWS IoT Basic Ingest, to $aws/rules/<rule>/<upstream topic>; empty: "
+        "to the upstream topic.",
+        check=check_rule_name,
+    )
+
+
 @dataclass(frozen=True)
 class ForwardingSection:
     upstream_topic: str = opt(
@@ -380,14 +447,27 @@ class ForwardingSection:
         "commands/#", "Sensor subscriptions within this filter are also subscribed to upstream (mapped).",
         check=lambda v: check_policy((v,)),
     )  # fmt: skip
+    batch: tuple[BatchSection, ...] = opt(
+        (),
+        "Batching rules ([[forwarding.batch]]), opt-in: readings on matching sensor topics that go to the "
+        "same upstream topic leave as one JSON batch message. The first matching rule applies.",
+    )
 
 
-def check_duration(value: str) -> str | None:
-    try:
-        parse_duration(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
+@dataclass(frozen=True)
+class SpoolSection:
+    max_bytes: int = opt(
+        67108864,
+        "Most payload bytes kept in the spool (state_dir/spool.db) while the uplink cannot take them. When "
+        "full, the oldest QoS 0 messages are dropped first, then QoS 1 publishers are held back (their "
+        "PUBACK waits); QoS 1 is never dropped for room.",
+        minimum=4096,
+    )
+    max_age: str = opt(
+        "7d",
+        "A message older than this is dropped from the spool (counted and logged), QoS 1 included.",
+        check=check_duration,
+    )
 
 
 def check_renew_before(value: str) -> str | None:
@@ -486,6 +566,7 @@ class Config:
     identity: IdentitySection = field(default_factory=IdentitySection)
     downstream: DownstreamSection = field(default_factory=DownstreamSection)
     forwarding: ForwardingSection = field(default_factory=ForwardingSection)
+    spool: SpoolSection = field(default_factory=SpoolSection)
     renewal: RenewalSection = field(default_factory=RenewalSection)
     status: StatusSection = field(default_factory=StatusSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -666,6 +747,11 @@ def cross_checks(values: Mapping[str, Any]) -> list[tuple[str, str]]:
         problems.append(("renewal.command", 'required when issuer is "command"'))
     if issuer == "aws-fleet-provisioning" and values.get("renewal.template_name") == "":
         problems.append(("renewal.template_name", 'required when issuer is "aws-fleet-provisioning"'))
+    largest = values.get("upstream.quota.max_message_bytes")
+    for key, value in values.items():
+        batch_size = key.startswith("forwarding.batch[") and key.endswith(".max_bytes")
+        if batch_size and largest is not None and value > largest:
+            problems.append((key, f"larger than upstream.quota.max_message_bytes ({largest})"))
     if values.get("identity.key_backend") == "tpm" and values.get("identity.tcti") == "":
         problems.append(("identity.tcti", 'required when key_backend is "tpm"'))
     return problems

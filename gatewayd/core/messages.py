@@ -320,6 +320,37 @@ TRUST_UPDATE_FAILED = Message(
     "Check that the new mode's roots include the one that signed the endpoint's certificate.",
     fields="GATEWAYD_MODE, GATEWAYD_REASON",
 )
+SPOOL_DROPPED = Message(
+    "SPOOL_DROPPED",
+    "575f1bf6cfe544b7a79f2ed64ef39218",
+    Priority.WARNING,
+    "Messages from sensors were dropped before reaching AWS IoT: QoS 0 messages to make room in a full "
+    "spool, or messages of any QoS older than spool.max_age. Logged at most every 10 seconds with the "
+    "counts since the last such line; the totals are in gatewayctl status.",
+    "Find out why the uplink cannot keep up (offline, throttled: see gatewayctl status), or raise "
+    "spool.max_bytes / spool.max_age.",
+    fields="GATEWAYD_REASON, GATEWAYD_DROPPED_QOS0, GATEWAYD_DROPPED_EXPIRED",
+)
+SPOOL_FULL = Message(
+    "SPOOL_FULL",
+    "f03cd78115984ed3ba3c66ca772df8f4",
+    Priority.WARNING,
+    "The spool is full of QoS 1 messages: sensors' QoS 1/2 publishes are held back (their PUBACK/PUBREC "
+    "waits until the uplink frees room), so sensors slow down; nothing acknowledged is lost.",
+    "Restore the uplink, or raise spool.max_bytes.",
+    fields="GATEWAYD_SPOOL_BYTES, GATEWAYD_SPOOL_MESSAGES",
+)
+UPLINK_THROTTLED = Message(
+    "UPLINK_THROTTLED",
+    "2dc4c614b948489bae5409ac3fefd8e7",
+    Priority.INFO,
+    "The uplink reached a per-connection quota (upstream.quota: publishes or bytes per second) and holds "
+    "messages back in the spool so AWS IoT does not throttle or disconnect the gateway. Logged at most once "
+    "a minute.",
+    "If it persists, the sensors send more than one connection may carry: batch readings "
+    "([[forwarding.batch]]), or ask AWS for a higher quota and raise upstream.quota.",
+    fields="GATEWAYD_PUBLISH_RATE",
+)
 
 ALL: tuple[Message, ...] = (
     STARTED,
@@ -355,6 +386,9 @@ ALL: tuple[Message, ...] = (
     RENEWAL_FAILED,
     TRUST_UPDATED,
     TRUST_UPDATE_FAILED,
+    SPOOL_DROPPED,
+    SPOOL_FULL,
+    UPLINK_THROTTLED,
 )
 
 

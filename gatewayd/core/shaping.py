@@ -67,11 +67,17 @@ class SlidingWindow:
 
 @dataclass
 class Shaper:
-    """Publishes per second and bytes per second together: a publish goes out only when both allow it."""
+    """Publishes per second and bytes per second together: a publish goes out only when both allow it.
+
+    Publishes are also paced, at least 1/publishes_per_second apart: a full second's quota sent as one burst
+    would reach the broker with network jitter and could land in a one-second window with part of the next
+    burst; evenly spaced publishes keep any window at the quota, give or take one."""
 
     quota: Quota
     publishes: SlidingWindow = field(init=False)
     bytes: SlidingWindow = field(init=False)
+
+    _next: float = field(init=False, default=float("-inf"))  # earliest time of the next publish
 
     def __post_init__(self) -> None:
         self.publishes = SlidingWindow(self.quota.publishes_per_second)
@@ -83,6 +89,8 @@ class Shaper:
             raise ValueError(
                 f"{size} bytes is over AWS IoT's {self.quota.max_message_bytes}-byte message limit"
             )
+        if now < self._next - EPSILON:
+            return self._next - now
         wait_p = self.publishes.delay(now)
         if wait_p:
             return wait_p
@@ -90,6 +98,7 @@ class Shaper:
         if wait_b:
             self.publishes.undo()  # nothing was sent
             return wait_b
+        self._next = now + 1.0 / self.quota.publishes_per_second
         return 0.0
 
 

@@ -1,8 +1,10 @@
-"""The durable spool (issue 7 groundwork, not wired into the daemon yet): messages accepted from sensors for
-upstream, kept in SQLite (WAL, synchronous=FULL, mode 0600) until AWS IoT acknowledged them.
+"""The durable spool: messages accepted from sensors for upstream, kept in SQLite (WAL, synchronous=FULL,
+mode 0600) until AWS IoT acknowledged them. Used from one thread at a time (the forwarder runs every call in
+its single worker thread).
 
 - Group commit: append() takes a batch and writes it in one transaction, one fsync for many messages.
-- Order: messages leave oldest first (by sequence number), so each sensor's order is kept.
+- Order: messages leave oldest first (by sequence number), so each sensor's order is kept; per_sensor()
+  reads one sensor's messages in order, for a fair (round-robin) feed.
 - Bounds: `max_bytes` of payload and `max_age` seconds. When a batch does not fit, the oldest QoS 0 messages
   are dropped first; if that is not enough, the batch is refused (SpoolFull, nothing written: the broker holds
   back the sensors' acknowledgements of QoS 1 messages, so the sensors keep them; QoS 0 ones are counted as
@@ -34,6 +36,7 @@ CREATE TABLE messages (
     enqueued REAL NOT NULL
 );
 CREATE INDEX messages_by_qos ON messages(qos, seq);
+CREATE INDEX messages_by_sensor ON messages(sensor, seq);
 """
 
 
@@ -77,7 +80,7 @@ class Spool:
         self.max_age = max_age
         if not path.exists():
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # an acknowledged message survives a power cut
         with self._write():
@@ -90,6 +93,7 @@ class Spool:
                 if int(version) > SCHEMA_VERSION:
                     raise SpoolError(f"{path} has schema version {version}, newer than this gatewayd")
         self._bytes = self._sum()
+        (self._count,) = self.db.execute("SELECT COUNT(*) FROM messages").fetchone()
 
     def close(self) -> None:
         self.db.close()
@@ -136,6 +140,7 @@ class Spool:
                 assert cur.lastrowid is not None
                 seqs.append(cur.lastrowid)
         self._bytes += incoming - sum(len(d.message.payload) for d in dropped)
+        self._count += len(seqs) - len(dropped)
         return seqs, dropped
 
     def _drop_qos0(self, needed: int) -> list[Spooled]:
@@ -158,6 +163,24 @@ class Spool:
         rows = self.db.execute("SELECT * FROM messages WHERE seq>? ORDER BY seq LIMIT ?", (after, limit))
         return [_row(r) for r in rows]
 
+    def per_sensor(self, sensor: str, after: int, limit: int) -> list[Spooled]:
+        """One sensor's oldest `limit` messages with a sequence number above `after`."""
+        rows = self.db.execute(
+            "SELECT * FROM messages WHERE sensor=? AND seq>? ORDER BY seq LIMIT ?", (sensor, after, limit)
+        )
+        return [_row(r) for r in rows]
+
+    def sensors(self) -> list[str]:
+        """Every sensor with a message in the spool (at start, to resume the feed)."""
+        return [r[0] for r in self.db.execute("SELECT DISTINCT sensor FROM messages")]
+
+    def room(self) -> int:
+        """Payload bytes an append could take now: the free space plus what dropping QoS 0 would free."""
+        (qos0,) = self.db.execute(
+            "SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM messages WHERE qos=0"
+        ).fetchone()
+        return self.max_bytes - self._bytes + int(qos0)
+
     def ack(self, seqs: Iterable[int]) -> None:
         """Delivered: forget them (one transaction)."""
         seqs = list(seqs)
@@ -169,6 +192,7 @@ class Spool:
                 if row is not None:
                     self.db.execute("DELETE FROM messages WHERE seq=?", (seq,))
                     self._bytes -= int(row[0])
+                    self._count -= 1
 
     def expire(self, now: float) -> list[Spooled]:
         """Drop (and return, for counting and logging) every message older than max_age."""
@@ -180,11 +204,12 @@ class Spool:
             ]
             self.db.execute("DELETE FROM messages WHERE enqueued<?", (limit,))
         self._bytes -= sum(len(s.message.payload) for s in old)
+        self._count -= len(old)
         return old
 
     def stats(self) -> Stats:
-        count, oldest = self.db.execute("SELECT COUNT(*), MIN(enqueued) FROM messages").fetchone()
-        return Stats(int(count), self._bytes, oldest)
+        row = self.db.execute("SELECT enqueued FROM messages ORDER BY seq LIMIT 1").fetchone()
+        return Stats(self._count, self._bytes, row[0] if row else None)  # the oldest is the first in
 
 
 def _row(r: tuple[int, str, str, bytes, int, int, float]) -> Spooled:
