@@ -34,16 +34,24 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
         raise TypeError(f"cannot write {value!r} as TOML")
 
     lines: list[str] = []
-    for section, keys in tables.items():
+
+    def table(section: str, keys: dict[str, Any]) -> None:
         lines.append(f"[{section}]")
         arrays = {k: v for k, v in keys.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
-        lines += [f"{key} = {fmt(value)}" for key, value in keys.items() if key not in arrays]
+        subtables = {k: v for k, v in keys.items() if isinstance(v, dict)}
+        plain = {k: v for k, v in keys.items() if k not in arrays and k not in subtables}
+        lines.extend(f"{key} = {fmt(value)}" for key, value in plain.items())
         lines.append("")
         for key, items in arrays.items():  # arrays of tables: [[section.key]]
             for item in items:
                 lines.append(f"[[{section}.{key}]]")
-                lines += [f"{k} = {fmt(v)}" for k, v in item.items()]
+                lines.extend(f"{k} = {fmt(v)}" for k, v in item.items())
                 lines.append("")
+        for key, sub in subtables.items():  # nested tables: [section.key]
+            table(f"{section}.{key}", sub)
+
+    for section, keys in tables.items():
+        table(section, keys)
     path.write_text("\n".join(lines))
     return path
 

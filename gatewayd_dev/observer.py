@@ -11,14 +11,18 @@ from gatewayd_dev.stack import DevStack
 
 
 class Observer:
-    def __init__(self, stack: DevStack, topic: str, out: Path, qos: int = 1) -> None:
+    def __init__(
+        self, stack: DevStack, topic: str, out: Path, qos: int = 1, session: str = "", stamped: bool = False
+    ) -> None:
+        """session: a client id for a persistent session (with a persistent stand-in, nothing is missed
+        while the stand-in restarts); stamped: each line starts with the arrival time (Unix seconds)."""
         self.out = out
         self.sink = out.open("w")
         port = str(stack.standin.observer_port)
-        self.proc = subprocess.Popen(
-            ["mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-t", topic, "-q", str(qos), "-v"],
-            stdout=self.sink,
-        )
+        argv = ["mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-t", topic, "-q", str(qos)]
+        argv += ["-i", session, "-c"] if session else []
+        argv += ["-F", "%U %t %p"] if stamped else ["-v"]
+        self.proc = subprocess.Popen(argv, stdout=self.sink)
         time.sleep(0.3)  # subscribed before anything is published
 
     def lines(self) -> list[str]:

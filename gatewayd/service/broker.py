@@ -79,9 +79,19 @@ class StoredSession:
 
 
 class Upstream(Protocol):
-    """What the broker needs of the uplink (gatewayd.service.uplink.Uplink provides it)."""
+    """What the broker needs of the way upstream (gatewayd.service.forwarder.Forwarder provides it)."""
 
-    def enqueue(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Any: ...
+    def forward(
+        self,
+        sensor: str,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        done: Callable[[int], None] | None,
+    ) -> int | None:
+        """A reason code now, or None: `done(reason)` follows once the message is stored durably."""
+        ...
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None: ...
 
@@ -172,8 +182,13 @@ class Broker:
             case ConnectRequest(connect=connect):
                 return self._connect(conn, writer, peer, connect)
             case MessageReceived(token=token, publish=publish) if client is not None:
-                reason = self._inbound(client, publish)
-                if publish.qos:
+
+                def durable(reason: int, token: int = token) -> None:
+                    conn.ack_message(token, reason)  # a no-op when the connection has ended meanwhile
+                    self._flush(conn, writer)
+
+                reason = self._inbound(client, publish, durable if publish.qos else None)
+                if publish.qos and reason is not None:
                     conn.ack_message(token, reason)
             case SubscribeRequest(packet_id=pid, subscriptions=subs) if client is not None:
                 conn.suback(pid, [self._subscribe(client, s) for s in subs])
@@ -251,8 +266,9 @@ class Broker:
 
     # ------------------------------------------------------------------ messages
 
-    def _inbound(self, client: Client, p: Publish) -> int:
-        """Route one publish from a sensor; returns the reason code for its PUBACK/PUBREC."""
+    def _inbound(self, client: Client, p: Publish, durable: Callable[[int], None] | None) -> int | None:
+        """Route one publish from a sensor; returns the reason code for its PUBACK/PUBREC, or None when the
+        acknowledgement waits until the upstream copy is stored (`durable` sends it)."""
         if not client.policy.may_publish(p.topic):
             log.warning("sensor %s may not publish to %s: dropped", client.client_id, p.topic)
             return Reason.NOT_AUTHORIZED
@@ -261,15 +277,14 @@ class Broker:
         if problem:
             log.warning("sensor %s published to %s: %s; dropped", client.client_id, p.topic, problem)
             return Reason.TOPIC_NAME_INVALID
-        if self.upstream is not None:
-            try:
-                self.upstream.enqueue(upstream_topic, p.payload, min(p.qos, 1))  # AWS IoT has no QoS 2
-            except Exception as exc:  # the uplink's queue is full
-                log.warning("cannot accept a message from %s: %s", client.client_id, exc)
-                return Reason.QUOTA_EXCEEDED
+        reason: int | None = Reason.SUCCESS
+        if self.upstream is not None:  # AWS IoT has no QoS 2: upstream it is QoS 1
+            reason = self.upstream.forward(client.client_id, upstream_topic, p.payload, p.qos, False, durable)
+            if reason is not None and reason >= 0x80:
+                return reason  # refused (too large for AWS IoT): not delivered locally either
         self._retain(p)
         self._fan_out(p.topic, p.payload, p.qos, p.retain, p.properties, sender=client.client_id)
-        return Reason.SUCCESS
+        return reason
 
     def _retain(self, p: Publish) -> None:
         if not p.retain:
@@ -339,11 +354,13 @@ class Broker:
         return Reason.SUCCESS
 
     def _ref_upstream(self, topic_filter: str) -> bool:
-        """Share one upstream subscription among sensors; AWS IoT allows 50 per connection."""
+        """Share one upstream subscription among sensors; AWS IoT allows 50 per connection
+        (upstream.quota.max_subscriptions)."""
         mapped = self.topic_map.upstream(topic_filter)
         if mapped not in self.upstream_refs:
-            if len(self.upstream_refs) >= 50:
-                log.warning("upstream subscription limit (50) reached: %s not subscribed", mapped)
+            limit = self.config.upstream.quota.max_subscriptions
+            if len(self.upstream_refs) >= limit:
+                log.warning("upstream subscription limit (%d) reached: %s not subscribed", limit, mapped)
                 return False
             if self.upstream is not None:
                 self.upstream.subscribe(mapped, 1)
@@ -384,9 +401,11 @@ class Broker:
 
     def _publish_will(self, client: Client, will: Will) -> None:
         reason = self._inbound(
-            client, Publish(will.topic, will.payload, will.qos, will.retain, properties=will.properties)
+            client,
+            Publish(will.topic, will.payload, will.qos, will.retain, properties=will.properties),
+            lambda reason: None,  # a will has nobody to acknowledge
         )
-        if reason >= 0x80:
+        if reason is not None and reason >= 0x80:
             log.warning("will of %s on %s not published (0x%02x)", client.client_id, will.topic, reason)
 
     def _drop_session(self, client_id: str) -> None:

@@ -28,10 +28,12 @@ from gatewayd.adapters.systemd import Notifier, watchdog_interval
 from gatewayd.core import messages
 from gatewayd.core.config import Config, diff, with_live_changes
 from gatewayd.core.errors import ConfigError, ControlError
+from gatewayd.core.renewal import parse_duration
 from gatewayd.core.topics import expand
 from gatewayd.service.broker import Broker, Peer
 from gatewayd.service.control import ControlServer
 from gatewayd.service.downstream import Downstream
+from gatewayd.service.forwarder import Forwarder
 from gatewayd.service.logsetup import apply_level
 from gatewayd.service.registry import CHANGES, RegistryService, run_command
 from gatewayd.service.renewal import Renewer
@@ -39,7 +41,10 @@ from gatewayd.service.upstream import Upstream, build_trust
 from gatewayd.stores.configfile import load
 from gatewayd.stores.identity import IdentityStore
 from gatewayd.stores.registry import Registry
+from gatewayd.stores.spool import Spool
 from gatewayd.stores.statedir import ensure_state_dir
+
+STATUS_REFRESH = 5.0  # seconds
 
 log = logging.getLogger("gatewayd.daemon")
 
@@ -62,6 +67,7 @@ class Daemon:
         self._reload = asyncio.Event()
         self.upstream: Upstream | None = None
         self.broker: Broker | None = None
+        self.forwarder: Forwarder | None = None
         self.downstream: Downstream | None = None
         self.registry: RegistryService | None = None
         self._last_status = ""
@@ -78,6 +84,8 @@ class Daemon:
             line = f"{self.state.capitalize()}; thing {self.config.gateway.thing_name}"
         else:
             line = self.upstream.status_line()
+            if self.forwarder is not None:
+                line += self.forwarder.status_words()
         if self.last_reload and not self.last_reload["applied"]:
             line += f"; last reload refused ({self.last_reload['problems']} problems)"
         return line
@@ -101,6 +109,7 @@ class Daemon:
             "uptimeSeconds": round(time.monotonic() - self.started_monotonic, 3),
             "lastReload": self.last_reload,
             "uplink": self.upstream.summary() if self.upstream is not None else None,
+            "spool": self.forwarder.summary() if self.forwarder is not None else None,
             "sensors": len(self.broker.clients) if self.broker is not None else 0,
             "sensorSessions": len(self.broker.sessions) if self.broker is not None else 0,
             "upstreamSubscriptions": self.broker.upstream_refs if self.broker is not None else {},
@@ -148,7 +157,14 @@ class Daemon:
                     hold_at=self._renewal_holds(),
                 )
                 await components.enter_async_context(self.upstream)
-                self.broker = Broker(self.config, self.upstream.uplink, admit=self._admit)
+                spool = Spool(
+                    state_dir / "spool.db",
+                    self.config.spool.max_bytes,
+                    parse_duration(self.config.spool.max_age),
+                )
+                self.forwarder = Forwarder(self.config, spool, self.upstream.uplink)
+                await components.enter_async_context(self.forwarder)  # closes the spool
+                self.broker = Broker(self.config, self.forwarder, admit=self._admit)
                 self.downstream = Downstream(self.config, self.broker, anchors=self._trust_anchors)
                 self.downstream.ca.ensure()
                 registry = Registry(state_dir / "registry.db", self.config.gateway.thing_name)
@@ -182,7 +198,10 @@ class Daemon:
         return 0
 
     async def _serve_until_stopped(self) -> None:
-        tasks = [asyncio.create_task(self._reload_loop(), name="reload")]
+        tasks = [
+            asyncio.create_task(self._reload_loop(), name="reload"),
+            asyncio.create_task(self._refresh_status(), name="status"),
+        ]
         interval = watchdog_interval(self.environ)
         if interval is not None:
             log.info("systemd watchdog enabled: pinging every %.3f s", interval)
@@ -196,6 +215,12 @@ class Daemon:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _refresh_status(self) -> None:
+        """STATUS= follows the spool and the throttling too (sent only when the line changes)."""
+        while True:
+            await asyncio.sleep(STATUS_REFRESH)
+            self._status_changed()
 
     async def _watchdog(self, interval: float) -> None:
         # Runs on the event loop: if anything blocks the loop, the pings stop and systemd acts.

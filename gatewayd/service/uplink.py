@@ -30,6 +30,7 @@ from typing import Any
 from gatewayd.core import ipc, messages
 from gatewayd.core.backoff import Backoff
 from gatewayd.core.errors import GatewaydError
+from gatewayd.core.shaping import Quota, Shaper
 
 log = logging.getLogger("gatewayd.uplink")
 
@@ -38,6 +39,10 @@ EXIT_BAD_SETUP = 3  # uplink_child: certificate/key/bundle unusable
 
 class UplinkError(GatewaydError):
     pass
+
+
+class UplinkRefused(UplinkError):
+    """A message AWS IoT would refuse (larger than upstream.quota.max_message_bytes): never sent."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,30 @@ class UplinkStatus:
     child_pid: int | None = None
     queued: int = 0
     inflight: int = 0
+    published: int = 0  # publishes sent since start
+    throttled: bool = False  # the quota held a publish back within the last two seconds
+    throttled_seconds: float = 0.0  # total time publishes waited for the quota
+
+
+class _Rate:
+    """Publishes per second over the last `span` seconds, from per-second counts."""
+
+    def __init__(self, span: int = 10) -> None:
+        self.span = span
+        self._counts: deque[list[int]] = deque()  # [second, count]
+
+    def add(self, now: float) -> None:
+        second = int(now)
+        if self._counts and self._counts[-1][0] == second:
+            self._counts[-1][1] += 1
+        else:
+            self._counts.append([second, 1])
+        while self._counts[0][0] <= second - self.span:
+            self._counts.popleft()
+
+    def rate(self, now: float) -> float:
+        first = int(now) - self.span
+        return sum(c for s, c in self._counts if s > first) / self.span
 
 
 MessageHandler = Callable[[str, bytes, int, bool], None]
@@ -95,6 +124,7 @@ class Uplink:
         blocked_retry: float = 30.0,
         reconnect_max_delay: float = 120.0,
         trial: bool = False,
+        quota: Quota | None = None,
     ) -> None:
         self.prepare = prepare
         self.trial = (
@@ -102,7 +132,12 @@ class Uplink:
         )
         self.on_message = on_message
         self.on_state = on_state
-        self.window = window
+        self.window = quota.max_inflight if quota is not None else window
+        self.filters_per_subscribe = quota.filters_per_subscribe if quota is not None else 8
+        self._shaper = Shaper(quota) if quota is not None else None
+        self._rate = _Rate()
+        self._throttled_at = -100.0
+        self._held_since: float | None = None
         self.max_queued = max_queued
         self.blocked_retry = blocked_retry
         self.status = UplinkStatus()
@@ -208,6 +243,11 @@ class Uplink:
 
     def closing(self) -> bool:
         return self._closing  # a method, so type narrowing of the attribute does not outlive an await
+
+    @property
+    def backlog(self) -> int:
+        """Messages queued and not sent yet (waiting for the window, the quota or the connection)."""
+        return len(self._queue)
 
     @property
     def connected(self) -> bool:
@@ -420,8 +460,9 @@ class Uplink:
                     "connected to AWS IoT",
                     extra=messages.extra(messages.UPLINK_CONNECTED, child_pid=self.status.child_pid),
                 )
-                for start in range(0, len(self._subscriptions), 8):  # AWS IoT: 8 filters per SUBSCRIBE
-                    batch = [[t, q] for t, q in list(self._subscriptions.items())[start : start + 8]]
+                n = self.filters_per_subscribe  # AWS IoT: 8 filters per SUBSCRIBE
+                for start in range(0, len(self._subscriptions), n):
+                    batch = [[t, q] for t, q in list(self._subscriptions.items())[start : start + n]]
                     self._send(ipc.json_frame(ipc.Kind.SUBSCRIBE, {"filters": batch}))
                 self._wake_sender.set()
             case "disconnected":
@@ -459,9 +500,15 @@ class Uplink:
             await self._wake_sender.wait()
             self._wake_sender.clear()
             while self._connected and self._queue and len(self._inflight) < self.window:
-                msg = self._queue.popleft()
+                msg = self._queue[0]
                 if msg.done.done():
+                    self._queue.popleft()
                     continue
+                if self._shaper is not None and self._held_back(msg):
+                    break
+                self._queue.popleft()
+                self._rate.add(time.monotonic())
+                self.status.published += 1
                 self._inflight[msg.id] = msg
                 self._send(
                     ipc.encode_publish(ipc.Publish(msg.id, msg.qos, msg.retain, msg.topic, msg.payload))
@@ -471,6 +518,40 @@ class Uplink:
                     await self._writer.drain()
                 except (ConnectionError, OSError):
                     return  # the child died; _pump sees it and the supervisor restarts it
+
+    def _held_back(self, msg: _Outgoing) -> bool:
+        """Shaping: True when the quota holds `msg` back now (the sender is woken when it may go)."""
+        assert self._shaper is not None
+        now = time.monotonic()
+        try:
+            wait = self._shaper.delay(now, len(msg.payload))
+        except ValueError as exc:
+            self._queue.popleft()
+            msg.done.set_exception(UplinkRefused(str(exc)))
+            log.error("message on %s not sent: %s", msg.topic, exc)
+            return False
+        if not wait:
+            self.status.throttled = now - self._throttled_at < 2.0
+            if self._held_since is not None:
+                self.status.throttled_seconds += now - self._held_since
+                self._held_since = None
+            return False
+        if not self.status.throttled and now - self._throttled_at > 60.0 and not self.trial:
+            rate = round(self._rate.rate(now), 1)
+            log.info(
+                "uplink throttled: holding publishes back to stay within upstream.quota (%g publishes/s now)",
+                rate,
+                extra=messages.extra(messages.UPLINK_THROTTLED, publish_rate=rate),
+            )
+        self._throttled_at = now
+        self.status.throttled = True
+        if self._held_since is None:
+            self._held_since = now
+        asyncio.get_running_loop().call_later(wait, self._wake_sender.set)
+        return True
+
+    def publish_rate(self) -> float:
+        return self._rate.rate(time.monotonic())
 
     def _send(self, data: bytes) -> None:
         if self._writer is not None and not self._writer.is_closing():

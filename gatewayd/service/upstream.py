@@ -23,6 +23,7 @@ from gatewayd.core import messages
 from gatewayd.core.config import Config
 from gatewayd.core.errors import GatewaydError
 from gatewayd.core.renewal import Step, parse_duration
+from gatewayd.core.shaping import Quota
 from gatewayd.core.topics import expand
 from gatewayd.core.trust import AMAZON, FILE_MODES, MODES, expiry_warnings
 from gatewayd.service.identity import Identity, Ready
@@ -77,6 +78,14 @@ def build_trust(config: Config) -> truststore.TrustBundle:
     )
 
 
+def quota(config: Config) -> Quota:
+    q = config.upstream.quota
+    return Quota(
+        q.publishes_per_second, q.bytes_per_second, q.max_message_bytes, q.max_inflight,
+        q.max_subscriptions, q.filters_per_subscribe,
+    )  # fmt: skip
+
+
 class Upstream:
     def __init__(
         self,
@@ -102,6 +111,8 @@ class Upstream:
             self._dispatch,
             on_state=self._on_uplink_state,
             reconnect_max_delay=config.upstream.reconnect_max_delay,
+            quota=quota(config),
+            max_queued=100_000,  # the forwarder hands over 2 x max_inflight; the rest waits in the spool
         )
         self.renewer = Renewer(
             config,
@@ -262,6 +273,10 @@ class Upstream:
             "certificateDaysLeft": self.days_left(),
             "queued": s.queued,
             "inflight": s.inflight,
+            "published": s.published,
+            "publishRate": round(self.uplink.publish_rate(), 1),  # per second, over the last 10 s
+            "throttled": s.throttled,
+            "throttledSeconds": round(s.throttled_seconds, 1),
             "uplinkPid": s.child_pid,
             "renewal": self.renewer.summary(),
         }
