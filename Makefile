@@ -18,7 +18,7 @@ APT_PACKAGES := \
 
 PYTEST_ARGS ?=
 
-.PHONY: deps apt venv test test-venv test-debian lint typecheck demo clean
+.PHONY: deps apt venv test test-venv test-debian lint typecheck demo bench clean
 
 deps: apt venv
 
@@ -61,6 +61,11 @@ test-debian: deps
 
 demo: deps
 	$(VPY) -m gatewayd_dev.demo $(DEMO_ARGS)
+
+# Not part of `make test`: gatewayd against a tuned mosquitto bridge (docs/performance.md).
+# BENCH_ARGS="--large" adds the 1000-sensor runs; --help lists the rest.
+bench: deps
+	$(VPY) -m gatewayd_dev.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

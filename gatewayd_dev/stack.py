@@ -11,11 +11,13 @@ from gatewayd_dev.standin import StandIn
 
 
 class DevStack:
-    def __init__(self, workdir: Path | None = None, persistent: bool = False) -> None:
+    def __init__(
+        self, workdir: Path | None = None, persistent: bool = False, tuning: tuple[str, ...] = ()
+    ) -> None:
         self._own_dir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="gatewayd-dev-"))
         self.tpm = SoftTPM(self.workdir / "tpm")
-        self.standin = StandIn(self.workdir / "standin", persistent=persistent)
+        self.standin = StandIn(self.workdir / "standin", persistent=persistent, tuning=tuning)
 
     def start(self) -> DevStack:
         try:

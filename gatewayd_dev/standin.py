@@ -54,8 +54,15 @@ class ClientFiles:
 
 
 class StandIn:
-    def __init__(self, workdir: Path, endpoint_name: str = ENDPOINT_NAME, persistent: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        endpoint_name: str = ENDPOINT_NAME,
+        persistent: bool = False,
+        tuning: tuple[str, ...] = (),
+    ) -> None:
         self.workdir = workdir
+        self.tuning = tuning  # extra global mosquitto options (the benchmark lifts queue limits)
         # persistent: mosquitto keeps sessions across its restarts (an observer's queue survives an outage)
         self.persistent = persistent
         self.endpoint_name = endpoint_name
@@ -213,6 +220,7 @@ class StandIn:
             "log_type notice",
             "log_type information",
             "connection_messages true",
+            *self.tuning,
             "allow_anonymous true",
             f"user {current_user()}",
             "",

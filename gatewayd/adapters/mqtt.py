@@ -119,8 +119,8 @@ class UpstreamClient:
         sock = self.client.socket()
         return sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
 
-    def loop_read(self) -> int:
-        return int(self.client.loop_read())
+    def loop_read(self, max_packets: int = 1) -> int:
+        return int(self.client.loop_read(max_packets))
 
     def loop_write(self) -> int:
         return int(self.client.loop_write())

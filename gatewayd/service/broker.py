@@ -47,6 +47,7 @@ from gatewayd.core.mqtt.topics import policy_variables as variables
 log = logging.getLogger("gatewayd.broker")
 
 READ_SIZE = 65536
+MAX_ROUTES = 256  # cached publish decisions per sensor
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,9 @@ class Client:
     client_id: str
     policy: BoundPolicy
     since: float = field(default_factory=time.time)
+    # per topic this sensor published to: (None, the upstream topic) or (refusal reason, why); cleared when
+    # the policy changes. Sensors publish to few topics; bounded all the same.
+    routes: dict[str, tuple[int | None, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,6 +110,7 @@ class Broker:
         self.sessions: dict[str, StoredSession] = {}
         self.retained: dict[str, Publish] = {}
         self.upstream_refs: dict[str, int] = {}
+        self._subscribers: list[tuple[str, StoredSession]] | None = None  # sessions with subscriptions
         self.dropped = 0
         self.reconfigure(config)
 
@@ -125,6 +130,7 @@ class Broker:
         self.topic_map = TopicMap.from_template(config.forwarding.upstream_topic, config.gateway.thing_name)
         for client in self.clients.values():
             client.policy = self._bind(client.client_id, client.peer)
+            client.routes.clear()
 
     def _bind(self, client_id: str, peer: Peer) -> BoundPolicy:
         return self.policy.bind(variables(client_id, peer.common_name, self.config.gateway.thing_name))
@@ -244,6 +250,7 @@ class Broker:
                 self._drop_session(client_id)
             stored = StoredSession(SessionState(client_id))
             self.sessions[client_id] = stored
+            self._subscribers = None
         assert stored is not None
         stored.state.expiry_interval, stored.expires_at = expiry, None
         conn.accept_connect(stored.state, present, client_id if not c.client_id else None, time.monotonic())
@@ -269,14 +276,16 @@ class Broker:
     def _inbound(self, client: Client, p: Publish, durable: Callable[[int], None] | None) -> int | None:
         """Route one publish from a sensor; returns the reason code for its PUBACK/PUBREC, or None when the
         acknowledgement waits until the upstream copy is stored (`durable` sends it)."""
-        if not client.policy.may_publish(p.topic):
-            log.warning("sensor %s may not publish to %s: dropped", client.client_id, p.topic)
-            return Reason.NOT_AUTHORIZED
-        upstream_topic = self.topic_map.upstream(p.topic)
-        problem = aws_topic_problem(upstream_topic)
-        if problem:
-            log.warning("sensor %s published to %s: %s; dropped", client.client_id, p.topic, problem)
-            return Reason.TOPIC_NAME_INVALID
+        route = client.routes.get(p.topic)
+        if route is None:
+            route = self._route(client, p.topic)
+            if len(client.routes) >= MAX_ROUTES:
+                client.routes.clear()
+            client.routes[p.topic] = route
+        refusal, upstream_topic = route  # when refused: why, instead of the topic
+        if refusal is not None:
+            log.warning("sensor %s %s", client.client_id, upstream_topic)
+            return refusal
         reason: int | None = Reason.SUCCESS
         if self.upstream is not None:  # AWS IoT has no QoS 2: upstream it is QoS 1
             reason = self.upstream.forward(client.client_id, upstream_topic, p.payload, p.qos, False, durable)
@@ -285,6 +294,15 @@ class Broker:
         self._retain(p)
         self._fan_out(p.topic, p.payload, p.qos, p.retain, p.properties, sender=client.client_id)
         return reason
+
+    def _route(self, client: Client, topic: str) -> tuple[int | None, str]:
+        if not client.policy.may_publish(topic):
+            return Reason.NOT_AUTHORIZED, f"may not publish to {topic}: dropped"
+        upstream_topic = self.topic_map.upstream(topic)
+        problem = aws_topic_problem(upstream_topic)
+        if problem:
+            return Reason.TOPIC_NAME_INVALID, f"published to {topic}: {problem}; dropped"
+        return None, upstream_topic
 
     def _retain(self, p: Publish) -> None:
         if not p.retain:
@@ -298,7 +316,9 @@ class Broker:
         self, topic: str, payload: bytes, qos: int, retain: bool, props: Properties, sender: str | None
     ) -> None:
         now = time.monotonic()
-        for client_id, stored in self.sessions.items():
+        if self._subscribers is None:  # rebuilt after any change to sessions or subscriptions
+            self._subscribers = [(c, s) for c, s in self.sessions.items() if s.state.subscriptions]
+        for client_id, stored in self._subscribers:
             sub = _best_match(stored.state.subscriptions, topic)
             if sub is None or (sub.no_local and client_id == sender):
                 continue
@@ -338,6 +358,7 @@ class Broker:
         if not existed and forwarded and not self._ref_upstream(s.topic_filter):
             return Reason.QUOTA_EXCEEDED
         stored.state.subscriptions[s.topic_filter] = s
+        self._subscribers = None
         if s.retain_handling == 0 or (s.retain_handling == 1 and not existed):  # section 3.3.1.3
             now = time.monotonic()
             for topic, p in self.retained.items():
@@ -347,6 +368,7 @@ class Broker:
 
     def _unsubscribe(self, client_id: str, topic_filter: str) -> int:
         stored = self.sessions.get(client_id)
+        self._subscribers = None
         if stored is None or stored.state.subscriptions.pop(topic_filter, None) is None:
             return Reason.NO_SUBSCRIPTION_EXISTED
         if filter_covers(self.config.forwarding.command_filter, topic_filter):
@@ -410,6 +432,7 @@ class Broker:
 
     def _drop_session(self, client_id: str) -> None:
         stored = self.sessions.pop(client_id, None)
+        self._subscribers = None
         if stored is None:
             return
         for topic_filter in list(stored.state.subscriptions):

@@ -9,9 +9,9 @@ messages that still do not fit are held, unacknowledged, at the head of the queu
 acknowledgements free room: the sensors' in-flight windows fill and they stop sending (MQTT flow control).
 
 Out: while the uplink is connected, the feeder reads the spool sensor by sensor and serves the sensors round
-robin (a sensor flooding the gateway gets its share, not the whole uplink), keeping at most FEED_BACKLOG
-messages waiting in the uplink (besides those in flight; at most 2 x max_inflight and a second's worth of
-bytes in all), which shapes them to the per-connection quotas.
+robin (a sensor flooding the gateway gets its share, not the whole uplink), keeping at most FEED_WAIT
+seconds' worth of the publish quota waiting in the uplink besides what is in flight (at most 2 x
+max_inflight and a second's worth of bytes in all); the uplink shapes them to the per-connection quotas.
 A message leaves the spool when AWS IoT acknowledged it; after a reconnect the uplink sends its unacknowledged
 messages again, after a restart the feed starts again from the spool: at least once, in order per sensor.
 Readings on topics of a [[forwarding.batch]] rule are combined into batch messages (core/batching.py); a batch
@@ -51,7 +51,7 @@ MAX_COMMIT = 5000  # messages per transaction
 MAX_QUEUED_QOS0_BYTES = 4 << 20  # QoS 0 bytes waiting for a commit; beyond, the oldest waiting are dropped
 EXPIRE_EVERY = 60.0
 DROP_LOG_EVERY = 10.0
-FEED_BACKLOG = 10  # messages handed to the uplink and not sent yet, at most
+FEED_WAIT = 0.1  # seconds' worth of the publish quota handed to the uplink and not sent yet, at most
 PER_SENSOR_READ = 20  # messages read per sensor per feed round (fewer when many sensors wait)
 
 COUNTERS = (
@@ -83,6 +83,7 @@ class Forwarder:
         self.topic_map = TopicMap.from_template(config.forwarding.upstream_topic, config.gateway.thing_name)
         self.max_message = config.upstream.quota.max_message_bytes
         self.ahead = 2 * config.upstream.quota.max_inflight
+        self.backlog = max(10, int(config.upstream.quota.publishes_per_second * FEED_WAIT))
         self.ahead_bytes = config.upstream.quota.bytes_per_second  # beyond a second's worth: in the spool
         self.rules = [_rule(r) for r in config.forwarding.batch]
         self._pool = ThreadPoolExecutor(1, "spool")
@@ -287,9 +288,10 @@ class Forwarder:
 
     def _room(self) -> bool:
         """Hand more only while the uplink has little waiting to be sent: the order among sensors is decided
-        here, as late as possible, so a calm sensor's message waits behind at most FEED_BACKLOG others."""
+        here, as late as possible, so a calm sensor's message waits behind at most FEED_WAIT seconds of
+        others' messages (10 at least)."""
         return (
-            self.uplink.backlog < FEED_BACKLOG
+            self.uplink.backlog < self.backlog
             and self._handed < self.ahead
             and self._handed_bytes < self.ahead_bytes
         )

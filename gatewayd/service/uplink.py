@@ -499,6 +499,7 @@ class Uplink:
         while True:
             await self._wake_sender.wait()
             self._wake_sender.clear()
+            frames: list[bytes] = []  # one write to the child for all that may go now
             while self._connected and self._queue and len(self._inflight) < self.window:
                 msg = self._queue[0]
                 if msg.done.done():
@@ -510,9 +511,11 @@ class Uplink:
                 self._rate.add(time.monotonic())
                 self.status.published += 1
                 self._inflight[msg.id] = msg
-                self._send(
+                frames.append(
                     ipc.encode_publish(ipc.Publish(msg.id, msg.qos, msg.retain, msg.topic, msg.payload))
                 )
+            if frames:
+                self._send(b"".join(frames))
             if self._writer is not None:
                 try:
                     await self._writer.drain()

@@ -30,6 +30,7 @@ from gatewayd.core import ipc
 from gatewayd.core.backoff import Backoff
 
 EXIT_BAD_SETUP = 3  # the TLS context could not be built (bad certificate/key/bundle): restarting cannot help
+READ_PACKETS = 128  # MQTT packets read per pass (a burst of PUBACKs is one pass, not one pass each)
 
 
 class Child:
@@ -41,13 +42,22 @@ class Child:
         self.client: UpstreamClient | None = None
         self.connected = False
         self.inflight: dict[int, int] = {}  # MQTT packet id -> daemon message id
+        self.acks: list[bytes] = []  # ACK frames not sent yet (flushed once per loop pass)
         self.sub_mids: dict[int, list[Any]] = {}
         self.stopping = False
 
     # ---------------------------------------------------------------- IPC
 
     def send(self, data: bytes) -> None:
+        if self.acks:  # in order: the acknowledgements gathered so far go first
+            data = b"".join([*self.acks, data])
+            self.acks.clear()
         self.sock.sendall(data)
+
+    def flush(self) -> None:
+        """Send the acknowledgements gathered in one pass of the loop, in one write."""
+        if self.acks:
+            self.send(b"")
 
     def state(self, state: str, **fields: Any) -> None:
         self.send(ipc.json_frame(ipc.Kind.STATE, {"state": state, "at": time.time(), **fields}))
@@ -138,7 +148,7 @@ class Child:
             case "puback":
                 mid_id = self.inflight.pop(ev.mid, None)
                 if mid_id is not None:
-                    self.send(ipc.encode_ack(ipc.Ack(mid_id, True, "puback")))
+                    self.acks.append(ipc.encode_ack(ipc.Ack(mid_id, True, "puback")))
             case "suback":
                 filters = self.sub_mids.pop(ev.mid, [])
                 self.send(ipc.json_frame(ipc.Kind.SUBACK, {"filters": filters, "codes": list(ev.codes)}))
@@ -246,7 +256,7 @@ class Child:
                 self.handle_frames()
             try:
                 if sock in readable or client.pending():
-                    client.loop_read()
+                    client.loop_read(READ_PACKETS)
                 if sock in writable:
                     client.loop_write()
                 client.loop_misc()
@@ -254,6 +264,7 @@ class Child:
                 self.drop_connection(error=describe(exc))
             if self.client is not None:
                 self.drain_events()
+            self.flush()
             accepted = accepted or self.connected
             if not self.connected and self.client is not None and time.monotonic() > deadline:
                 self.drop_connection(error="no CONNACK within 30 s")

@@ -130,15 +130,13 @@ class Spool:
                         f"spool full ({self._bytes} of {self.max_bytes} bytes, no QoS 0 message left to "
                         f"drop): {len(messages)} message(s) refused"
                     )
-            seqs = []
-            for m in messages:
-                cur = self.db.execute(
-                    "INSERT INTO messages (sensor, topic, payload, qos, retain, enqueued) "
-                    "VALUES (?,?,?,?,?,?)",
-                    (m.sensor, m.topic, m.payload, m.qos, int(m.retain), now),
-                )
-                assert cur.lastrowid is not None
-                seqs.append(cur.lastrowid)
+            self.db.executemany(
+                "INSERT INTO messages (sensor, topic, payload, qos, retain, enqueued) VALUES (?,?,?,?,?,?)",
+                [(m.sensor, m.topic, m.payload, m.qos, int(m.retain), now) for m in messages],
+            )
+            (last,) = self.db.execute("SELECT last_insert_rowid()").fetchone()
+            # one writer, one transaction, AUTOINCREMENT: the batch's sequence numbers are consecutive
+            seqs = list(range(last - len(messages) + 1, last + 1)) if messages else []
         self._bytes += incoming - sum(len(d.message.payload) for d in dropped)
         self._count += len(seqs) - len(dropped)
         return seqs, dropped
@@ -187,12 +185,17 @@ class Spool:
         if not seqs:
             return
         with self._write():
-            for seq in seqs:
-                row = self.db.execute("SELECT LENGTH(payload) FROM messages WHERE seq=?", (seq,)).fetchone()
-                if row is not None:
-                    self.db.execute("DELETE FROM messages WHERE seq=?", (seq,))
-                    self._bytes -= int(row[0])
-                    self._count -= 1
+            for start in range(0, len(seqs), 500):  # SQLite allows 999 parameters per statement (before 3.32)
+                chunk = seqs[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                (count, size) = self.db.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM messages "
+                    f"WHERE seq IN ({marks})",
+                    chunk,
+                ).fetchone()
+                self.db.execute(f"DELETE FROM messages WHERE seq IN ({marks})", chunk)
+                self._bytes -= int(size)
+                self._count -= int(count)
 
     def expire(self, now: float) -> list[Spooled]:
         """Drop (and return, for counting and logging) every message older than max_age."""

@@ -234,7 +234,8 @@ class ServerConnection:
 
     def _on_publish(self, p: Publish, now: float) -> list[Event]:
         topic = p.topic
-        if self.version == MQTT_5:
+        alias = None
+        if self.version == MQTT_5 and p.properties.items:
             alias = p.properties.get(Prop.TOPIC_ALIAS)
             if alias is not None:
                 if alias > self.limits.topic_alias_maximum:
@@ -245,8 +246,10 @@ class ServerConnection:
                     topic = self._aliases[alias]
                 else:
                     raise ProtocolError(Reason.PROTOCOL_ERROR, f"unknown topic alias {alias}")
-        props = Properties(tuple((k, v) for k, v in p.properties.items if k != Prop.TOPIC_ALIAS))
-        resolved = Publish(topic, p.payload, p.qos, p.retain, p.dup, p.packet_id, props)
+        resolved = p
+        if alias is not None:  # the alias is resolved here: nobody downstream sees it
+            props = Properties(tuple((k, v) for k, v in p.properties.items if k != Prop.TOPIC_ALIAS))
+            resolved = Publish(topic, p.payload, p.qos, p.retain, p.dup, p.packet_id, props)
         self.messages_in += 1
         if p.qos == 0:
             return [MessageReceived(0, resolved)]

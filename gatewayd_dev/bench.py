@@ -1,0 +1,630 @@
+"""`make bench`: sensors -> gateway -> AWS IoT stand-in -> subscriber, for gatewayd and, in the same run, for
+a mosquitto bridge tuned to lose nothing; prints messages/s, latency, lost, duplicated and peak RSS of each,
+and the ratios. Not part of `make test`. See docs/performance.md.
+
+Parts: the dev stack (swtpm, the stand-in's mosquitto with its queue limits lifted so the subscriber never
+drops), gatewayd (its real uplink: TPM key, mutual TLS), mosquitto as the bridge (software key, mutual TLS).
+The load generator and the subscriber are asyncio raw MQTT 3.1.1 clients in this process: every sensor a
+TLS connection with its own certificate, QoS 1 with 20 messages in flight (paho's default), payloads of 200
+bytes that carry the sensor, a sequence number and the send time. The generator's solo rate (straight into a
+plain mosquitto, no forwarding) is printed so it can be seen not to be the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import ssl
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gatewayd.core.mqtt.codec import encode
+from gatewayd.core.mqtt.packets import MQTT_311, Connect, Subscribe, Subscription
+from gatewayd.service.control import request
+from gatewayd_dev import pki
+from gatewayd_dev.gateway import Gateway, gateway_env, provision, register_ca, standin_config, write_config
+from gatewayd_dev.procs import Proc, current_user, free_port, port_open
+from gatewayd_dev.sensor import wait_until
+from gatewayd_dev.stack import DevStack
+
+PAYLOAD = 200
+WINDOW = 20  # QoS 1 messages in flight per sensor
+SETTLE = 3.0  # seconds without a new arrival after which a run is over
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------- the load generator
+
+
+def payload(sensor: int, seq: int, sent_ns: int) -> bytes:
+    head = b"%05d %09d %019d " % (sensor, seq, sent_ns)
+    return head.ljust(PAYLOAD, b"x")
+
+
+def publish_packet(topic: bytes, body: bytes, qos: int, packet_id: int) -> bytes:
+    variable = struct.pack("!H", len(topic)) + topic + (struct.pack("!H", packet_id) if qos else b"")
+    length = len(variable) + len(body)
+    out = bytearray([0x30 | (qos << 1)])
+    while True:
+        byte, length = length % 128, length // 128
+        out.append(byte | (0x80 if length else 0))
+        if not length:
+            break
+    return bytes(out) + variable + body
+
+
+@dataclass
+class SensorConn:
+    index: int
+    client_id: str
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    inflight: set[int] = field(default_factory=set)
+    room: asyncio.Event = field(default_factory=asyncio.Event)
+    acked: int = 0
+    next_id: int = 0
+
+    async def read_acks(self) -> None:
+        """PUBACKs (3.1.1: exactly 4 bytes, 0x40 0x02 id)."""
+        buf = b""
+        while True:
+            data = await self.reader.read(65536)
+            if not data:
+                return
+            buf += data
+            usable = len(buf) - len(buf) % 4
+            for i in range(0, usable, 4):
+                if buf[i] == 0x40:
+                    self.inflight.discard((buf[i + 2] << 8) | buf[i + 3])
+                    self.acked += 1
+            buf = buf[usable:]
+            self.room.set()
+
+    async def send(self, topic: bytes, seq: int, qos: int) -> None:
+        while qos and len(self.inflight) >= WINDOW:
+            self.room.clear()
+            await self.room.wait()
+        self.next_id = self.next_id % 65535 + 1
+        if qos:
+            self.inflight.add(self.next_id)
+        self.writer.write(publish_packet(topic, payload(self.index, seq, time.time_ns()), qos, self.next_id))
+        if self.writer.transport.get_write_buffer_size() > 1 << 20:
+            await self.writer.drain()
+
+
+async def connect_sensor(
+    index: int, client_id: str, port: int, ctx: ssl.SSLContext | None
+) -> tuple[SensorConn, asyncio.Task[None]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    writer.write(encode(Connect(client_id, MQTT_311, keepalive=600), MQTT_311))
+    connack = await reader.readexactly(4)
+    if connack[3] != 0:
+        raise RuntimeError(f"{client_id}: CONNACK {connack[3]}")
+    conn = SensorConn(index, client_id, reader, writer)
+    return conn, asyncio.create_task(conn.read_acks())
+
+
+@dataclass
+class Fleet:
+    conns: list[SensorConn]
+    tasks: list[asyncio.Task[None]]
+    topics: list[bytes]
+
+    async def closed_loop(self, per_sensor: int, qos: int) -> float:
+        """Every sensor publishes `per_sensor` messages as fast as its window allows; returns seconds."""
+        start = time.monotonic()
+
+        async def one(c: SensorConn, topic: bytes) -> None:
+            for seq in range(per_sensor):
+                await c.send(topic, seq, qos)
+            await c.writer.drain()
+            if qos:
+                while c.inflight:
+                    c.room.clear()
+                    await c.room.wait()
+
+        await asyncio.gather(*(one(c, t) for c, t in zip(self.conns, self.topics, strict=True)))
+        return time.monotonic() - start
+
+    async def open_loop(self, rate: float, seconds: float, qos: int, first_seq: int) -> int:
+        """`rate` messages/s in all, round robin over the sensors, for `seconds`; returns how many."""
+        total = int(rate * seconds)
+        start = time.monotonic()
+        for n in range(total):
+            due = start + n / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            c = self.conns[n % len(self.conns)]
+            seq = first_seq + n // len(self.conns)
+            await c.send(self.topics[c.index], seq, qos)  # with a full window: late, never skipped
+        for c in self.conns:
+            await c.writer.drain()
+        return total
+
+    async def close(self) -> None:
+        for c in self.conns:
+            c.writer.write(b"\xe0\x00")  # DISCONNECT
+            with contextlib.suppress(Exception):
+                await c.writer.drain()
+            c.writer.close()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def fleet(n: int, port: int, ctx_for: Callable[[int], ssl.SSLContext | None], prefix: str) -> Fleet:
+    conns, tasks = [], []
+    for start in range(0, n, 50):  # connect 50 at a time
+        made = await asyncio.gather(
+            *(connect_sensor(i, f"bench-{i:05d}", port, ctx_for(i)) for i in range(start, min(n, start + 50)))
+        )
+        for c, t in made:
+            conns.append(c)
+            tasks.append(t)
+    return Fleet(conns, tasks, [f"{prefix}sensors/bench-{i:05d}/b".encode() for i in range(n)])
+
+
+# ---------------------------------------------------------------------------- the subscriber
+
+
+@dataclass
+class Arrival:
+    at_ns: int
+    topic: bytes
+    body: bytes
+
+
+class Subscriber:
+    """At the stand-in's back office (plain MQTT): records every PUBLISH with its arrival time."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[Arrival] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, port: int, filters: list[str]) -> None:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
+        self.writer.write(encode(Connect(f"bench-sub-{os.getpid()}", MQTT_311, keepalive=600), MQTT_311))
+        await self.reader.readexactly(4)
+        subs = tuple(Subscription(f, 0) for f in filters)
+        self.writer.write(encode(Subscribe(1, subs), MQTT_311))
+        await self.reader.readexactly(4 + len(filters))  # SUBACK: header, packet id, one code each
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        buf = bytearray()
+        while True:
+            data = await self.reader.read(1 << 20)
+            if not data:
+                return
+            now = time.time_ns()
+            buf += data
+            pos = 0
+            while True:
+                if len(buf) - pos < 2:
+                    break
+                first = buf[pos]
+                length, mult, i = 0, 1, pos + 1
+                while i < len(buf):
+                    byte = buf[i]
+                    length += (byte & 0x7F) * mult
+                    mult *= 128
+                    i += 1
+                    if not byte & 0x80:
+                        break
+                else:
+                    break
+                if len(buf) - i < length:
+                    break
+                if first >> 4 == 3:
+                    tlen = (buf[i] << 8) | buf[i + 1]
+                    body_at = i + 2 + tlen + (2 if (first >> 1) & 3 else 0)
+                    topic = bytes(buf[i + 2 : i + 2 + tlen])
+                    self.arrivals.append(Arrival(now, topic, bytes(buf[body_at : i + length])))
+                pos = i + length
+            del buf[:pos]
+
+    async def settle(self, expected: int, timeout: float) -> None:
+        """Until `expected` arrived, or nothing new for SETTLE seconds, or `timeout`."""
+        deadline = time.monotonic() + timeout
+        last, last_change = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            n = len(self.arrivals)
+            if n >= expected:
+                await asyncio.sleep(0.5)  # late duplicates
+                return
+            if n != last:
+                last, last_change = n, time.monotonic()
+            elif time.monotonic() - last_change > SETTLE:
+                return
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.writer.close()
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+@dataclass
+class Figures:
+    rate: float = 0.0  # messages per second, first send to last arrival
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    lost: int = 0
+    duplicated: int = 0
+    rss_mb: float = 0.0
+
+
+def readings(arrivals: list[Arrival]) -> list[tuple[int, int, int, int]]:
+    """(sensor, seq, sent_ns, arrival_ns) of every reading; batch messages carry many."""
+    out = []
+    for a in arrivals:
+        if a.body.startswith(b'{"batch"'):
+            for item in json.loads(a.body)["batch"]:
+                text = base64.b64decode(item["payload"]["base64"])  # the readings are not JSON
+                s, q, t = text.split(b" ")[:3]
+                out.append((int(s), int(q), int(t), a.at_ns))
+        else:
+            s, q, t = a.body[:35].split(b" ")[:3]
+            out.append((int(s), int(q), int(t), a.at_ns))
+    return out
+
+
+def figures(arrivals: list[Arrival], expected: set[tuple[int, int]], started_ns: int) -> Figures:
+    got = readings(arrivals)
+    keys = [(s, q) for s, q, _, _ in got]
+    unique = set(keys)
+    lat = sorted((at - sent) / 1e6 for _, _, sent, at in got)
+    last = max((at for *_, at in got), default=started_ns)
+    return Figures(
+        rate=len(unique & expected) / max((last - started_ns) / 1e9, 1e-9),
+        p50_ms=statistics.median(lat) if lat else 0.0,
+        p99_ms=lat[int(len(lat) * 0.99) - 1] if lat else 0.0,
+        lost=len(expected - unique),
+        duplicated=len(keys) - len(unique),
+    )
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+# ---------------------------------------------------------------------------- the systems under test
+
+
+@dataclass
+class System:
+    name: str
+    port: int  # the sensors' listener
+    prefix: str  # what the upstream topic starts with
+    pids: Callable[[], list[int]]
+    ctx_for: Callable[[int], ssl.SSLContext]
+    stop: Callable[[], object]
+    upstream_filter: str
+
+
+class Certs:
+    """One sensor CA and N sensor certificates, written once and reused by both systems."""
+
+    def __init__(self, workdir: Path, n: int) -> None:
+        self.dir = workdir / "sensors"
+        self.dir.mkdir(exist_ok=True)
+        self.ca = pki.make_root("Bench Sensor CA", "ecc")
+        self.ca_file = pki.write(self.dir / "ca.pem", self.ca.cert_pem())
+        self.files: list[tuple[Path, Path]] = []
+        self.extend(n)
+
+    def extend(self, n: int) -> None:
+        for i in range(len(self.files), n):
+            issued = pki.make_client(self.ca, f"bench-{i:05d}")
+            cert = pki.write(self.dir / f"{i}.pem", issued.cert_pem())
+            key = pki.write(self.dir / f"{i}.key", issued.key_pem(), 0o600)
+            self.files.append((cert, key))
+
+    def contexts(self, server_ca: Path) -> Callable[[int], ssl.SSLContext]:
+        def ctx(i: int) -> ssl.SSLContext:
+            c = ssl.create_default_context(cafile=str(server_ca))
+            c.load_cert_chain(*map(str, self.files[i]))
+            return c
+
+        return ctx
+
+
+def start_gatewayd(stack: DevStack, workdir: Path, certs: Certs, quota: bool, batch: bool) -> System:
+    wd = workdir / ("gw-quota" if quota else "gw")
+    wd.mkdir()
+    thing = "bench-gw"
+    tables = standin_config(stack, wd, thing, downstream={"auto_activate": True, "max_connections": 2000})
+    tables["downstream"]["policy"] = {"publish": ["sensors/${iot:ClientId}/#"]}
+    tables["logging"] = {"level": "warning"}
+    tables["status"] = {"interval": 0}
+    if not quota:  # the stand-in has no quota: nothing to shape for (max_inflight stays AWS's 100)
+        tables["upstream"]["quota"] = {"publishes_per_second": 1_000_000, "bytes_per_second": 1 << 30}
+    if batch:
+        tables["forwarding"] = {"batch": [{"topic": "sensors/+/b", "max_delay": "1s"}]}
+    config = write_config(wd / "g.toml", tables)
+    provision(stack, config)
+    register_ca(config, certs.ca, auto_registration=True)
+    gw = Gateway(config, wd, env={**gateway_env(stack), "PYTHONPATH": str(REPO)})
+    gw.wait_ready(30)
+    sock = wd / "control.sock"
+    wait_until(lambda: request(sock, "status", None)["uplink"]["state"] == "connected", 30, "the uplink")
+
+    def pids() -> list[int]:
+        child = request(sock, "status", None)["uplink"]["uplinkPid"]
+        return [gw.pid, *([child] if child else [])]
+
+    return System(
+        "gatewayd",
+        int(tables["downstream"]["listener"][0]["port"]),
+        f"{thing}/",
+        pids,
+        certs.contexts(wd / "state" / "localca" / "ca.pem"),
+        gw.stop,
+        f"{thing}/sensors/#",
+    )
+
+
+def start_bridge(stack: DevStack, workdir: Path, certs: Certs, name: str = "bridge") -> System:
+    wd = workdir / name
+    wd.mkdir()
+    server_ca = pki.make_root("Bench Bridge Listener CA", "ecc")
+    server = pki.make_server(server_ca, ["localhost"], "ecc", ips=["127.0.0.1"])
+    ca_file = pki.write(wd / "listener-ca.pem", server_ca.cert_pem())
+    cert = pki.write(wd / "server.pem", server.cert_pem())
+    key = pki.write(wd / "server.key", server.key_pem(), 0o600)
+    client = stack.standin.client_files(f"bench-{name}")
+    ep = stack.standin.endpoint("rsa")
+    port = free_port()
+    conf = wd / "mosquitto.conf"
+    conf.write_text(
+        "\n".join(
+            [
+                "persistence false",
+                f"user {current_user()}",
+                "allow_anonymous true",
+                "max_inflight_messages 100",  # tuned as the issue measured: 100 in flight
+                "max_queued_messages 0",  # and no queue limit, so it loses nothing
+                f"listener {port} 127.0.0.1",
+                f"cafile {certs.ca_file}",
+                f"certfile {cert}",
+                f"keyfile {key}",
+                "require_certificate true",
+                "use_identity_as_username true",
+                "connection aws",
+                f"address 127.0.0.1:{ep.port}",
+                f"bridge_cafile {stack.standin.system_bundle_file}",
+                f"bridge_certfile {client.cert}",
+                f"bridge_keyfile {client.key}",
+                "bridge_insecure true",  # the endpoint name is not 127.0.0.1 (gatewayd: connect_address)
+                f"remote_clientid bench-{name}",
+                "try_private false",
+                "cleansession true",
+                "bridge_protocol_version mqttv311",
+                f'topic sensors/# out 1 "" bench-{name}/',
+                "",
+            ]
+        )
+    )
+    proc = Proc("mosquitto-bridge", ["mosquitto", "-c", str(conf)], wd / "mosquitto.log")
+    wait_until(lambda: port_open(port), 10, "the bridge's listener")
+    time.sleep(1.0)  # the bridge connects
+    return System(
+        "bridge", port, f"bench-{name}/", lambda: [proc.pid], certs.contexts(ca_file), proc.stop,
+        f"bench-{name}/sensors/#",
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+async def throughput(system: System, stack: DevStack, n: int, per_sensor: int, qos: int) -> Figures:
+    sub = Subscriber()
+    await sub.start(stack.standin.observer_port, [system.upstream_filter])
+    f = await fleet(n, system.port, system.ctx_for, "")
+    try:
+        started = time.time_ns()
+        await f.closed_loop(per_sensor, qos)
+        await sub.settle(n * per_sensor, 120)
+        expected = {(i, s) for i in range(n) for s in range(per_sensor)}
+        return figures(sub.arrivals, expected, started)
+    finally:
+        await f.close()
+        await sub.stop()
+
+
+async def latency(system: System, stack: DevStack, n: int, rate: float, seconds: float) -> Figures:
+    sub = Subscriber()
+    await sub.start(stack.standin.observer_port, [system.upstream_filter])
+    f = await fleet(n, system.port, system.ctx_for, "")
+    try:
+        started = time.time_ns()
+        total = await f.open_loop(rate, seconds, 1, 0)
+        await sub.settle(total, 120)
+        expected = {(i % n, i // n) for i in range(total)}
+        return figures(sub.arrivals, expected, started)
+    finally:
+        await f.close()
+        await sub.stop()
+
+
+async def quota_run(
+    system: System, stack: DevStack, n: int, rate: float, seconds: float, quota: int
+) -> tuple[float, int, int]:
+    """Readings per second AWS IoT would take when it allows `quota` publishes per second on the connection:
+    in every second, only the first `quota` publishes that arrive count (AWS throttles the rest)."""
+    sub = Subscriber()
+    await sub.start(stack.standin.observer_port, [system.upstream_filter, "$aws/rules/#"])
+    f = await fleet(n, system.port, system.ctx_for, "")
+    try:
+        started = time.time_ns()
+        total = await f.open_loop(rate, seconds, 1, 0)
+        await sub.settle(total, 60)
+        per_second: dict[int, int] = {}
+        accepted: list[Arrival] = []
+        for a in sub.arrivals:
+            sec = (a.at_ns - started) // 1_000_000_000
+            per_second[sec] = per_second.get(sec, 0) + 1
+            if per_second[sec] <= quota:
+                accepted.append(a)
+        got = {(s, q) for s, q, _, _ in readings(accepted)}
+        last = max((a.at_ns for a in accepted), default=started)
+        return len(got) / max((last - started) / 1e9, 1e-9), len(sub.arrivals), len(accepted)
+    finally:
+        await f.close()
+        await sub.stop()
+
+
+async def solo_rate(stack: DevStack, workdir: Path, certs: Certs, n: int, per_sensor: int) -> float:
+    """The generator alone: into a plain mosquitto with the same TLS listener, no forwarding, QoS 1."""
+    wd = workdir / "solo"
+    wd.mkdir()
+    server_ca = pki.make_root("Bench Solo CA", "ecc")
+    server = pki.make_server(server_ca, ["localhost"], "ecc", ips=["127.0.0.1"])
+    ca_file = pki.write(wd / "ca.pem", server_ca.cert_pem())
+    cert = pki.write(wd / "server.pem", server.cert_pem())
+    key = pki.write(wd / "server.key", server.key_pem(), 0o600)
+    port = free_port()
+    (wd / "m.conf").write_text(
+        f"persistence false\nuser {current_user()}\nallow_anonymous true\nmax_inflight_messages 0\n"
+        f"listener {port} 127.0.0.1\n"
+        f"cafile {certs.ca_file}\ncertfile {cert}\nkeyfile {key}\nrequire_certificate true\n"
+    )
+    proc = Proc("mosquitto-solo", ["mosquitto", "-c", str(wd / "m.conf")], wd / "m.log")
+    try:
+        wait_until(lambda: port_open(port), 10, "the solo broker")
+        f = await fleet(n, port, certs.contexts(ca_file), "")
+        try:
+            seconds = await f.closed_loop(per_sensor, 1)
+        finally:
+            await f.close()
+        return n * per_sensor / seconds
+    finally:
+        proc.stop()
+
+
+def _median(runs: list[Figures]) -> Figures:
+    return Figures(
+        rate=statistics.median(r.rate for r in runs),
+        p50_ms=statistics.median(r.p50_ms for r in runs),
+        p99_ms=statistics.median(r.p99_ms for r in runs),
+        lost=max(r.lost for r in runs),
+        duplicated=max(r.duplicated for r in runs),
+        rss_mb=max(r.rss_mb for r in runs),
+    )
+
+
+def _line(label: str, g: Figures, b: Figures) -> str:
+    def ratio(x: float, y: float) -> str:
+        return f"{x / y:.2f}x" if y else "n/a"
+
+    return (
+        f"{label:<30} gatewayd {g.rate:>8.0f} msg/s  p50 {g.p50_ms:>7.1f} ms  p99 {g.p99_ms:>7.1f} ms  "
+        f"lost {g.lost:>5}  dup {g.duplicated:>4}  RSS {g.rss_mb:>5.0f} MB\n"
+        f"{'':<30} bridge   {b.rate:>8.0f} msg/s  p50 {b.p50_ms:>7.1f} ms  p99 {b.p99_ms:>7.1f} ms  "
+        f"lost {b.lost:>5}  dup {b.duplicated:>4}  RSS {b.rss_mb:>5.0f} MB\n"
+        f"{'':<30} gatewayd/bridge: rate {ratio(g.rate, b.rate)}, p50 {ratio(g.p50_ms, b.p50_ms)}, "
+        f"p99 {ratio(g.p99_ms, b.p99_ms)}, RSS {ratio(g.rss_mb, b.rss_mb)}"
+    )
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="gatewayd-bench-"))
+    sizes = [args.sensors, *([1000] if args.large and args.sensors != 1000 else [])]
+    print(f"gatewayd benchmark: {os.cpu_count()} CPUs, sensors {sizes}, {args.messages} messages per sensor, "
+          f"{PAYLOAD}-byte payloads, medians of {args.repeat}; work dir {workdir}", flush=True)  # fmt: skip
+    tuning = ("max_queued_messages 0", "max_inflight_messages 0", "max_queued_bytes 0")
+    with DevStack(workdir / "stack", tuning=tuning) as stack:
+        certs = Certs(workdir, max(sizes))
+        solo = await solo_rate(stack, workdir, certs, args.sensors, args.messages)
+        print(f"load generator solo rate (QoS 1 into plain mosquitto, {args.sensors} sensors): "
+              f"{solo:.0f} msg/s", flush=True)  # fmt: skip
+        results: dict[str, dict[str, Figures]] = {"gatewayd": {}, "bridge": {}}
+        for name in ("gatewayd", "bridge"):
+            system = (
+                start_gatewayd(stack, workdir, certs, quota=False, batch=False)
+                if name == "gatewayd"
+                else start_bridge(stack, workdir, certs)
+            )
+            try:
+                for n in sizes:
+                    for qos in (0, 1):
+                        runs = []
+                        for _ in range(args.repeat):
+                            runs.append(await throughput(system, stack, n, args.messages, qos))
+                        results[name][f"{n} sensors, QoS {qos}"] = _median(runs)
+                        print(f"  {name}: {n} sensors QoS {qos}: {_median(runs).rate:.0f} msg/s", flush=True)
+                runs = [await latency(system, stack, args.sensors, args.rate, args.seconds)]
+                results[name][f"open loop {args.rate:.0f} msg/s, QoS 1"] = _median(runs)
+                rss = peak_rss_mb(system.pids())
+                for fig in results[name].values():
+                    fig.rss_mb = rss
+            finally:
+                system.stop()
+        print()
+        for label in results["gatewayd"]:
+            print(_line(label, results["gatewayd"][label], results["bridge"][label]))
+        print(f"\nquota run: AWS IoT allows {args.quota} publishes/s per connection; {args.sensors} sensors "
+              f"send {args.rate:.0f} readings/s for {args.seconds:.0f} s", flush=True)  # fmt: skip
+        gq = start_gatewayd(stack, workdir, certs, quota=True, batch=True)
+        try:
+            g_rate, g_pub, g_ok = await quota_run(
+                gq, stack, args.sensors, args.rate, args.seconds, args.quota
+            )
+        finally:
+            gq.stop()
+        bridge = start_bridge(stack, workdir, certs, "bridge-quota")
+        try:
+            b_rate, b_pub, b_ok = await quota_run(
+                bridge, stack, args.sensors, args.rate, args.seconds, args.quota
+            )
+        finally:
+            bridge.stop()
+        print(
+            f"  gatewayd (batching, shaped): {g_rate:>8.0f} readings/s delivered ({g_pub} publishes, "
+            f"{g_pub - g_ok} over the quota)"
+        )
+        print(
+            f"  bridge:                      {b_rate:>8.0f} readings/s delivered ({b_pub} publishes, "
+            f"{b_pub - b_ok} over the quota: AWS would throttle them)"
+        )
+        print(f"  gatewayd/bridge: {g_rate / b_rate if b_rate else float('inf'):.1f}x")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gatewayd_dev.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--sensors", type=int, default=100)
+    p.add_argument("--large", action="store_true", help="also run the throughput runs with 1000 sensors")
+    p.add_argument("--messages", type=int, default=200, help="per sensor, per throughput run")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--rate", type=float, default=2000.0, help="open-loop rate, messages per second")
+    p.add_argument("--seconds", type=float, default=10.0, help="open-loop duration")
+    p.add_argument("--quota", type=int, default=100, help="publishes per second AWS IoT allows")
+    args = p.parse_args(argv)
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
