@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -48,8 +47,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def payload(sensor: int, seq: int, sent_ns: int) -> bytes:
-    head = b"%05d %09d %019d " % (sensor, seq, sent_ns)
-    return head.ljust(PAYLOAD, b"x")
+    """A JSON reading of exactly PAYLOAD bytes: {"s": sensor, "n": seq, "t": sent_ns, "pad": "xx..."}."""
+    head = b'{"s":%d,"n":%d,"t":%d,"pad":"' % (sensor, seq, sent_ns)
+    return head + b"x" * (PAYLOAD - len(head) - 2) + b'"}'
+
+
+def _fields(reading: dict[str, int]) -> tuple[int, int, int]:
+    return reading["s"], reading["n"], reading["t"]
 
 
 def publish_packet(topic: bytes, body: bytes, qos: int, packet_id: int) -> bytes:
@@ -268,20 +272,16 @@ class Figures:
     lost: int = 0
     duplicated: int = 0
     rss_mb: float = 0.0
+    cpu_us: float = 0.0  # CPU time of the system under test (all its processes) per message delivered
 
 
 def readings(arrivals: list[Arrival]) -> list[tuple[int, int, int, int]]:
     """(sensor, seq, sent_ns, arrival_ns) of every reading; batch messages carry many."""
     out = []
     for a in arrivals:
-        if a.body.startswith(b'{"batch"'):
-            for item in json.loads(a.body)["batch"]:
-                text = base64.b64decode(item["payload"]["base64"])  # the readings are not JSON
-                s, q, t = text.split(b" ")[:3]
-                out.append((int(s), int(q), int(t), a.at_ns))
-        else:
-            s, q, t = a.body[:35].split(b" ")[:3]
-            out.append((int(s), int(q), int(t), a.at_ns))
+        doc = json.loads(a.body)
+        for reading in (item["payload"] for item in doc["batch"]) if "batch" in doc else [doc]:
+            out.append((*_fields(reading), a.at_ns))
     return out
 
 
@@ -298,6 +298,17 @@ def figures(arrivals: list[Arrival], expected: set[tuple[int, int]], started_ns:
         lost=len(expected - unique),
         duplicated=len(keys) - len(unique),
     )
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of the processes so far (clock ticks of /proc/PID/stat)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
 
 
 def peak_rss_mb(pids: list[int]) -> float:
@@ -362,7 +373,7 @@ def start_gatewayd(stack: DevStack, workdir: Path, certs: Certs, quota: bool, ba
     if not quota:  # the stand-in has no quota: nothing to shape for (max_inflight stays AWS's 100)
         tables["upstream"]["quota"] = {"publishes_per_second": 1_000_000, "bytes_per_second": 1 << 30}
     if batch:
-        tables["forwarding"] = {"batch": [{"topic": "sensors/+/b", "max_delay": "1s"}]}
+        tables["forwarding"] = {"batch": [{"topic": "sensors/+/b", "max_delay": "2s"}]}
     config = write_config(wd / "g.toml", tables)
     provision(stack, config)
     register_ca(config, certs.ca, auto_registration=True)
@@ -444,11 +455,14 @@ async def throughput(system: System, stack: DevStack, n: int, per_sensor: int, q
     await sub.start(stack.standin.observer_port, [system.upstream_filter])
     f = await fleet(n, system.port, system.ctx_for, "")
     try:
-        started = time.time_ns()
+        started, cpu = time.time_ns(), cpu_seconds(system.pids())
         await f.closed_loop(per_sensor, qos)
         await sub.settle(n * per_sensor, 120)
+        used = cpu_seconds(system.pids()) - cpu
         expected = {(i, s) for i in range(n) for s in range(per_sensor)}
-        return figures(sub.arrivals, expected, started)
+        result = figures(sub.arrivals, expected, started)
+        result.cpu_us = used / max(len(expected) - result.lost, 1) * 1e6
+        return result
     finally:
         await f.close()
         await sub.stop()
@@ -532,6 +546,7 @@ def _median(runs: list[Figures]) -> Figures:
         lost=max(r.lost for r in runs),
         duplicated=max(r.duplicated for r in runs),
         rss_mb=max(r.rss_mb for r in runs),
+        cpu_us=statistics.median(r.cpu_us for r in runs),
     )
 
 
@@ -539,13 +554,17 @@ def _line(label: str, g: Figures, b: Figures) -> str:
     def ratio(x: float, y: float) -> str:
         return f"{x / y:.2f}x" if y else "n/a"
 
+    def cpu(f: Figures) -> str:
+        return f"  CPU {f.cpu_us:>4.0f} us/msg" if f.cpu_us else ""
+
     return (
         f"{label:<30} gatewayd {g.rate:>8.0f} msg/s  p50 {g.p50_ms:>7.1f} ms  p99 {g.p99_ms:>7.1f} ms  "
-        f"lost {g.lost:>5}  dup {g.duplicated:>4}  RSS {g.rss_mb:>5.0f} MB\n"
+        f"lost {g.lost:>5}  dup {g.duplicated:>4}  RSS {g.rss_mb:>5.0f} MB{cpu(g)}\n"
         f"{'':<30} bridge   {b.rate:>8.0f} msg/s  p50 {b.p50_ms:>7.1f} ms  p99 {b.p99_ms:>7.1f} ms  "
-        f"lost {b.lost:>5}  dup {b.duplicated:>4}  RSS {b.rss_mb:>5.0f} MB\n"
+        f"lost {b.lost:>5}  dup {b.duplicated:>4}  RSS {b.rss_mb:>5.0f} MB{cpu(b)}\n"
         f"{'':<30} gatewayd/bridge: rate {ratio(g.rate, b.rate)}, p50 {ratio(g.p50_ms, b.p50_ms)}, "
         f"p99 {ratio(g.p99_ms, b.p99_ms)}, RSS {ratio(g.rss_mb, b.rss_mb)}"
+        + (f", CPU per message {ratio(g.cpu_us, b.cpu_us)}" if g.cpu_us and b.cpu_us else "")
     )
 
 

@@ -1,6 +1,5 @@
-"""The durable spool store (issue 7 groundwork, not wired into the daemon yet): group commit, order,
-survival across reopening and a killed writer, the bounds policy (QoS 0 dropped first, QoS 1 never silently),
-expiry."""
+"""The durable spool store: group commit, order, survival across reopening and a killed writer, the bounds
+policy (QoS 0 dropped first, QoS 1 never silently), expiry. The daemon's use of it: test_spool_daemon.py."""
 
 from __future__ import annotations
 
@@ -87,3 +86,30 @@ def test_expiry_by_age(tmp_path: Path) -> None:
     assert spool.stats().messages == 1 and spool.stats().bytes == 10 and spool.stats().oldest == 50.0
     with pytest.raises(ValueError):
         Spool(tmp_path / "other.db", 0, 60)
+    with pytest.raises(ValueError, match="when_full must be one of"):
+        Spool(tmp_path / "other.db", 100, 60, "drop-newest")
+
+
+def test_when_full_hold_keeps_everything_stored(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db", max_bytes=100, max_age=3600, when_full="hold")
+    spool.append([_m("b", i, qos=0) for i in range(5)] + [_m("a", i, qos=1) for i in range(5)], now=1.0)
+    assert spool.room() == 0
+    before = [s.seq for s in spool.peek(100)]
+    for qos in (0, 1):
+        with pytest.raises(SpoolFull, match="when_full is hold"):
+            spool.append([_m("c", 0, qos=qos)], now=2.0)
+    assert [s.seq for s in spool.peek(100)] == before  # not even the old QoS 0 messages went
+
+
+def test_when_full_drop_oldest_drops_any_qos_and_never_refuses(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db", max_bytes=100, max_age=3600, when_full="drop-oldest")
+    spool.append([_m("a", i, qos=1) for i in range(10)], now=1.0)
+    assert spool.room() == 100
+    _, dropped = spool.append([_m("b", 0, qos=1), _m("b", 1, qos=0)], now=2.0)
+    assert [(d.message.sensor, d.message.qos, d.message.payload[:1]) for d in dropped] == [
+        ("a", 1, b"0"),
+        ("a", 1, b"1"),
+    ]  # the two oldest, QoS 1 or not
+    assert spool.stats().bytes == 100 and [s.message.sensor for s in spool.peek(100)][-2:] == ["b", "b"]
+    with pytest.raises(SpoolFull, match="larger than the spool"):
+        spool.append([_m("c", i) for i in range(11)], now=3.0)

@@ -341,3 +341,32 @@ def test_batching_combines_readings_within_bounds(make_gw: Callable[..., GW], st
         plain.stop()
         ingest.stop()
         obs.stop()
+
+
+def test_old_messages_expire_and_the_status_line_shows_the_spool(
+    make_gw: Callable[..., GW], stack: DevStack
+) -> None:
+    gw = make_gw("gw-expire", spool={"max_age": "3s"})
+    assert gw.daemon is not None
+    daemon = gw.daemon
+    stack.standin.stop()
+    wait_until(lambda: not gw.connected(), 20, "the outage")
+    s = gw.sensor("ager")
+    try:
+        assert s.connect() == 0
+        for i in range(5):
+            assert s.publish("sensors/ager/n", f"ager {i}".encode()) == 0
+        # systemctl status (sd_notify STATUS=) tells that messages wait (refreshed every 5 s)
+        daemon.notify.wait_for("STATUS", timeout=10)
+        wait_until(
+            lambda: any("spool 5 messages" in m.get("STATUS", "") for m in daemon.notify.messages),
+            10,
+            "STATUS= with the spool",
+        )
+        wait_until(lambda: gw.spool()["droppedExpired"] == 5, 10, "the messages to expire")
+        assert gw.spool()["messages"] == 0
+        log = daemon.log()
+        assert messages.SPOOL_DROPPED.id in log and "5 message(s) older than spool.max_age" in log
+    finally:
+        s.stop()
+        stack.standin.start()

@@ -458,15 +458,22 @@ class ForwardingSection:
 class SpoolSection:
     max_bytes: int = opt(
         67108864,
-        "Most payload bytes kept in the spool (state_dir/spool.db) while the uplink cannot take them. When "
-        "full, the oldest QoS 0 messages are dropped first, then QoS 1 publishers are held back (their "
-        "PUBACK waits); QoS 1 is never dropped for room.",
+        "Most payload bytes kept in the spool (state_dir/spool.db) while the uplink cannot take them; "
+        "when_full says what happens then.",
         minimum=4096,
     )
     max_age: str = opt(
         "7d",
         "A message older than this is dropped from the spool (counted and logged), QoS 1 included.",
         check=check_duration,
+    )
+    when_full: str = opt(
+        "drop-qos0",
+        'What makes room in a full spool: "drop-qos0" (the oldest QoS 0 messages, then QoS 1 publishers are '
+        'held back), "hold" (nothing stored is dropped: new QoS 0 messages are, QoS 1 publishers are held '
+        'back), "drop-oldest" (the oldest messages whatever their QoS: sensors are never held back; for '
+        "data where only the latest matters). Every drop is counted and logged.",
+        choices=("drop-qos0", "hold", "drop-oldest"),
     )
 
 

@@ -324,12 +324,13 @@ SPOOL_DROPPED = Message(
     "SPOOL_DROPPED",
     "575f1bf6cfe544b7a79f2ed64ef39218",
     Priority.WARNING,
-    "Messages from sensors were dropped before reaching AWS IoT: QoS 0 messages to make room in a full "
-    "spool, or messages of any QoS older than spool.max_age. Logged at most every 10 seconds with the "
-    "counts since the last such line; the totals are in gatewayctl status.",
+    "Messages from sensors were dropped before reaching AWS IoT: to make room in a full spool (QoS 0 "
+    "messages; QoS 1 too only with spool.when_full = drop-oldest), or because they were older than "
+    "spool.max_age. Logged at most every 10 seconds with the counts since the last such line; the totals "
+    "are in gatewayctl status.",
     "Find out why the uplink cannot keep up (offline, throttled: see gatewayctl status), or raise "
     "spool.max_bytes / spool.max_age.",
-    fields="GATEWAYD_REASON, GATEWAYD_DROPPED_QOS0, GATEWAYD_DROPPED_EXPIRED",
+    fields="GATEWAYD_REASON, GATEWAYD_DROPPED_QOS0, GATEWAYD_DROPPED_QOS1, GATEWAYD_DROPPED_EXPIRED",
 )
 SPOOL_FULL = Message(
     "SPOOL_FULL",

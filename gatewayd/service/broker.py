@@ -46,7 +46,7 @@ from gatewayd.core.mqtt.topics import policy_variables as variables
 
 log = logging.getLogger("gatewayd.broker")
 
-READ_SIZE = 65536
+READ_SIZE = 16384  # per read from a sensor: what may still arrive from each one after the spool says stop
 MAX_ROUTES = 256  # cached publish decisions per sensor
 
 
@@ -97,6 +97,10 @@ class Upstream(Protocol):
         """A reason code now, or None: `done(reason)` follows once the message is stored durably."""
         ...
 
+    async def room(self) -> None:
+        """Returns when more may be read from sensors (flow control while the disk catches up)."""
+        ...
+
     def subscribe(self, topic_filter: str, qos: int = 1) -> None: ...
 
     def unsubscribe(self, topic_filter: str) -> None: ...
@@ -144,6 +148,8 @@ class Broker:
         try:
             while not conn.closed:
                 try:
+                    if self.upstream is not None:  # the spool's commits keep up: else TCP pushes back
+                        await asyncio.wait_for(self.upstream.room(), 1.0)
                     data = await asyncio.wait_for(reader.read(READ_SIZE), 1.0)
                 except TimeoutError:
                     events = conn.tick(time.monotonic())

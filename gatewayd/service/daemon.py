@@ -161,6 +161,7 @@ class Daemon:
                     state_dir / "spool.db",
                     self.config.spool.max_bytes,
                     parse_duration(self.config.spool.max_age),
+                    self.config.spool.when_full,
                 )
                 self.forwarder = Forwarder(self.config, spool, self.upstream.uplink)
                 await components.enter_async_context(self.forwarder)  # closes the spool

@@ -38,7 +38,8 @@ from gatewayd.core.config import BatchSection, Config
 from gatewayd.core.mqtt.topics import TopicMap, matches
 from gatewayd.core.renewal import parse_duration
 from gatewayd.core.shaping import FairQueue
-from gatewayd.service.uplink import Uplink, UplinkError
+from gatewayd.service.broker import READ_SIZE
+from gatewayd.service.uplink import Uplink, UplinkError, UplinkRefused
 from gatewayd.stores.spool import Message, Spool, Spooled, SpoolFull
 
 log = logging.getLogger("gatewayd.forwarder")
@@ -48,14 +49,22 @@ T = TypeVar("T")
 QUOTA_EXCEEDED = 0x97
 SUCCESS = 0x00
 MAX_COMMIT = 5000  # messages per transaction
-MAX_QUEUED_QOS0_BYTES = 4 << 20  # QoS 0 bytes waiting for a commit; beyond, the oldest waiting are dropped
-EXPIRE_EVERY = 60.0
+# Bytes waiting for a commit: above HIGH the broker stops reading sensors' sockets (TCP pushes back on every
+# sensor, QoS 0 ones included) until the commits bring it under LOW; never while the spool is full (then QoS 1
+# is held back by its acknowledgements and QoS 0 is dropped, and sensors' PINGREQs must still be answered).
+QUEUE_HIGH = 4 << 20
+QUEUE_LOW = 1 << 20
+# Each connection may still deliver what it had read (broker.READ_SIZE) after the stop: the queue stays under
+# QUEUE_HIGH + max_connections x READ_SIZE. Only beyond that (not reached while the disk works) are the oldest
+# QoS 0 messages waiting dropped.
+EXPIRE_EVERY = 60.0  # seconds; a quarter of spool.max_age when that is shorter
 DROP_LOG_EVERY = 10.0
 FEED_WAIT = 0.1  # seconds' worth of the publish quota handed to the uplink and not sent yet, at most
 PER_SENSOR_READ = 20  # messages read per sensor per feed round (fewer when many sensors wait)
 
 COUNTERS = (
-    "accepted", "delivered", "heldBack", "droppedQos0", "droppedExpired", "refusedTooLarge", "batches"
+    "accepted", "delivered", "heldBack", "droppedQos0", "droppedQos1", "droppedExpired", "refusedTooLarge",
+    "batches", "readPauses",
 )  # fmt: skip
 Done = Callable[[int], None]  # called with the PUBACK/PUBREC reason code once the message is durable
 
@@ -82,6 +91,8 @@ class Forwarder:
         self.now = now
         self.topic_map = TopicMap.from_template(config.forwarding.upstream_topic, config.gateway.thing_name)
         self.max_message = config.upstream.quota.max_message_bytes
+        self.max_queued_qos0 = QUEUE_HIGH + config.downstream.max_connections * READ_SIZE
+        self.expire_every = min(EXPIRE_EVERY, max(parse_duration(config.spool.max_age) / 4, 0.5))
         self.ahead = 2 * config.upstream.quota.max_inflight
         self.backlog = max(10, int(config.upstream.quota.publishes_per_second * FEED_WAIT))
         self.ahead_bytes = config.upstream.quota.bytes_per_second  # beyond a second's worth: in the spool
@@ -89,6 +100,9 @@ class Forwarder:
         self._pool = ThreadPoolExecutor(1, "spool")
         self._queue: deque[_Queued] = deque()
         self._queued_qos0 = 0  # bytes
+        self._queued = 0  # bytes, all messages waiting for a commit
+        self._accepting = asyncio.Event()
+        self._accepting.set()
         self._acked: list[int] = []
         self._wake_commit = asyncio.Event()
         self._wake_feed = asyncio.Event()
@@ -123,10 +137,14 @@ class Forwarder:
             return QUOTA_EXCEEDED
         message = Message(sensor, topic, payload, min(qos, 1), retain)
         self._queue.append(_Queued(message, done if qos else None))
+        self._queued += len(payload)
         if qos == 0:
             self._queued_qos0 += len(payload)
-            while self._queued_qos0 > MAX_QUEUED_QOS0_BYTES:
+            while self._queued_qos0 > self.max_queued_qos0:
                 self._drop_queued_qos0()
+        if self._queued > QUEUE_HIGH and not self._full and self._accepting.is_set():
+            self._accepting.clear()
+            self.counters["readPauses"] += 1
         self.counters["accepted"] += 1
         self._wake_commit.set()
         return None if qos else SUCCESS
@@ -136,8 +154,13 @@ class Forwarder:
             if q.message.qos == 0:
                 del self._queue[i]
                 self._queued_qos0 -= len(q.message.payload)
-                self._dropped("qos0", 1)
+                self._queued -= len(q.message.payload)
+                self._dropped("droppedQos0", 1)
                 return
+
+    async def room(self) -> None:
+        """Returns when sensors' sockets may be read (the commits keep up); see QUEUE_HIGH."""
+        await self._accepting.wait()
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         self.uplink.subscribe(topic_filter, qos)
@@ -206,18 +229,22 @@ class Forwarder:
             raise
         for _ in range(consumed):
             q = self._queue.popleft()
+            self._queued -= len(q.message.payload)
             if q.message.qos == 0:
                 self._queued_qos0 -= len(q.message.payload)
             if q.done is not None:  # QoS 1 in the consumed prefix: stored
                 q.done(SUCCESS)
-        if dropped:
-            self._dropped("qos0", dropped)
-        if refused_qos0:
-            self._dropped("qos0", refused_qos0)
+        qos1 = sum(d.message.qos for d in dropped)  # only with spool.when_full = drop-oldest
+        if len(dropped) - qos1 + refused_qos0:
+            self._dropped("droppedQos0", len(dropped) - qos1 + refused_qos0)
+        if qos1:
+            self._dropped("droppedQos1", qos1)
         for q in batch[:consumed]:
             self._commits[q.message.sensor] += 1
             self._has_more.add(q.message.sensor)
         held = len(batch) - consumed
+        if not self._accepting.is_set() and (self._queued < QUEUE_LOW or held):
+            self._accepting.set()
         if held and not self._full:
             self._full = True
             log.warning(
@@ -233,16 +260,17 @@ class Forwarder:
         if consumed:
             self._wake_feed.set()
 
-    def _write(self, batch: list[Message], acked: list[int], now: float) -> tuple[int, int, int]:
+    def _write(self, batch: list[Message], acked: list[int], now: float) -> tuple[int, list[Spooled], int]:
         """In the worker thread: forget what AWS IoT acknowledged, then store as much of `batch` as fits.
-        Returns (how many messages from the head are done with: stored, or QoS 0 dropped for room; old QoS 0
-        messages dropped from the spool for room; QoS 0 messages of the batch dropped for room). A QoS 1
+        Returns (how many messages from the head are done with: stored, or QoS 0 dropped for room; messages
+        the spool dropped for room (spool.when_full); QoS 0 messages of the batch dropped for room). A QoS 1
         message that does not fit ends the prefix: it and those after it stay queued, in order."""
         self.spool.ack(acked)
-        consumed, dropped, refused = len(batch), 0, 0
+        consumed, refused = len(batch), 0
+        dropped: list[Spooled] = []
         if batch:
             try:
-                dropped = len(self.spool.append(batch, now)[1])
+                dropped = self.spool.append(batch, now)[1]
             except SpoolFull:
                 budget = self.spool.room()
                 fitting: list[Message] = []
@@ -257,7 +285,7 @@ class Forwarder:
                         break
                     consumed += 1
                 if fitting:
-                    dropped = len(self.spool.append(fitting, now)[1])
+                    dropped = self.spool.append(fitting, now)[1]
         self._stats = self.spool.stats()
         return consumed, dropped, refused
 
@@ -349,41 +377,38 @@ class Forwarder:
         self._send(topic, b.encode(), 1, b.tags)
 
     def _send(self, topic: str, payload: bytes, qos: int, seqs: list[int]) -> None:
+        def delivered(error: BaseException | None) -> None:
+            self._handed -= 1
+            self._handed_bytes -= len(payload)
+            if error is None or isinstance(error, UplinkRefused):  # refused: it never will go; forget it
+                self._acked.extend(seqs)
+                self.counters["delivered" if error is None else "refusedTooLarge"] += len(seqs)
+                self._wake_commit.set()
+            self._wake_feed.set()
+
         try:
-            future = self.uplink.enqueue(topic, payload, qos)
+            self.uplink.send(topic, payload, qos, delivered)
         except UplinkError as exc:  # not expected: the uplink's queue is far larger than `ahead`
             log.error("spool: cannot hand messages %s to the uplink: %s (sent after a restart)", seqs, exc)
             return
         self._handed += 1
         self._handed_bytes += len(payload)
 
-        def delivered(f: asyncio.Future[None]) -> None:
-            self._handed -= 1
-            self._handed_bytes -= len(payload)
-            if not f.cancelled() and f.exception() is None:
-                self._acked.extend(seqs)
-                self.counters["delivered"] += len(seqs)
-                self._wake_commit.set()
-            self._wake_feed.set()
-
-        future.add_done_callback(delivered)
-
     # ------------------------------------------------------------------ bounds and status
 
     async def _expirer(self) -> None:
         while True:
-            await asyncio.sleep(EXPIRE_EVERY)
+            await asyncio.sleep(self.expire_every)
             old = await self._run(self._expire, self.now())
             if old:
-                self._dropped("expired", old)
+                self._dropped("droppedExpired", old)
 
     def _expire(self, now: float) -> int:
         old = self.spool.expire(now)
         self._stats = self.spool.stats()
         return len(old)
 
-    def _dropped(self, why: str, count: int) -> None:
-        key = "droppedQos0" if why == "qos0" else "droppedExpired"
+    def _dropped(self, key: str, count: int) -> None:
         self.counters[key] += count
         self._unlogged[key] += count
         wait = self._last_drop_log + DROP_LOG_EVERY - time.monotonic()
@@ -395,17 +420,19 @@ class Forwarder:
 
     def _log_drops(self) -> None:
         self._drop_log_scheduled = False
-        q0, old = self._unlogged["droppedQos0"], self._unlogged["droppedExpired"]
-        if not q0 and not old:
+        q0, q1, old = (self._unlogged[k] for k in ("droppedQos0", "droppedQos1", "droppedExpired"))
+        if not q0 and not q1 and not old:
             return
         self._last_drop_log = time.monotonic()
         self._unlogged.clear()
-        reason = "spool full" if q0 and not old else "too old" if old and not q0 else "spool full, too old"
+        reasons = [r for r, n in (("spool full", q0 + q1), ("older than spool.max_age", old)) if n]
         log.warning(
-            "spool: dropped %d QoS 0 message(s) for room and %d message(s) older than spool.max_age",
-            q0, old,
+            "spool: dropped %d QoS 0 and %d QoS 1 message(s) for room (spool.when_full = %s) and %d "
+            "message(s) older than spool.max_age",
+            q0, q1, self.spool.when_full, old,
             extra=messages.extra(
-                messages.SPOOL_DROPPED, reason=reason, dropped_qos0=q0, dropped_expired=old
+                messages.SPOOL_DROPPED, reason=", ".join(reasons), dropped_qos0=q0, dropped_qos1=q1,
+                dropped_expired=old,
             ),
         )  # fmt: skip
 
@@ -433,18 +460,7 @@ class Forwarder:
             "full": self._full,
             "queuedForCommit": len(self._queue),
             "withUplink": self._handed,
-            **{
-                k: self.counters[k]
-                for k in (
-                    "accepted",
-                    "delivered",
-                    "heldBack",
-                    "droppedQos0",
-                    "droppedExpired",
-                    "refusedTooLarge",
-                    "batches",
-                )
-            },
+            **{k: self.counters[k] for k in COUNTERS},
         }
 
 

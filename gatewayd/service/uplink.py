@@ -59,6 +59,9 @@ class ChildSpec:
     env: dict[str, str]  # extra environment (OPENSSL_CONF, TPM2OPENSSL_TCTI)
 
 
+Done = Callable[[BaseException | None], None]  # called with None once acknowledged, else with the error
+
+
 @dataclass
 class _Outgoing:
     id: int
@@ -66,7 +69,25 @@ class _Outgoing:
     payload: bytes
     qos: int
     retain: bool
-    done: asyncio.Future[None]
+    done: asyncio.Future[None] | None = None  # enqueue()
+    callback: Done | None = None  # send(): no future, for the forwarder's many messages
+    finished: bool = False
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.done is not None and not self.done.done():
+            if error is None:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(error)
+        if self.callback is not None:
+            self.callback(error)
+
+    def abandoned(self) -> bool:
+        """Finished, or its future was cancelled by whoever awaited it: not to be sent."""
+        return self.finished or (self.done is not None and self.done.cancelled())
 
 
 @dataclass
@@ -166,14 +187,30 @@ class Uplink:
     def enqueue(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> asyncio.Future[None]:
         """Accept a message for upstream now (UplinkError when the queue is full); the future resolves once
         AWS IoT acknowledged it (QoS 1) or it was handed to the socket (QoS 0)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_consume)
+        self._add(topic, payload, qos, retain, future, None)
+        return future
+
+    def send(self, topic: str, payload: bytes, qos: int, callback: Done) -> None:
+        """enqueue() without a future: `callback(None)` once acknowledged, `callback(error)` if it never
+        will be (UplinkRefused: never sendable; UplinkError: gatewayd is stopping)."""
+        self._add(topic, payload, qos, False, None, callback)
+
+    def _add(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        future: asyncio.Future[None] | None,
+        callback: Done | None,
+    ) -> None:
         if len(self._queue) >= self.max_queued:
             raise UplinkError(f"uplink queue full ({self.max_queued} messages)")
         self._ids += 1
-        msg = _Outgoing(self._ids, topic, payload, qos, retain, asyncio.get_running_loop().create_future())
-        msg.done.add_done_callback(_consume)
-        self._queue.append(msg)
+        self._queue.append(_Outgoing(self._ids, topic, payload, qos, retain, future, callback))
         self._wake_sender.set()
-        return msg.done
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """enqueue() and wait for the acknowledgement."""
@@ -245,6 +282,11 @@ class Uplink:
         return self._closing  # a method, so type narrowing of the attribute does not outlive an await
 
     @property
+    def inflight(self) -> int:
+        """Messages sent and not acknowledged yet."""
+        return len(self._inflight)
+
+    @property
     def backlog(self) -> int:
         """Messages queued and not sent yet (waiting for the window, the quota or the connection)."""
         return len(self._queue)
@@ -278,8 +320,7 @@ class Uplink:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for msg in [*self._inflight.values(), *self._queue]:
-            if not msg.done.done():
-                msg.done.set_exception(UplinkError("gatewayd is stopping"))
+            msg.finish(UplinkError("gatewayd is stopping"))
 
     # ------------------------------------------------------------------ supervision
 
@@ -436,8 +477,7 @@ class Uplink:
         if msg is None:
             return
         if ack.ok:
-            if not msg.done.done():
-                msg.done.set_result(None)
+            msg.finish()
         else:
             self._queue.appendleft(msg)  # not delivered: send again after reconnect
         self._wake_sender.set()
@@ -502,7 +542,7 @@ class Uplink:
             frames: list[bytes] = []  # one write to the child for all that may go now
             while self._connected and self._queue and len(self._inflight) < self.window:
                 msg = self._queue[0]
-                if msg.done.done():
+                if msg.abandoned():
                     self._queue.popleft()
                     continue
                 if self._shaper is not None and self._held_back(msg):
@@ -530,7 +570,7 @@ class Uplink:
             wait = self._shaper.delay(now, len(msg.payload))
         except ValueError as exc:
             self._queue.popleft()
-            msg.done.set_exception(UplinkRefused(str(exc)))
+            msg.finish(UplinkRefused(str(exc)))
             log.error("message on %s not sent: %s", msg.topic, exc)
             return False
         if not wait:

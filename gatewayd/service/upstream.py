@@ -271,8 +271,8 @@ class Upstream:
             "certificateId": self.ready.summary.certificate_id if self.ready else None,
             "certificateNotAfter": _iso(self.ready.summary.not_after) if self.ready else None,
             "certificateDaysLeft": self.days_left(),
-            "queued": s.queued,
-            "inflight": s.inflight,
+            "queued": self.uplink.backlog,
+            "inflight": self.uplink.inflight,
             "published": s.published,
             "publishRate": round(self.uplink.publish_rate(), 1),  # per second, over the last 10 s
             "throttled": s.throttled,

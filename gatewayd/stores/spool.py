@@ -5,11 +5,12 @@ its single worker thread).
 - Group commit: append() takes a batch and writes it in one transaction, one fsync for many messages.
 - Order: messages leave oldest first (by sequence number), so each sensor's order is kept; per_sensor()
   reads one sensor's messages in order, for a fair (round-robin) feed.
-- Bounds: `max_bytes` of payload and `max_age` seconds. When a batch does not fit, the oldest QoS 0 messages
-  are dropped first; if that is not enough, the batch is refused (SpoolFull, nothing written: the broker holds
-  back the sensors' acknowledgements of QoS 1 messages, so the sensors keep them; QoS 0 ones are counted as
-  dropped) and QoS 1 is never silently dropped. Messages older than `max_age` are dropped by expire(). Every
-  drop is counted and returned, for the log.
+- Bounds: `max_bytes` of payload and `max_age` seconds. When a batch does not fit, `when_full` decides:
+  "drop-qos0" (the default) drops the oldest QoS 0 messages; "hold" drops nothing stored; "drop-oldest" drops
+  the oldest messages whatever their QoS. If that does not make room, the batch is refused (SpoolFull, nothing
+  written: the caller holds back the sensors' acknowledgements of QoS 1 messages, so the sensors keep them),
+  so QoS 1 is never silently dropped. Messages older than `max_age` are dropped by expire(). Every drop is
+  returned, for counting and the log.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ CREATE TABLE messages (
 CREATE INDEX messages_by_qos ON messages(qos, seq);
 CREATE INDEX messages_by_sensor ON messages(sensor, seq);
 """
+
+
+WHEN_FULL = ("drop-qos0", "hold", "drop-oldest")
+_NO_ROOM = {
+    "drop-qos0": "no QoS 0 message left to drop",
+    "hold": "when_full is hold: nothing stored is dropped",
+    "drop-oldest": "the batch is larger than the spool",
+}
+_DROPPABLE = {"drop-qos0": "WHERE qos=0", "hold": "WHERE 0", "drop-oldest": ""}  # what may go for room
 
 
 class SpoolError(GatewaydError):
@@ -72,9 +82,12 @@ class Stats:
 
 
 class Spool:
-    def __init__(self, path: Path, max_bytes: int, max_age: float) -> None:
+    def __init__(self, path: Path, max_bytes: int, max_age: float, when_full: str = "drop-qos0") -> None:
         if max_bytes <= 0 or max_age <= 0:
             raise ValueError("max_bytes and max_age must be positive")
+        if when_full not in WHEN_FULL:
+            raise ValueError(f"when_full must be one of {', '.join(WHEN_FULL)}")
+        self.when_full = when_full
         self.path = path
         self.max_bytes = max_bytes
         self.max_age = max_age
@@ -123,12 +136,13 @@ class Spool:
         with self._write():
             over = self._bytes + incoming - self.max_bytes
             if over > 0:
-                dropped = self._drop_qos0(over)
+                dropped = self._drop_for_room(over)
                 freed = sum(len(d.message.payload) for d in dropped)
                 if freed < over:  # the drops above are rolled back with the refusal: nothing changes
+                    what = _NO_ROOM[self.when_full]
                     raise SpoolFull(
-                        f"spool full ({self._bytes} of {self.max_bytes} bytes, no QoS 0 message left to "
-                        f"drop): {len(messages)} message(s) refused"
+                        f"spool full ({self._bytes} of {self.max_bytes} bytes, {what}): "
+                        f"{len(messages)} message(s) refused"
                     )
             self.db.executemany(
                 "INSERT INTO messages (sensor, topic, payload, qos, retain, enqueued) VALUES (?,?,?,?,?,?)",
@@ -141,11 +155,11 @@ class Spool:
         self._count += len(seqs) - len(dropped)
         return seqs, dropped
 
-    def _drop_qos0(self, needed: int) -> list[Spooled]:
-        """Inside a write transaction: delete the oldest QoS 0 messages until `needed` bytes are freed."""
+    def _drop_for_room(self, needed: int) -> list[Spooled]:
+        """Inside a write transaction: delete the oldest droppable messages until `needed` bytes are freed."""
         dropped: list[Spooled] = []
         freed = 0
-        for row in self.db.execute("SELECT * FROM messages WHERE qos=0 ORDER BY seq"):
+        for row in self.db.execute(f"SELECT * FROM messages {_DROPPABLE[self.when_full]} ORDER BY seq"):
             if freed >= needed:
                 break
             dropped.append(_row(row))
@@ -173,11 +187,11 @@ class Spool:
         return [r[0] for r in self.db.execute("SELECT DISTINCT sensor FROM messages")]
 
     def room(self) -> int:
-        """Payload bytes an append could take now: the free space plus what dropping QoS 0 would free."""
-        (qos0,) = self.db.execute(
-            "SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM messages WHERE qos=0"
+        """Payload bytes an append could take now: the free space plus what the policy may drop."""
+        (droppable,) = self.db.execute(
+            f"SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM messages {_DROPPABLE[self.when_full]}"
         ).fetchone()
-        return self.max_bytes - self._bytes + int(qos0)
+        return self.max_bytes - self._bytes + int(droppable)
 
     def ack(self, seqs: Iterable[int]) -> None:
         """Delivered: forget them (one transaction)."""
