@@ -226,6 +226,7 @@ def test_full_spool_drops_qos0_first_and_holds_qos1(make_gw: Callable[..., GW], 
             return sum(int(n) for n in re.findall(r"dropped_qos0=(\d+)", daemon.log()))
 
         wait_until(lambda: logged_drops() == 20, 15, "the drops in the log")
+        assert messages.SPOOL_BACKLOG.id in daemon.log()  # depth and age in the journal while messages wait
         stack.standin.start()
         wait_until(lambda: all(i.mid in s.acks for i in info), 30, "PUBACKs once there is room")
         lines = obs.wait(43, timeout=60)

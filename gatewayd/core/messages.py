@@ -341,6 +341,17 @@ SPOOL_FULL = Message(
     "Restore the uplink, or raise spool.max_bytes.",
     fields="GATEWAYD_SPOOL_BYTES, GATEWAYD_SPOOL_MESSAGES",
 )
+SPOOL_BACKLOG = Message(
+    "SPOOL_BACKLOG",
+    "a4bf03e305a24ba0b7109393cdc108f5",
+    Priority.INFO,
+    "Messages are waiting in the spool for the uplink: logged once a minute while any wait, with the depth, "
+    "the bytes, the oldest message's age, the uplink's publish rate and whether the quota holds it back.",
+    "Nothing, while the uplink is connected and the backlog shrinks; otherwise see why the uplink cannot "
+    "connect or keep up (gatewayctl status).",
+    fields="GATEWAYD_SPOOL_MESSAGES, GATEWAYD_SPOOL_BYTES, GATEWAYD_OLDEST_AGE_SECONDS, "
+    "GATEWAYD_PUBLISH_RATE, GATEWAYD_THROTTLED",
+)
 UPLINK_THROTTLED = Message(
     "UPLINK_THROTTLED",
     "2dc4c614b948489bae5409ac3fefd8e7",
@@ -389,6 +400,7 @@ ALL: tuple[Message, ...] = (
     TRUST_UPDATE_FAILED,
     SPOOL_DROPPED,
     SPOOL_FULL,
+    SPOOL_BACKLOG,
     UPLINK_THROTTLED,
 )
 

@@ -45,6 +45,7 @@ from gatewayd.stores.spool import Spool
 from gatewayd.stores.statedir import ensure_state_dir
 
 STATUS_REFRESH = 5.0  # seconds
+BACKLOG_LOG_EVERY = 60.0  # seconds
 
 log = logging.getLogger("gatewayd.daemon")
 
@@ -218,10 +219,16 @@ class Daemon:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _refresh_status(self) -> None:
-        """STATUS= follows the spool and the throttling too (sent only when the line changes)."""
+        """STATUS= follows the spool and the throttling too (sent only when the line changes); while
+        messages wait in the spool, journald gets their figures once a minute."""
+        last_backlog_log = -BACKLOG_LOG_EVERY  # the first backlog is logged at once
         while True:
             await asyncio.sleep(STATUS_REFRESH)
             self._status_changed()
+            now = time.monotonic()
+            due = now - last_backlog_log >= BACKLOG_LOG_EVERY
+            if due and self.forwarder is not None and self.forwarder.log_backlog():
+                last_backlog_log = now
 
     async def _watchdog(self, interval: float) -> None:
         # Runs on the event loop: if anything blocks the loop, the pings stop and systemd acts.

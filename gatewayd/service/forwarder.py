@@ -436,6 +436,23 @@ class Forwarder:
             ),
         )  # fmt: skip
 
+    def log_backlog(self) -> bool:
+        """The spool's figures in the journal, when messages wait (True: logged)."""
+        s = self._stats
+        if not s.messages:
+            return False
+        age = round(self.now() - s.oldest) if s.oldest is not None else 0
+        rate, throttled = round(self.uplink.publish_rate(), 1), self.uplink.status.throttled
+        log.info(
+            "spool: %d messages (%d bytes, the oldest %d s old) waiting; uplink publishing %g/s%s",
+            s.messages, s.bytes, age, rate, ", throttled by the quota" if throttled else "",
+            extra=messages.extra(
+                messages.SPOOL_BACKLOG, spool_messages=s.messages, spool_bytes=s.bytes,
+                oldest_age_seconds=age, publish_rate=rate, throttled=throttled,
+            ),
+        )  # fmt: skip
+        return True
+
     def status_words(self) -> str:
         """For the STATUS= line: empty while nothing waits."""
         s = self._stats
