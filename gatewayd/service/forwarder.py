@@ -57,6 +57,7 @@ QUEUE_LOW = 1 << 20
 # Each connection may still deliver what it had read (broker.READ_SIZE) after the stop: the queue stays under
 # QUEUE_HIGH + max_connections x READ_SIZE. Only beyond that (not reached while the disk works) are the oldest
 # QoS 0 messages waiting dropped.
+STOP_COMMIT_TIMEOUT = 5.0  # seconds the final commit may take at shutdown (within daemon.SHUTDOWN_BUDGET)
 EXPIRE_EVERY = 60.0  # seconds; a quarter of spool.max_age when that is shorter
 DROP_LOG_EVERY = 10.0
 FEED_WAIT = 0.1  # seconds' worth of the publish quota handed to the uplink and not sent yet, at most
@@ -182,17 +183,20 @@ class Forwarder:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        """Stop: commit what is queued (QoS 0 included; held QoS 1 messages stay unacknowledged, so their
-        sensors send them again), then close the spool."""
+        """Stop: the committer commits what is queued (QoS 0 included; held QoS 1 messages stay
+        unacknowledged, so their sensors send them again) and ends; a commit in progress is never cut short
+        (it would be written again). Then the spool is closed."""
         self._stopping = True
-        for task in self._tasks:
+        committer, *others = self._tasks
+        for task in others:
             task.cancel()
+        self._wake_commit.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(committer), STOP_COMMIT_TIMEOUT)
+        except TimeoutError:
+            log.error("spool: the final commit took over %g s; stopping without it", STOP_COMMIT_TIMEOUT)
+            committer.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._queue or self._acked:
-            try:
-                await self._commit_once()
-            except Exception as exc:
-                log.error("spool: final commit failed: %s", exc)
         await self._run(self.spool.close)
         self._pool.shutdown(wait=True)
 
@@ -205,7 +209,7 @@ class Forwarder:
         while True:
             await self._wake_commit.wait()
             self._wake_commit.clear()
-            if self._full and not self._acked:
+            if self._full and not self._acked and not self._stopping:
                 # full: only AWS IoT's acknowledgements (or expiry) make room; retry on those, or every second
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake_commit.wait(), 1.0)
@@ -213,8 +217,12 @@ class Forwarder:
                 await self._commit_once()
             except Exception as exc:
                 log.error("spool: commit failed, retrying in 1 s: %s", exc)
+                if self._stopping:
+                    return
                 await asyncio.sleep(1.0)
-            if self._queue and not self._full:
+            if self._stopping and not self._acked and (not self._queue or self._full):
+                return  # all committed, or what is left is held for room that will not come now
+            if (self._queue and not self._full) or self._stopping:
                 self._wake_commit.set()
 
     async def _commit_once(self) -> None:
