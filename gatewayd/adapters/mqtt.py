@@ -51,7 +51,9 @@ class _Client(paho.Client):
 
 
 class UpstreamClient:
-    def __init__(self, client_id: str, context: ssl.SSLContext, connect_address: str = "") -> None:
+    def __init__(
+        self, client_id: str, context: ssl.SSLContext, connect_address: str = "", max_inflight: int = 100
+    ) -> None:
         if PAHO2:
             self.client = _Client(
                 CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True, protocol=paho.MQTTv311
@@ -60,7 +62,7 @@ class UpstreamClient:
             self.client = _Client(client_id=client_id, clean_session=True, protocol=paho.MQTTv311)
         self.client.connect_address = connect_address or None
         self.client.tls_set_context(context)
-        self.client.max_inflight_messages_set(100)  # AWS IoT Core: 100 unacknowledged QoS 1 per connection
+        self.client.max_inflight_messages_set(max_inflight)  # upstream.quota.max_inflight (AWS IoT: 100)
         self.client.max_queued_messages_set(0)
         self.events: deque[Event] = deque()
         c = self.client

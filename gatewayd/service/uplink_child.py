@@ -224,7 +224,9 @@ class Child:
 
     def connect(self, context: ssl.SSLContext) -> bool:
         cfg = self.config
-        self.client = UpstreamClient(cfg["client_id"], context, cfg.get("connect_address", ""))
+        self.client = UpstreamClient(
+            cfg["client_id"], context, cfg.get("connect_address", ""), int(cfg.get("max_inflight", 100))
+        )
         try:
             self.client.connect(cfg["endpoint"], int(cfg["port"]), int(cfg["keepalive"]))
         except (ssl.SSLError, ssl.CertificateError, OSError) as exc:

@@ -227,6 +227,7 @@ class Upstream:
             "connect_address": up.connect_address,
             "client_id": client_id,
             "keepalive": up.keepalive,
+            "max_inflight": up.quota.max_inflight,
             "alpn": tls.alpn_protocols(up.alpn, up.port),
             "ca_bundle": str(ca_bundle or self.trust.path),
             "cert_file": str(version.fullchain_file),
