@@ -397,14 +397,19 @@ def start_gatewayd(stack: DevStack, workdir: Path, certs: Certs, quota: bool, ba
     )
 
 
-def start_bridge(stack: DevStack, workdir: Path, certs: Certs, name: str = "bridge") -> System:
-    wd = workdir / name
-    wd.mkdir()
-    server_ca = pki.make_root("Bench Bridge Listener CA", "ecc")
+def listener_files(wd: Path, ca_name: str) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 for a mosquitto listener: (CA file, cert, key)."""
+    server_ca = pki.make_root(ca_name, "ecc")
     server = pki.make_server(server_ca, ["localhost"], "ecc", ips=["127.0.0.1"])
     ca_file = pki.write(wd / "listener-ca.pem", server_ca.cert_pem())
     cert = pki.write(wd / "server.pem", server.cert_pem())
-    key = pki.write(wd / "server.key", server.key_pem(), 0o600)
+    return ca_file, cert, pki.write(wd / "server.key", server.key_pem(), 0o600)
+
+
+def start_bridge(stack: DevStack, workdir: Path, certs: Certs, name: str = "bridge") -> System:
+    wd = workdir / name
+    wd.mkdir()
+    ca_file, cert, key = listener_files(wd, "Bench Bridge Listener CA")
     client = stack.standin.client_files(f"bench-{name}")
     ep = stack.standin.endpoint("rsa")
     port = free_port()
@@ -514,11 +519,7 @@ async def solo_rate(stack: DevStack, workdir: Path, certs: Certs, n: int, per_se
     """The generator alone: into a plain mosquitto with the same TLS listener, no forwarding, QoS 1."""
     wd = workdir / "solo"
     wd.mkdir()
-    server_ca = pki.make_root("Bench Solo CA", "ecc")
-    server = pki.make_server(server_ca, ["localhost"], "ecc", ips=["127.0.0.1"])
-    ca_file = pki.write(wd / "ca.pem", server_ca.cert_pem())
-    cert = pki.write(wd / "server.pem", server.cert_pem())
-    key = pki.write(wd / "server.key", server.key_pem(), 0o600)
+    ca_file, cert, key = listener_files(wd, "Bench Solo CA")
     port = free_port()
     (wd / "m.conf").write_text(
         f"persistence false\nuser {current_user()}\nallow_anonymous true\nmax_inflight_messages 0\n"
