@@ -59,7 +59,7 @@ def test_structured_fields_and_message_ids_reach_journald(tmp_path: Path) -> Non
     assert started["MESSAGE"] == "gatewayd 0.1.0 ready (thing gw-test)"
     assert started["GATEWAYD_COMPONENT"] == "daemon"
     assert started["GATEWAYD_THING_NAME"] == "gw-test"
-    assert started["PRIORITY"] == "6"
+    assert started["PRIORITY"] == str(int(messages.STARTED.priority))  # NOTICE (logged at INFO)
     assert started["SYSLOG_IDENTIFIER"] == "gatewayd"
     assert started["CODE_FUNC"] == "run"
 

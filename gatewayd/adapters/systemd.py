@@ -108,7 +108,7 @@ class JournalHandler(logging.Handler):
             if record.exc_info:
                 message += "\n" + "".join(traceback.format_exception(*record.exc_info))
             fields: dict[str, str | int] = {
-                "PRIORITY": str(_PRIORITY.get(record.levelno, 6)),
+                "PRIORITY": str(getattr(record, "journal_priority", _PRIORITY.get(record.levelno, 6))),
                 "SYSLOG_IDENTIFIER": SYSLOG_IDENTIFIER,
                 "GATEWAYD_COMPONENT": component_of(record),
                 "CODE_FILE": record.pathname,

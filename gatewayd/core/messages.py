@@ -34,7 +34,7 @@ STARTED = Message(
     "STARTED",
     "4424b38321b54e6284e8d941ce335ae1",
     Priority.NOTICE,
-    "gatewayd started all its components and told systemd it is ready.",
+    "gatewayd started all its components; it tells systemd it is ready (READY=1) right after this.",
     "",
     fields="GATEWAYD_THING_NAME",
 )
@@ -406,5 +406,11 @@ ALL: tuple[Message, ...] = (
 
 
 def extra(message: Message, **fields: object) -> dict[str, object]:
-    """`extra=` for a logging call: attaches the MESSAGE_ID and structured fields to the record."""
-    return {"message_id": message.id, "message_name": message.name, "fields": fields}
+    """`extra=` for a logging call: attaches the MESSAGE_ID, the message's own syslog priority (journald's
+    PRIORITY, e.g. NOTICE for a record logged at INFO) and structured fields to the record."""
+    return {
+        "message_id": message.id,
+        "message_name": message.name,
+        "journal_priority": int(message.priority),
+        "fields": fields,
+    }

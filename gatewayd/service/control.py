@@ -72,6 +72,9 @@ class ControlServer:
             log.info("control group %s does not exist: only root and uid %d may use gatewayctl", self.group,
                      os.geteuid())  # fmt: skip
             return
+        if os.stat(self.path).st_gid == self.gid:
+            return  # already (the daemon's own group, as under the package's unit): no chown, which its
+            # system call filter refuses
         try:
             os.chown(self.path, -1, self.gid)
         except OSError as exc:  # not a member: the socket keeps the daemon's group; peer checks still apply

@@ -180,13 +180,14 @@ class Daemon:
                     )
                 )
                 self._set_state("running")
-                self.notifier.ready(self.status_line())
+                # Logged before READY=1, so the journal shows it before systemd's "Started" line.
                 log.info(
                     "gatewayd %s ready (thing %s)",
                     __version__,
                     self.config.gateway.thing_name,
                     extra=messages.extra(messages.STARTED, thing_name=self.config.gateway.thing_name),
                 )
+                self.notifier.ready(self.status_line())
                 await self._serve_until_stopped()
                 try:
                     async with asyncio.timeout(SHUTDOWN_BUDGET):

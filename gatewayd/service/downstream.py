@@ -105,7 +105,14 @@ class Downstream:
                 log.info("listening for sensors on %s (%s)", name, mode)
         except (OSError, ssl.SSLError) as exc:
             await self.__aexit__(None, None, None)
-            raise GatewaydError(f"cannot open the sensor listener: {exc}") from exc
+            hint = ""
+            tcp_ports = [lst.port for lst in d.listener if not lst.address.startswith("unix:")]
+            if isinstance(exc, PermissionError) and any(0 < port < 1024 for port in tcp_ports):
+                hint = (
+                    " (a port below 1024 needs CAP_NET_BIND_SERVICE: give it to the unit in a drop-in with"
+                    " AmbientCapabilities= and CapabilityBoundingSet=CAP_NET_BIND_SERVICE; see README)"
+                )
+            raise GatewaydError(f"cannot open the sensor listener: {exc}{hint}") from exc
         self.refresh_trust()
         self._sweeper = asyncio.create_task(self._sweep(), name="session-expiry")
         return self
