@@ -8,13 +8,17 @@ daemon is not running, identity and registry commands work on the state director
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import pwd
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 from gatewayd import __version__
+from gatewayd.core.config import Config
 from gatewayd.core.errors import ConfigError, GatewaydError
 from gatewayd.service.control import DaemonUnreachable, request
 from gatewayd.service.identity import Identity
@@ -75,9 +79,15 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--from-config", action="store_true", help="return to the config's validation mode")
     update.add_argument("--ca-file", type=Path, help="for custom or legacy: the CA bundle (absolute path)")
     _registry_parsers(sub)
-    stall = sub.add_parser("debug-stall-loop", help=argparse.SUPPRESS)
+    stall = sub.add_parser("debug-stall-loop")  # tests only; the daemon refuses it unless told otherwise
     stall.add_argument("--seconds", type=float, required=True)
+    _hide(sub, "debug-stall-loop")
     return parser
+
+
+def _hide(sub: Any, name: str) -> None:
+    """Leave a subcommand out of --help (argparse prints help=SUPPRESS ones as "==SUPPRESS==")."""
+    sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest != name]
 
 
 def _registry_parsers(sub: Any) -> None:
@@ -300,7 +310,49 @@ def _command(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     return args.command, {}
 
 
+@contextlib.contextmanager
+def _as_owner_of(state_dir: Path) -> Iterator[None]:
+    """Root working on a state directory that belongs to the daemon's user (gatewayd under the package's
+    unit) acts as that user, with its groups (tss, for the TPM), so that every file it writes stays readable
+    by the daemon. Only the effective ids change, and they are restored afterwards, so output files land
+    where root asked. A directory that root owns (not yet started under systemd, which hands it over to the
+    unit's user at start) is used as root."""
+    try:
+        owner = state_dir.stat()
+    except FileNotFoundError:
+        owner = None
+    if os.geteuid() != 0 or owner is None or owner.st_uid == 0:
+        yield
+        return
+    try:
+        groups = os.getgrouplist(pwd.getpwuid(owner.st_uid).pw_name, owner.st_gid)
+    except KeyError:
+        groups = [owner.st_gid]
+    saved_groups = os.getgroups()
+    os.setgroups(groups)
+    os.setegid(owner.st_gid)
+    os.seteuid(owner.st_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+        os.setgroups(saved_groups)
+
+
 def _offline(args: argparse.Namespace, command: str, body: dict[str, Any]) -> Any:
+    config_path = args.config or DEFAULT_CONFIG
+    try:
+        config = load(config_path)
+    except ConfigError as exc:
+        raise GatewaydError(
+            f"the daemon is not running and {config_path} is unusable: {exc.problems[0]}"
+        ) from exc
+    with _as_owner_of(Path(config.gateway.state_dir)):
+        return _offline_work(config, command, body)
+
+
+def _offline_work(config: Config, command: str, body: dict[str, Any]) -> Any:
     """The daemon is not running: do an identity or registry command on the state directory, under its lock
     (so a daemon cannot start meanwhile)."""
     from gatewayd.service.registry import RegistryService, run_command
@@ -310,13 +362,6 @@ def _offline(args: argparse.Namespace, command: str, body: dict[str, Any]) -> An
     from gatewayd.stores.registry import Registry
     from gatewayd.stores.statedir import ensure_state_dir
 
-    config_path = args.config or DEFAULT_CONFIG
-    try:
-        config = load(config_path)
-    except ConfigError as exc:
-        raise GatewaydError(
-            f"the daemon is not running and {config_path} is unusable: {exc.problems[0]}"
-        ) from exc
     state_dir = Path(config.gateway.state_dir)
     ensure_state_dir(state_dir)
     store = IdentityStore(state_dir, config.identity.keep_versions)
