@@ -1,10 +1,16 @@
 """Generate the documentation pages that are derived from the code: `python -m gatewayd_dev.docgen`.
 
-docs/messages.md comes from gatewayd.core.messages; a test fails when the committed page differs.
+docs/messages.md and the journald message catalog systemd/gatewayd.catalog (installed by the package to
+/usr/lib/systemd/catalog/, shown by `journalctl -x`) come from gatewayd.core.messages; the man page
+man/gatewayd.toml.5 comes from the commented reference config/gatewayd.toml, and the bash completion
+completion/gatewayctl.bash from gatewayctl's argument parser. A test fails when a committed file
+differs.
 """
 
 from __future__ import annotations
 
+import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -46,8 +52,180 @@ def messages_md() -> str:
     return "\n".join(out)
 
 
+CATALOG_HEADER = """\
+# journald message catalog for gatewayd, generated from gatewayd/core/messages.py by
+# `python -m gatewayd_dev.docgen`; do not edit. Installed to /usr/lib/systemd/catalog/gatewayd.catalog;
+# `journalctl -x` shows the entry below each message that carries its MESSAGE_ID.
+"""
+
+
+def catalog() -> str:
+    """The catalog in journald's format (see `man journalctl`, --update-catalog): one entry per MESSAGE_ID."""
+    out = [CATALOG_HEADER]
+    for m in messages.ALL:
+        text = m.summary
+        if m.action:
+            text += "\n\nWhat to do: " + m.action
+        if m.fields:
+            text += "\n\nFields: " + m.fields
+        out += [
+            f"-- {m.id}",
+            f"Subject: {m.name}",
+            "Defined-By: gatewayd",
+            "Documentation: man:gatewayd(8)",
+            "Documentation: file:///usr/share/doc/gatewayd/messages.md",
+            "",
+            text,
+            "",
+        ]
+    return "\n".join(out)
+
+
+KEY_LINE = re.compile(r"#?([a-z_]+) = (.*)")
+
+
+def _roff(text: str) -> str:
+    text = text.replace("\\", "\\e").replace("-", "\\-")
+    return "\\&" + text if text[:1] in (".", "'") else text
+
+
+def config_man() -> str:
+    """gatewayd.toml(5): the reference config's comments, table by table and key by key."""
+    out = [
+        '.TH GATEWAYD.TOML 5 "" "gatewayd" "File Formats"',
+        '.\\" Generated from config/gatewayd.toml by `python -m gatewayd_dev.docgen`; do not edit.',
+        ".SH NAME",
+        "gatewayd.toml \\- configuration of gatewayd(8)",
+        ".SH SYNOPSIS",
+        "/etc/gatewayd/gatewayd.toml, /etc/gatewayd/gatewayd.toml.d/*.toml",
+        ".SH DESCRIPTION",
+    ]
+    text: list[str] = []
+
+    def flush(macro: str = ".PP") -> None:
+        if not text:
+            return
+        if macro:
+            out.append(macro)
+        verbatim = False
+        for line in text:
+            indented = line.startswith("  ") or "   " in line  # aligned text stays as it is
+            if indented != verbatim:
+                out.append(".nf" if indented else ".fi")
+                verbatim = indented
+            out.append(_roff(line.strip() if not indented else line))
+        if verbatim:
+            out.append(".fi")
+        text.clear()
+
+    lines = (REPO / "config" / "gatewayd.toml").read_text().splitlines()
+    in_options = False
+    for raw in lines:
+        line = raw.rstrip()
+        if not line:
+            flush()
+        elif line.startswith("[") or line.startswith("#["):
+            flush()
+            if line.startswith("["):
+                if not in_options:
+                    out.append(".SH KEYS")
+                    in_options = True
+                out.append(f".SS {_roff(line)}")
+            else:
+                out += [".PP", f"Example table: \\fB{_roff(line[1:])}\\fR"]
+        elif m := KEY_LINE.fullmatch(line):
+            out += [".TP", f"\\fB{m.group(1)}\\fR = {_roff(m.group(2))}"]
+            flush(macro="")
+        elif line == "#":
+            flush()
+        elif line.startswith("# "):
+            text.append(line[2:])
+        else:
+            raise ValueError(f"config/gatewayd.toml: unexpected line {line!r}")
+    flush()
+    out += [
+        ".SH SEE ALSO",
+        "gatewayd(8), gatewayctl(8), /usr/share/doc/gatewayd/README.md",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A parser's visible subcommands (those its --help lists), in order."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            shown = {a.dest for a in action._choices_actions}
+            return {name: sub for name, sub in action.choices.items() if name in shown}
+    return {}
+
+
+def _options(parser: argparse.ArgumentParser) -> list[str]:
+    return [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+
+
+def _words(parser: argparse.ArgumentParser, extra: list[str] | None = None) -> str:
+    """One case's assignments: the words to offer, and files=1 when the command takes a file argument."""
+    positional = any(not a.option_strings and a.dest != argparse.SUPPRESS for a in parser._actions)
+    files = " files=1" if positional and not _subcommands(parser) else ""
+    return f'words="{" ".join([*_options(parser), *(extra or [])])}"{files}'
+
+
+PATH_OPTIONS = "--socket|--config|--out|--chain|--ca-file|*-outfile|--ca-certificate|--certificate-pem"
+
+
+def bash_completion() -> str:
+    """Bash completion for gatewayctl: subcommands, actions and options, from its argument parser."""
+    from gatewayd.cli.gatewayctl import _parser
+
+    top = _parser()
+    cases = [f'        "/") {_words(top, list(_subcommands(top)))} ;;']
+    for name, sub in _subcommands(top).items():
+        actions = _subcommands(sub)
+        if actions:
+            cases.append(f'        "{name}/") {_words(sub, list(actions))} ;;')
+            for action, leaf in actions.items():
+                cases.append(f'        "{name}/{action}"*) {_words(leaf)} ;;')
+        else:
+            cases.append(f'        "{name}/"*) {_words(sub)} ;;')
+    return "\n".join(
+        [
+            "# bash completion for gatewayctl, generated from its argument parser by",
+            "# `python -m gatewayd_dev.docgen`; do not edit.",
+            "_gatewayctl() {",
+            "    local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}",
+            '    local cmd="" action="" words="" files="" i',
+            "    case $prev in",
+            f"        {PATH_OPTIONS})",
+            '            COMPREPLY=($(compgen -f -- "$cur"))',
+            "            return ;;",
+            "    esac",
+            "    for ((i = 1; i < COMP_CWORD; i++)); do",
+            "        case ${COMP_WORDS[i]} in",
+            "            --socket | --config) ((i++)) ;;",
+            "            -*) ;;",
+            "            *)",
+            "                if [[ -z $cmd ]]; then cmd=${COMP_WORDS[i]}",
+            "                elif [[ -z $action ]]; then action=${COMP_WORDS[i]}; fi ;;",
+            "        esac",
+            "    done",
+            '    case "$cmd/$action" in',
+            *cases,
+            "    esac",
+            '    COMPREPLY=($(compgen -W "$words" -- "$cur"))',
+            '    if [[ -n $files && $cur != -* ]]; then COMPREPLY+=($(compgen -f -- "$cur")); fi',
+            "}",
+            "complete -F _gatewayctl gatewayctl",
+            "",
+        ]
+    )
+
+
 def main() -> int:
     (REPO / "docs" / "messages.md").write_text(messages_md())
+    (REPO / "systemd" / "gatewayd.catalog").write_text(catalog())
+    (REPO / "man" / "gatewayd.toml.5").write_text(config_man())
+    (REPO / "completion" / "gatewayctl.bash").write_text(bash_completion())
     return 0
 
 

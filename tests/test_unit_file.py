@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import re
+import subprocess
 
 from gatewayd.cli.gatewayd import EXIT_CONFIG
 from gatewayd.service.daemon import SHUTDOWN_BUDGET
@@ -34,3 +35,38 @@ def test_unit_matches_the_daemon() -> None:
     assert seconds(service["WatchdogSec"]) >= 10
     # No ExecStartPre=check-config: it exits 1, not 78, and Restart=on-failure would loop on a bad config.
     assert "ExecStartPre" not in service
+
+
+def test_unit_is_hardened_as_the_issue_requires() -> None:
+    text = (REPO / "systemd" / "gatewayd.service").read_text()
+    service = unit()
+    assert service["User"] == "gatewayd" and service["SupplementaryGroups"] == "tss"
+    assert re.findall(r"(?m)^DeviceAllow=(.*)$", text) == ["/dev/tpmrm0 rw"]
+    assert service["DevicePolicy"] == "closed"
+    assert service["CapabilityBoundingSet"] == ""
+    assert service["AmbientCapabilities"] == ""
+    assert service["RestrictAddressFamilies"] == "AF_UNIX AF_INET AF_INET6 AF_NETLINK"
+    assert re.findall(r"(?m)^SystemCallFilter=(.*)$", text) == ["@system-service", "~@privileged @resources"]
+    for key, value in {
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "NoNewPrivileges": "yes",
+        "StateDirectory": "gatewayd",
+        "StateDirectoryMode": "0700",
+    }.items():
+        assert service[key] == value, key
+
+
+def test_offline_exposure_score_is_at_most_2() -> None:
+    # The booted-system figure is printed by the system test (systest/); this is the same analysis offline.
+    unit_file = REPO / "systemd" / "gatewayd.service"
+    out = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit_file)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    m = re.search(r"Overall exposure level for gatewayd\.service: (\d+\.\d+)", out)
+    assert m, out
+    assert float(m.group(1)) <= 2.0
