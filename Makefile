@@ -14,11 +14,13 @@ APT_PACKAGES := \
 	swtpm swtpm-tools tpm2-tools tpm2-openssl tpm2-abrmd libtss2-tcti-tabrmd0 dbus \
 	mosquitto mosquitto-clients systemd ca-certificates util-linux openssl sudo \
 	python3-tpm2-pytss python3-paho-mqtt python3-cryptography python3-systemd python3-pyudev \
-	python3-pytest python3-hypothesis
+	python3-pytest python3-hypothesis \
+	debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian \
+	debootstrap systemd-container
 
 PYTEST_ARGS ?=
 
-.PHONY: deps apt venv test test-venv test-debian lint typecheck demo bench clean
+.PHONY: deps apt venv test test-venv test-debian test-system test-arm64 deb lint typecheck demo bench clean
 
 deps: apt venv
 
@@ -41,15 +43,16 @@ $(VENV)/.stamp: requirements-dev.txt pyproject.toml | apt
 	@touch $@
 
 lint: deps
-	$(VENV)/bin/ruff check gatewayd gatewayd_dev tests
-	$(VENV)/bin/ruff format --check gatewayd gatewayd_dev tests
+	$(VENV)/bin/ruff check gatewayd gatewayd_dev tests systest
+	$(VENV)/bin/ruff format --check gatewayd gatewayd_dev tests systest
 
 typecheck: deps
 	$(VENV)/bin/mypy
 
 # The whole suite: lint, types, then every test twice: on the pinned PyPI libraries in .venv, and on
-# Debian's own python3-* packages (what the .deb runs on). CI runs exactly this (.ci/run).
-test: lint typecheck test-venv test-debian
+# Debian's own python3-* packages (what the .deb runs on); then the .deb in booted Debian 12 and 13
+# containers. CI runs exactly this (.ci/run).
+test: lint typecheck test-venv test-debian test-system
 
 test-venv: deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -59,6 +62,20 @@ test-debian: deps
 	    python3-tpm2-pytss python3-paho-mqtt python3-cryptography)"
 	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
+# The package installed with apt in booted containers (systest/; needs root, through sudo when not root).
+# Root file systems are cached in $${GATEWAYD_SYSTEST_CACHE:-/var/cache/gatewayd-systest}.
+SYSTEST_TARGETS ?= bookworm/amd64 trixie/amd64
+test-system: deb
+	$(SUDO) env GATEWAYD_SYSTEST_TARGETS="$(SYSTEST_TARGETS)" \
+	    $${GATEWAYD_SYSTEST_CACHE:+GATEWAYD_SYSTEST_CACHE="$$GATEWAYD_SYSTEST_CACHE"} \
+	    $(VENV)/bin/pytest -p no:cacheprovider -s systest $(PYTEST_ARGS)
+
+# The same on Debian 12 and 13 for arm64 (Raspberry Pi OS) under qemu-user: slow, so not in `make test`.
+test-arm64: deb
+	@dpkg-query -W -f='$${db:Status-Abbrev}' qemu-user-static 2>/dev/null | grep -q '^ii' || \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-user-static
+	$(MAKE) test-system SYSTEST_TARGETS="bookworm/arm64 trixie/arm64"
+
 demo: deps
 	$(VPY) -m gatewayd_dev.demo $(DEMO_ARGS)
 
@@ -67,5 +84,21 @@ demo: deps
 bench: deps
 	$(VPY) -m gatewayd_dev.bench $(BENCH_ARGS)
 
+# The Debian package, built from a copy of the work tree (so uncommitted changes are in it and dpkg-buildpackage
+# writes nothing next to the repository): dist/gatewayd_VERSION_all.deb, checked by lintian (errors and
+# warnings fail the build; overrides, each with its reason, are in debian/gatewayd.lintian-overrides).
+DEB_VERSION = $(shell dpkg-parsechangelog -S Version 2>/dev/null)
+deb: apt
+	rm -rf build/deb && mkdir -p build/deb/gatewayd dist
+	tar -c --exclude-vcs --exclude=./.venv --exclude=./build --exclude=./dist --exclude='*.egg-info' \
+	    --exclude=__pycache__ --exclude=.mypy_cache --exclude=.ruff_cache --exclude=.pytest_cache \
+	    --exclude=.hypothesis --exclude=./demo-run -f - . | tar -x -C build/deb/gatewayd
+	# Debian's own toolchain and interpreters only, whatever else is first on PATH (pyenv, a venv).
+	cd build/deb/gatewayd && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
+	lintian --fail-on error,warning --display-info \
+	    build/deb/gatewayd_$(DEB_VERSION)_*.changes
+	cp build/deb/gatewayd_$(DEB_VERSION)_all.deb dist/
+	@echo "make deb: dist/gatewayd_$(DEB_VERSION)_all.deb"
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info
