@@ -84,15 +84,19 @@ class Target:
         return f"{self.release}/{self.arch}"
 
 
+# Forking: swtpm daemonizes once its sockets listen, so tpm2-abrmd (ordered after it) finds it ready. No seccomp
+# profile of its own: qemu-user (arm64) cannot load one for the guest, and swtpm then exits.
 SWTPM_UNIT = """\
 [Unit]
 Description=software TPM for the gatewayd system test
 Before=tpm2-abrmd.service
 
 [Service]
+Type=forking
+PIDFile=/run/swtpm-systest.pid
 ExecStart=/usr/bin/swtpm socket --tpm2 --tpmstate dir=/var/lib/swtpm-systest \
  --server type=tcp,port={port},bindaddr=127.0.0.1 --ctrl type=tcp,port={ctrl},bindaddr=127.0.0.1 \
- --flags not-need-init,startup-clear
+ --flags not-need-init,startup-clear --seccomp action=none --daemon --pid file=/run/swtpm-systest.pid
 StateDirectory=swtpm-systest
 
 [Install]
