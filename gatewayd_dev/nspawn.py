@@ -253,8 +253,8 @@ class Container:
         if self.proc is None:
             return
         if self.proc.poll() is None and self.leader:
-            self.run(["systemctl", "poweroff", "--no-block"], check=False, timeout=30)
             try:
+                self.run(["systemctl", "poweroff", "--no-block"], check=False, timeout=30)
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 with self.log.open("a") as f:

@@ -84,8 +84,8 @@ class Target:
         return f"{self.release}/{self.arch}"
 
 
-# Forking: swtpm daemonizes once its sockets listen, so tpm2-abrmd (ordered after it) finds it ready. No seccomp
-# profile of its own: qemu-user (arm64) cannot load one for the guest, and swtpm then exits.
+# Forking: swtpm daemonizes once its sockets listen, so tpm2-abrmd (ordered after it) finds it ready. No
+# seccomp profile of its own: qemu-user (arm64) cannot load one for the guest, and swtpm then exits.
 SWTPM_UNIT = """\
 [Unit]
 Description=software TPM for the gatewayd system test
