@@ -9,6 +9,7 @@ are powered off from inside and, failing that, killed by PID.
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import os
 import platform
@@ -81,7 +82,7 @@ def ensure_binfmt(arch: str) -> None:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -98,7 +99,7 @@ def ensure_rootfs(release: str, arch: str, log: Path) -> Path:
     base = cache_dir() / f"{release}-{arch}"
     stamp = base / ".gatewayd-systest"
     recipe = f"{CACHE_FORMAT} {' '.join(BASE_PACKAGES)}\n"
-    with _locked(cache_dir() / f".{release}-{arch}.lock"):
+    with locked(cache_dir() / f".{release}-{arch}.lock"):
         if stamp.exists() and stamp.read_text() == recipe:
             return base
         tmp = base.with_name(base.name + ".new")
@@ -111,17 +112,17 @@ def ensure_rootfs(release: str, arch: str, log: Path) -> Path:
             1200,
             log,
         )  # fmt: skip
-        _nspawn_run(tmp, ["apt-get", "update", "-qq"], 600, log)
+        nspawn_run(tmp, ["apt-get", "update", "-qq"], 600, log)
         install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *BASE_PACKAGES]
-        _nspawn_run(tmp, install, 1200, log)
-        _nspawn_run(tmp, ["apt-get", "clean"], 120, log)
+        nspawn_run(tmp, install, 1200, log)
+        nspawn_run(tmp, ["apt-get", "clean"], 120, log)
         (tmp / "etc" / "machine-id").write_text("")  # each copy gets its own at first boot
         (tmp / stamp.name).write_text(recipe)
         tmp.rename(base)
         return base
 
 
-def _nspawn_run(root: Path, argv: Sequence[str], timeout: float, log: Path) -> None:
+def nspawn_run(root: Path, argv: Sequence[str], timeout: float, log: Path) -> None:
     """A command in the root file system, not booted (for building the cache)."""
     env = [f"--setenv={k}={v}" for k, v in CONTAINER_ENV.items()]
     nspawn = ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "-D", str(root)]
@@ -134,6 +135,55 @@ def copy_rootfs(base: Path, dest: Path) -> Path:
         shutil.rmtree(dest)
     _run(["cp", "-a", "--reflink=auto", str(base), str(dest)], 600)
     return dest
+
+
+# Forking: swtpm daemonizes once its sockets listen, so tpm2-abrmd (ordered after it) finds it ready. No
+# seccomp profile of its own: qemu-user (arm64) cannot load one for the guest, and swtpm then exits.
+SWTPM_UNIT = """\
+[Unit]
+Description=software TPM for the gatewayd system test
+Before=tpm2-abrmd.service
+
+[Service]
+Type=forking
+PIDFile=/run/swtpm-systest.pid
+ExecStart=/usr/bin/swtpm socket --tpm2 --tpmstate dir=/var/lib/swtpm-systest \
+ --server type=tcp,port={port},bindaddr=127.0.0.1 --ctrl type=tcp,port={ctrl},bindaddr=127.0.0.1 \
+ --flags not-need-init,startup-clear --seccomp action=none --daemon --pid file=/run/swtpm-systest.pid
+StateDirectory=swtpm-systest
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+# Debian's tpm2-abrmd.service (user tss, system bus) with the software TPM instead of /dev/tpm0; a whole
+# unit in /etc, because a drop-in cannot remove Debian's Requires=dev-tpm0.device.
+ABRMD_UNIT = """\
+[Unit]
+Description=TPM2 Access Broker and Resource Management Daemon (software TPM, gatewayd system test)
+Requires=swtpm-systest.service
+After=swtpm-systest.service
+
+[Service]
+Type=dbus
+BusName=com.intel.tss2.Tabrmd
+ExecStart=/usr/sbin/tpm2-abrmd --tcti=swtpm:host=127.0.0.1,port={port}
+User=tss
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def prepare_services(root: Path, swtpm_port: int) -> None:
+    """The test's TPM services (swtpm, tpm2-abrmd on it) and host name in a root file system."""
+    unit = root / "etc/systemd/system/swtpm-systest.service"
+    unit.write_text(SWTPM_UNIT.format(port=swtpm_port, ctrl=swtpm_port + 1))
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / unit.name).symlink_to(f"/etc/systemd/system/{unit.name}")
+    (root / "etc/systemd/system/tpm2-abrmd.service").write_text(ABRMD_UNIT.format(port=swtpm_port))
+    (root / "etc/hostname").write_text("gatewayd-systest\n")
 
 
 def _children() -> dict[int, list[int]]:
@@ -159,7 +209,41 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-class Container:
+class Machine:
+    """What the system tests need of a booted Debian: run a command in it, and files in and out (through
+    commands, so that it works the same for a container and a virtual machine)."""
+
+    name = ""
+
+    def run(
+        self,
+        argv: Sequence[str],
+        check: bool = True,
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        raise NotImplementedError
+
+    def write(self, path: str, data: bytes | str, mode: str = "") -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        script = 'mkdir -p "$(dirname "$1")" && base64 -d > "$1"' + (f' && chmod {mode} "$1"' if mode else "")
+        self.run(["sh", "-c", script, "sh", path], input=base64.b64encode(raw).decode(), timeout=300)
+
+    def read(self, path: str) -> bytes:
+        return base64.b64decode(self.run(["base64", "-w0", path]).stdout)
+
+    def exists(self, path: str) -> bool:
+        return self.run(["test", "-e", path], check=False).returncode == 0
+
+    def is_dir(self, path: str) -> bool:
+        return self.run(["test", "-d", path], check=False).returncode == 0
+
+    def remove(self, path: str) -> None:
+        self.run(["rm", "-f", path])
+
+
+class Container(Machine):
     """A booted systemd-nspawn container on the host's network (it reaches services on the host's
     loopback), with the apt archive cache bound in."""
 

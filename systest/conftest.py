@@ -17,9 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from gatewayd_dev.nspawn import Container, cache_dir, copy_rootfs, ensure_rootfs
+from gatewayd_dev.nspawn import (
+    Container,
+    Machine,
+    cache_dir,
+    copy_rootfs,
+    ensure_rootfs,
+    host_arch,
+    prepare_services,
+)
 from gatewayd_dev.procs import free_port
 from gatewayd_dev.standin import StandIn
+from gatewayd_dev.vm import HOST_ADDRESS, VirtualMachine, ensure_vm_root
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "build" / "systest"
@@ -72,86 +81,44 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> Debs:
 
 @dataclass
 class Target:
-    release: str
-    arch: str
-    container: Container
+    name: str  # RELEASE/ARCH[/vm]
+    container: Machine  # a container or a virtual machine
     standin: StandIn
     listener_port: int
+    host_address: str  # where the machine reaches the host's loopback (the stand-in)
     log: Path
-
-    @property
-    def name(self) -> str:
-        return f"{self.release}/{self.arch}"
-
-
-# Forking: swtpm daemonizes once its sockets listen, so tpm2-abrmd (ordered after it) finds it ready. No
-# seccomp profile of its own: qemu-user (arm64) cannot load one for the guest, and swtpm then exits.
-SWTPM_UNIT = """\
-[Unit]
-Description=software TPM for the gatewayd system test
-Before=tpm2-abrmd.service
-
-[Service]
-Type=forking
-PIDFile=/run/swtpm-systest.pid
-ExecStart=/usr/bin/swtpm socket --tpm2 --tpmstate dir=/var/lib/swtpm-systest \
- --server type=tcp,port={port},bindaddr=127.0.0.1 --ctrl type=tcp,port={ctrl},bindaddr=127.0.0.1 \
- --flags not-need-init,startup-clear --seccomp action=none --daemon --pid file=/run/swtpm-systest.pid
-StateDirectory=swtpm-systest
-
-[Install]
-WantedBy=multi-user.target
-"""
-
-# Debian's tpm2-abrmd.service (user tss, system bus) with the software TPM instead of /dev/tpm0; a whole
-# unit in /etc, because a drop-in cannot remove Debian's Requires=dev-tpm0.device.
-ABRMD_UNIT = """\
-[Unit]
-Description=TPM2 Access Broker and Resource Management Daemon (software TPM, gatewayd system test)
-Requires=swtpm-systest.service
-After=swtpm-systest.service
-
-[Service]
-Type=dbus
-BusName=com.intel.tss2.Tabrmd
-ExecStart=/usr/sbin/tpm2-abrmd --tcti=swtpm:host=127.0.0.1,port={port}
-User=tss
-
-[Install]
-WantedBy=multi-user.target
-"""
-
-
-def _prepare_root(root: Path, swtpm_port: int) -> None:
-    unit = root / "etc/systemd/system/swtpm-systest.service"
-    unit.write_text(SWTPM_UNIT.format(port=swtpm_port, ctrl=swtpm_port + 1))
-    wants = root / "etc/systemd/system/multi-user.target.wants"
-    wants.mkdir(parents=True, exist_ok=True)
-    (wants / unit.name).symlink_to(f"/etc/systemd/system/{unit.name}")
-    (root / "etc/systemd/system/tpm2-abrmd.service").write_text(ABRMD_UNIT.format(port=swtpm_port))
-    (root / "etc/hostname").write_text("gatewayd-systest\n")
 
 
 @pytest.fixture(scope="module", params=targets())
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
-    """A booted clean Debian RELEASE/ARCH with a software TPM service, and the stand-in on the host."""
-    release, arch = request.param.split("/")
-    work = WORK / f"{release}-{arch}"
+    """A booted clean Debian RELEASE/ARCH with a software TPM service, and the stand-in on the host.
+    RELEASE/ARCH/vm boots a whole virtual machine instead of a container (gatewayd_dev.vm says why)."""
+    release, arch, *kind = request.param.split("/")
+    work = WORK / request.param.replace("/", "-")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     log = work / "container.log"
-    base = ensure_rootfs(release, arch, work / "rootfs-build.log")
-    root = copy_rootfs(base, work / "root")
-    swtpm_port = free_port(pair=True)
-    _prepare_root(root, swtpm_port)
     standin = StandIn(work / "standin").start()
-    container = Container(root, f"gwsys-{release}-{arch}", cache_dir() / f"archives-{release}-{arch}", log)
+    machine: Machine
+    if kind == ["vm"]:
+        root = ensure_vm_root(release, arch, work / "rootfs-build.log")
+        machine, host_address, boot_timeout = (
+            VirtualMachine(root, arch, request.param, work, log),
+            HOST_ADDRESS,
+            900,
+        )
+    else:
+        root = copy_rootfs(ensure_rootfs(release, arch, work / "rootfs-build.log"), work / "root")
+        prepare_services(root, free_port(pair=True))
+        archives = cache_dir() / f"archives-{release}-{arch}"
+        machine, host_address = Container(root, f"gwsys-{release}-{arch}", archives, log), "127.0.0.1"
+        boot_timeout = 300 if arch != host_arch() else 120
     failed_before = request.session.testsfailed
     try:
-        container.boot(timeout=300 if arch != "amd64" else 120)
-        yield Target(release, arch, container, standin, free_port(), log)
+        machine.boot(timeout=boot_timeout)
+        yield Target(request.param, machine, standin, free_port(), host_address, log)
     finally:
-        container.poweroff()
+        machine.poweroff()
         standin.stop()
-    if request.session.testsfailed == failed_before:
-        shutil.rmtree(root, ignore_errors=True)  # a failed run's root file system is kept for a look
+    if request.session.testsfailed == failed_before and kind != ["vm"]:
+        shutil.rmtree(work / "root", ignore_errors=True)  # a failed run's root file system is kept for a look

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from gatewayd.core import messages
 from gatewayd_dev.gateway import write_config
-from gatewayd_dev.procs import port_open
 
 from .conftest import Debs, Target
 
@@ -52,8 +52,14 @@ def uplink_connected(t: Target) -> bool:
 
 
 def install(t: Target, deb: Any) -> None:
-    shutil.copy(deb, t.container.path(f"/root/{deb.name}"))
+    t.container.write(f"/root/{deb.name}", deb.read_bytes())
     t.container.run(["apt-get", "install", "-y", "-q", f"/root/{deb.name}"], timeout=1200)
+
+
+def put_config(t: Target, path: str, tables: dict[str, dict[str, Any]]) -> None:
+    """A TOML drop-in written into the machine."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t.container.write(path, write_config(Path(tmp) / "x.toml", tables).read_bytes())
 
 
 def installed_version(t: Target) -> str:
@@ -73,8 +79,8 @@ def test_apt_installs_the_package_with_debians_own_dependencies(target: Target, 
     for path in ("/usr/bin/gatewayd", "/usr/bin/gatewayctl", "/usr/share/man/man8/gatewayd.8.gz",
                  "/usr/share/man/man8/gatewayctl.8.gz", "/usr/share/man/man5/gatewayd.toml.5.gz",
                  "/usr/lib/systemd/catalog/gatewayd.catalog"):  # fmt: skip
-        assert t.container.path(path).exists(), path
-    assert t.container.path("/etc/gatewayd/gatewayd.toml.d").is_dir()
+        assert t.container.exists(path), path
+    assert t.container.is_dir("/etc/gatewayd/gatewayd.toml.d")
     conffiles = t.container.run(["dpkg-query", "-W", "-f=${Conffiles}", "gatewayd"]).stdout
     assert "/etc/gatewayd/gatewayd.toml " in conffiles
     # Every library from Debian's packages, none from PyPI.
@@ -90,16 +96,17 @@ def test_apt_installs_the_package_with_debians_own_dependencies(target: Target, 
 def test_one_drop_in_a_certificate_and_systemctl_start(target: Target) -> None:
     t = target
     ep = t.standin.endpoint("rsa")
-    shutil.copy(ep.root_file, t.container.path("/etc/gatewayd/standin-root.pem"))
-    write_config(
-        t.container.path("/etc/gatewayd/gatewayd.toml.d/50-systest.toml"),
+    t.container.write("/etc/gatewayd/standin-root.pem", ep.root_file.read_bytes())
+    put_config(
+        t,
+        "/etc/gatewayd/gatewayd.toml.d/50-systest.toml",
         {
             "gateway": {"thing_name": THING},
             "identity": {"tcti": "tabrmd:bus_type=system"},
             "upstream": {
                 "endpoint": ep.hostname,
                 "port": ep.port,
-                "connect_address": "127.0.0.1",
+                "connect_address": t.host_address,
                 "validation_mode": "custom",
                 "ca_file": "/etc/gatewayd/standin-root.pem",
             },
@@ -108,10 +115,9 @@ def test_one_drop_in_a_certificate_and_systemctl_start(target: Target) -> None:
         },
     )
     # Test-only unit settings: the debug control command that stalls the event loop, a short watchdog.
-    unit_dropin = t.container.path("/etc/systemd/system/gatewayd.service.d/systest.conf")
-    unit_dropin.parent.mkdir(parents=True, exist_ok=True)
-    unit_dropin.write_text(
-        "[Service]\nEnvironment=GATEWAYD_DEBUG_COMMANDS=1\nWatchdogSec=6s\nRestartSec=1s\n"
+    t.container.write(
+        "/etc/systemd/system/gatewayd.service.d/systest.conf",
+        "[Service]\nEnvironment=GATEWAYD_DEBUG_COMMANDS=1\nWatchdogSec=6s\nRestartSec=1s\n",
     )
     t.container.run(["systemctl", "daemon-reload"])
     t.container.run(["gatewayd", "check-config"])
@@ -119,8 +125,8 @@ def test_one_drop_in_a_certificate_and_systemctl_start(target: Target) -> None:
     # Provisioning by hand, as the README says, before the daemon ever ran (as root, offline).
     t.container.run(["gatewayctl", "identity", "create-key"], timeout=180)
     t.container.run(["gatewayctl", "identity", "create-csr", "--out", "/root/gateway.csr"], timeout=180)
-    cert = t.standin.sign_csr(t.container.path("/root/gateway.csr").read_bytes())
-    t.container.path("/root/gateway.pem").write_bytes(cert)
+    cert = t.standin.sign_csr(t.container.read("/root/gateway.csr"))
+    t.container.write("/root/gateway.pem", cert)
     installed = ctl(t, "identity", "install-certificate", "/root/gateway.pem")
 
     t.container.run(["systemctl", "start", "gatewayd"], timeout=180)
@@ -169,8 +175,7 @@ def test_gatewayctl_status_as_root_and_refused_for_others(target: Target) -> Non
 def test_systemctl_reload_applies_a_change(target: Target) -> None:
     t = target
     pid = prop(t, "MainPID")
-    dropin = t.container.path("/etc/gatewayd/gatewayd.toml.d/60-reload.toml")
-    write_config(dropin, {"logging": {"level": "debug"}})
+    put_config(t, "/etc/gatewayd/gatewayd.toml.d/60-reload.toml", {"logging": {"level": "debug"}})
     t.container.run(["systemctl", "reload", "gatewayd"])
 
     def reloaded() -> bool:
@@ -222,8 +227,8 @@ def test_exposure_score_at_most_2(target: Target) -> None:
 
 def test_an_invalid_config_exits_78_and_systemd_does_not_restart_it(target: Target) -> None:
     t = target
-    bad = t.container.path("/etc/gatewayd/gatewayd.toml.d/65-bad.toml")
-    write_config(bad, {"upstream": {"port": 0}})
+    bad = "/etc/gatewayd/gatewayd.toml.d/65-bad.toml"
+    put_config(t, bad, {"upstream": {"port": 0}})
     restarts = int(prop(t, "NRestarts"))
     assert t.container.run(["systemctl", "restart", "gatewayd"], check=False, timeout=120).returncode != 0
     time.sleep(3)  # RestartSec=1s in the test's drop-in: a restart would have happened by now
@@ -231,7 +236,7 @@ def test_an_invalid_config_exits_78_and_systemd_does_not_restart_it(target: Targ
     assert prop(t, "ExecMainStatus") == "78"
     assert int(prop(t, "NRestarts")) == restarts
     assert journal(t, "-u", "gatewayd", f"MESSAGE_ID={messages.CONFIG_INVALID.id}")
-    bad.unlink()
+    t.container.remove(bad)
     t.container.run(["systemctl", "reset-failed", "gatewayd"])
     t.container.run(["systemctl", "start", "gatewayd"], timeout=120)
     wait_until("the uplink to connect", lambda: uplink_connected(t), 90)
@@ -239,23 +244,23 @@ def test_an_invalid_config_exits_78_and_systemd_does_not_restart_it(target: Targ
 
 def test_a_listener_below_1024_needs_the_documented_capability_drop_in(target: Target) -> None:
     t = target
-    low = t.container.path("/etc/gatewayd/gatewayd.toml.d/70-lowport.toml")
-    write_config(low, {"downstream": {"listener": [{"address": "127.0.0.1", "port": 883}]}})
+    low = "/etc/gatewayd/gatewayd.toml.d/70-lowport.toml"
+    put_config(t, low, {"downstream": {"listener": [{"address": "127.0.0.1", "port": 883}]}})
     failed = t.container.run(["systemctl", "restart", "gatewayd"], check=False, timeout=120)
     assert failed.returncode != 0
     logs = t.container.run(["journalctl", "--no-pager", "-u", "gatewayd", "-n", "50"]).stdout
     assert "needs CAP_NET_BIND_SERVICE" in logs
     # The README's drop-in for the unit.
-    caps = t.container.path("/etc/systemd/system/gatewayd.service.d/lowport.conf")
-    caps.write_text(
-        "[Service]\nAmbientCapabilities=CAP_NET_BIND_SERVICE\nCapabilityBoundingSet=CAP_NET_BIND_SERVICE\n"
-    )
+    caps = "/etc/systemd/system/gatewayd.service.d/lowport.conf"
+    grant = "AmbientCapabilities=CAP_NET_BIND_SERVICE\nCapabilityBoundingSet=CAP_NET_BIND_SERVICE\n"
+    t.container.write(caps, "[Service]\n" + grant)
     t.container.run(["systemctl", "daemon-reload"])
     t.container.run(["systemctl", "reset-failed", "gatewayd"])
     t.container.run(["systemctl", "restart", "gatewayd"], timeout=120)
-    assert port_open(883)  # the container shares the host's network
-    low.unlink()
-    caps.unlink()
+    probe = "import socket; socket.create_connection(('127.0.0.1', 883), 5).close()"
+    t.container.run(["python3", "-c", probe])  # listening (checked inside: a VM has its own network)
+    t.container.remove(low)
+    t.container.remove(caps)
     t.container.run(["systemctl", "daemon-reload"])
     t.container.run(["systemctl", "restart", "gatewayd"], timeout=120)
     wait_until("the uplink to connect", lambda: uplink_connected(t), 90)
@@ -263,20 +268,19 @@ def test_a_listener_below_1024_needs_the_documented_capability_drop_in(target: T
 
 def test_upgrade_keeps_config_identity_and_registry(target: Target, debs: Debs) -> None:
     t = target
-    conffile = t.container.path("/etc/gatewayd/gatewayd.toml")
-    with conffile.open("a") as f:
-        f.write("\n# a local change the upgrade must keep\n")
-    before_conf = conffile.read_text()
-    dropin = t.container.path("/etc/gatewayd/gatewayd.toml.d/50-systest.toml").read_text()
+    conffile = "/etc/gatewayd/gatewayd.toml"
+    t.container.write(conffile, t.container.read(conffile) + b"\n# a local change the upgrade must keep\n")
+    before_conf = t.container.read(conffile)
+    dropin = t.container.read("/etc/gatewayd/gatewayd.toml.d/50-systest.toml")
     registry = ctl(t, "list-certificates")["certificates"]
     pid = prop(t, "MainPID")
 
     install(t, debs.current)
 
     assert installed_version(t) == debs.current_version
-    assert conffile.read_text() == before_conf
-    assert t.container.path("/etc/gatewayd/gatewayd.toml.d/50-systest.toml").read_text() == dropin
-    assert not list(t.container.path("/etc/gatewayd").glob("*.dpkg-*"))
+    assert t.container.read(conffile) == before_conf
+    assert t.container.read("/etc/gatewayd/gatewayd.toml.d/50-systest.toml") == dropin
+    assert t.container.run(["find", "/etc/gatewayd", "-name", "*.dpkg-*"]).stdout == ""
     wait_until("the restart", lambda: prop(t, "ActiveState") == "active" and prop(t, "MainPID") != pid, 60)
     wait_until("the uplink to connect after the upgrade", lambda: uplink_connected(t), 90)
     assert ctl(t, "identity", "show")["certificateId"] == STATE[t.name]["certificateId"]
@@ -288,12 +292,12 @@ def test_remove_keeps_state_and_purge_deletes_it(target: Target) -> None:
     t = target
     t.container.run(["apt-get", "remove", "-y", "-q", "gatewayd"], timeout=300)
     assert prop(t, "ActiveState") in ("inactive", "")
-    assert t.container.path("/var/lib/gatewayd/identity").is_dir()
-    assert t.container.path("/var/lib/gatewayd/registry.db").exists()
-    assert t.container.path("/etc/gatewayd/gatewayd.toml").exists()
+    assert t.container.is_dir("/var/lib/gatewayd/identity")
+    assert t.container.exists("/var/lib/gatewayd/registry.db")
+    assert t.container.exists("/etc/gatewayd/gatewayd.toml")
     t.container.run(["apt-get", "purge", "-y", "-q", "gatewayd"], timeout=300)
-    assert not t.container.path("/var/lib/gatewayd").exists()
-    assert not t.container.path("/etc/gatewayd/gatewayd.toml").exists()
+    assert not t.container.exists("/var/lib/gatewayd")
+    assert not t.container.exists("/etc/gatewayd/gatewayd.toml")
     # Drop-ins the administrator (or fleet tooling) wrote are theirs: purge leaves them.
-    assert t.container.path("/etc/gatewayd/gatewayd.toml.d/50-systest.toml").exists()
+    assert t.container.exists("/etc/gatewayd/gatewayd.toml.d/50-systest.toml")
     assert t.container.run(["id", "gatewayd"], check=False).returncode == 0  # system users stay
