@@ -17,7 +17,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -92,19 +92,30 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def cached_tree(
+    name: str, recipe: str, build: Callable[[Path], None], stamp: str = ".gatewayd-systest"
+) -> Path:
+    """cache_dir()/NAME, made by BUILD (into a temporary directory, renamed when done) when it is missing or
+    was made by another RECIPE (recorded in its STAMP file). Concurrent runs wait for each other."""
+    tree = cache_dir() / name
+    with locked(cache_dir() / f".{name}.lock"):
+        if (tree / stamp).exists() and (tree / stamp).read_text() == recipe:
+            return tree
+        tmp = tree.with_name(name + ".new")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tree, ignore_errors=True)
+        build(tmp)
+        (tmp / stamp).write_text(recipe)
+        tmp.rename(tree)
+        return tree
+
+
 def ensure_rootfs(release: str, arch: str, log: Path) -> Path:
     """The cached root file system of Debian RELEASE for ARCH, built when missing (about 1-2 minutes on
     x86_64, 4-6 minutes for arm64 under qemu)."""
     ensure_binfmt(arch)
-    base = cache_dir() / f"{release}-{arch}"
-    stamp = base / ".gatewayd-systest"
-    recipe = f"{CACHE_FORMAT} {' '.join(BASE_PACKAGES)}\n"
-    with locked(cache_dir() / f".{release}-{arch}.lock"):
-        if stamp.exists() and stamp.read_text() == recipe:
-            return base
-        tmp = base.with_name(base.name + ".new")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(base, ignore_errors=True)
+
+    def build(tmp: Path) -> None:
         # debootstrap's default mirror; the host's apt configuration is not copied in.
         _run(
             ["debootstrap", "--variant=minbase", f"--arch={arch}", "--include=systemd,systemd-sysv,dbus",
@@ -117,9 +128,8 @@ def ensure_rootfs(release: str, arch: str, log: Path) -> Path:
         nspawn_run(tmp, install, 1200, log)
         nspawn_run(tmp, ["apt-get", "clean"], 120, log)
         (tmp / "etc" / "machine-id").write_text("")  # each copy gets its own at first boot
-        (tmp / stamp.name).write_text(recipe)
-        tmp.rename(base)
-        return base
+
+    return cached_tree(f"{release}-{arch}", f"{CACHE_FORMAT} {' '.join(BASE_PACKAGES)}\n", build)
 
 
 def nspawn_run(root: Path, argv: Sequence[str], timeout: float, log: Path) -> None:
@@ -214,6 +224,12 @@ class Machine:
     commands, so that it works the same for a container and a virtual machine)."""
 
     name = ""
+    log: Path
+
+    def _execute(
+        self, argv: Sequence[str], timeout: float, env: dict[str, str], input: str | None
+    ) -> subprocess.CompletedProcess[str]:
+        raise NotImplementedError
 
     def run(
         self,
@@ -223,7 +239,34 @@ class Machine:
         env: dict[str, str] | None = None,
         input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        raise NotImplementedError
+        """Run a command in the machine with a clean environment; logged with its output."""
+        result = self._execute(argv, timeout, {**CONTAINER_ENV, **(env or {})}, input)
+        with self.log.open("a") as f:
+            f.write(f"\n[systest] $ {' '.join(argv)}  -> {result.returncode}\n{result.stdout}{result.stderr}")
+        if check and result.returncode != 0:
+            raise ContainerError(
+                f"in {self.name}: {' '.join(argv)} exited {result.returncode}: "
+                f"{(result.stderr or result.stdout).strip()[-2000:]}"
+            )
+        return result
+
+    def wait_booted(self, deadline: float, timeout: float, pause: float) -> None:
+        """Until systemd in the machine says running (or degraded: the failed units are logged)."""
+        state = ""
+        while time.monotonic() < deadline:
+            try:
+                state = self.run(["systemctl", "is-system-running"], check=False, timeout=30).stdout.strip()
+            except TimeoutError:
+                state = "no answer yet"
+            if state in ("running", "degraded"):
+                break
+            time.sleep(pause)
+        else:
+            raise ContainerError(f"{self.name} did not finish booting in {timeout} s (state {state!r})")
+        if state == "degraded":
+            failed = self.run(["systemctl", "--failed", "--no-legend"], check=False).stdout
+            with self.log.open("a") as f:
+                f.write(f"\n[systest] booted degraded; failed units:\n{failed}\n")
 
     def write(self, path: str, data: bytes | str, mode: str = "") -> None:
         raw = data.encode() if isinstance(data, str) else data
@@ -273,19 +316,7 @@ class Container(Machine):
                 raise ContainerError(f"{self.name}: no init process after {timeout} s")
             self.leader = self._find_leader()
             time.sleep(0.2)
-        state = ""
-        while time.monotonic() < deadline:
-            result = self.run(["systemctl", "is-system-running"], check=False, timeout=30)
-            state = result.stdout.strip()
-            if state in ("running", "degraded"):
-                break
-            time.sleep(1)
-        else:
-            raise ContainerError(f"{self.name} did not finish booting in {timeout} s (state {state!r})")
-        if state == "degraded":
-            failed = self.run(["systemctl", "--failed", "--no-legend"], check=False).stdout
-            with self.log.open("a") as f:
-                f.write(f"\n[systest] booted degraded; failed units:\n{failed}\n")
+        self.wait_booted(deadline, timeout, pause=1)
         return self
 
     def _find_leader(self) -> int:
@@ -302,31 +333,17 @@ class Container(Machine):
                 return pid
         return 0
 
-    def run(
-        self,
-        argv: Sequence[str],
-        check: bool = True,
-        timeout: float = 120,
-        env: dict[str, str] | None = None,
-        input: str | None = None,
+    def _execute(
+        self, argv: Sequence[str], timeout: float, env: dict[str, str], input: str | None
     ) -> subprocess.CompletedProcess[str]:
-        """Run a command inside the booted container (all its namespaces, a clean environment)."""
+        """In all the container's namespaces, through nsenter."""
         if not self.leader:
             raise ContainerError("not booted")
-        environ = [f"{k}={v}" for k, v in {**CONTAINER_ENV, **(env or {})}.items()]
+        environ = [f"{k}={v}" for k, v in env.items()]
         full = ["nsenter", f"--target={self.leader}", "--mount", "--uts", "--ipc", "--net", "--pid",
                 "--root", "--wd=/", "env", "-i", *environ, *argv]  # fmt: skip
-        result = subprocess.run(
-            full, capture_output=True, text=True, timeout=timeout, input=input, check=False
-        )
-        with self.log.open("a") as f:
-            f.write(f"\n[systest] $ {' '.join(argv)}  -> {result.returncode}\n{result.stdout}{result.stderr}")
-        if check and result.returncode != 0:
-            raise ContainerError(
-                f"in {self.name}: {' '.join(argv)} exited {result.returncode}: "
-                f"{(result.stderr or result.stdout).strip()[-2000:]}"
-            )
-        return result
+        out = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input, check=False)
+        return subprocess.CompletedProcess(list(argv), out.returncode, out.stdout, out.stderr)
 
     def path(self, inside: str) -> Path:
         """The host's path of a file in the container's root file system."""

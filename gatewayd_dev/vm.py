@@ -11,7 +11,6 @@ listens) and its own software TPM service, like the containers.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import time
@@ -20,13 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from gatewayd_dev.nspawn import (
-    CONTAINER_ENV,
     ContainerError,
     Machine,
-    cache_dir,
+    cached_tree,
     copy_rootfs,
     ensure_rootfs,
-    locked,
     nspawn_run,
     prepare_services,
 )
@@ -94,17 +91,10 @@ def _enable(root: Path, unit: str, target: str = "multi-user.target") -> None:
 
 def ensure_vm_root(release: str, arch: str, log: Path) -> Path:
     """The cached root file system of the virtual machine (the container one plus kernel, python3, network
-    and the agent), built when missing (about 5 minutes for arm64)."""
+    and the agent), built when missing (about 5-10 minutes for arm64)."""
     base = ensure_rootfs(release, arch, log)
-    root = cache_dir() / f"{release}-{arch}-vm"
-    stamp = root / ".gatewayd-systest-vm"
-    recipe = f"{VM_FORMAT} {(base / '.gatewayd-systest').read_text()}"
-    with locked(cache_dir() / f".{release}-{arch}-vm.lock"):
-        if stamp.exists() and stamp.read_text() == recipe:
-            return root
-        tmp = root.with_name(root.name + ".new")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(root, ignore_errors=True)
+
+    def build(tmp: Path) -> None:
         copy_rootfs(base, tmp)
         install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends",
                    f"linux-image-{arch}", "python3", "systemd-resolved"]  # fmt: skip
@@ -123,9 +113,9 @@ def ensure_vm_root(release: str, arch: str, log: Path) -> Path:
         _enable(tmp, "/etc/systemd/system/gwsys-agent.service")
         prepare_services(tmp, SWTPM_PORT)
         (tmp / "etc/machine-id").write_text("")
-        (tmp / stamp.name).write_text(recipe)
-        tmp.rename(root)
-        return root
+
+    recipe = f"{VM_FORMAT} {(base / '.gatewayd-systest').read_text()}"
+    return cached_tree(f"{release}-{arch}-vm", recipe, build, stamp=".gatewayd-systest-vm")
 
 
 class VirtualMachine(Machine):
@@ -182,37 +172,17 @@ class VirtualMachine(Machine):
                 self.sock = s
             except OSError:
                 time.sleep(1)
-        state = ""
-        while time.monotonic() < deadline:
-            try:
-                state = self.run(["systemctl", "is-system-running"], check=False, timeout=30).stdout.strip()
-            except TimeoutError:
-                state = "no agent yet"
-            if state in ("running", "degraded"):
-                break
-            time.sleep(2)
-        else:
-            raise ContainerError(f"{self.name} did not finish booting in {timeout} s (state {state!r})")
-        if state == "degraded":
-            failed = self.run(["systemctl", "--failed", "--no-legend"], check=False).stdout
-            with self.log.open("a") as f:
-                f.write(f"\n[systest] booted degraded; failed units:\n{failed}\n")
+        self.wait_booted(deadline, timeout, pause=2)
         return self
 
-    def run(
-        self,
-        argv: Sequence[str],
-        check: bool = True,
-        timeout: float = 120,
-        env: dict[str, str] | None = None,
-        input: str | None = None,
+    def _execute(
+        self, argv: Sequence[str], timeout: float, env: dict[str, str], input: str | None
     ) -> subprocess.CompletedProcess[str]:
-        """Run a command in the guest through the agent (a clean environment, as for containers)."""
+        """Through the agent in the guest."""
         if self.sock is None:
             raise ContainerError("not booted")
         self._id += 1
-        environ = {**CONTAINER_ENV, **(env or {})}
-        request = {"id": self._id, "argv": list(argv), "env": environ, "input": input, "timeout": timeout}
+        request = {"id": self._id, "argv": list(argv), "env": env, "input": input, "timeout": timeout}
         self.sock.sendall((json.dumps(request) + "\n").encode())
         self.sock.settimeout(timeout + 30)
         answer: dict[str, Any] = {}
@@ -227,15 +197,7 @@ class VirtualMachine(Machine):
                 answer = json.loads(line)
         except TimeoutError:
             raise TimeoutError(f"{self.name}: no answer to {' '.join(argv)} in {timeout + 30} s") from None
-        result = subprocess.CompletedProcess(list(argv), answer["rc"], answer["stdout"], answer["stderr"])
-        with self.log.open("a") as f:
-            f.write(f"\n[systest] $ {' '.join(argv)}  -> {result.returncode}\n{result.stdout}{result.stderr}")
-        if check and result.returncode != 0:
-            raise ContainerError(
-                f"in {self.name}: {' '.join(argv)} exited {result.returncode}: "
-                f"{(result.stderr or result.stdout).strip()[-2000:]}"
-            )
-        return result
+        return subprocess.CompletedProcess(list(argv), answer["rc"], answer["stdout"], answer["stderr"])
 
     def poweroff(self, timeout: float = 120) -> None:
         if self.proc is None:
