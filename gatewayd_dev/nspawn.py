@@ -345,10 +345,6 @@ class Container(Machine):
         out = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input, check=False)
         return subprocess.CompletedProcess(list(argv), out.returncode, out.stdout, out.stderr)
 
-    def path(self, inside: str) -> Path:
-        """The host's path of a file in the container's root file system."""
-        return self.root / inside.lstrip("/")
-
     def poweroff(self, timeout: float = 90) -> None:
         """Power off from inside; kill what is left by PID if it does not stop in time."""
         if self.proc is None:

@@ -86,7 +86,6 @@ class Target:
     standin: StandIn
     listener_port: int
     host_address: str  # where the machine reaches the host's loopback (the stand-in)
-    log: Path
 
 
 @pytest.fixture(scope="module", params=targets())
@@ -116,7 +115,7 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     failed_before = request.session.testsfailed
     try:
         machine.boot(timeout=boot_timeout)
-        yield Target(request.param, machine, standin, free_port(), host_address, log)
+        yield Target(request.param, machine, standin, free_port(), host_address)
     finally:
         machine.poweroff()
         standin.stop()
