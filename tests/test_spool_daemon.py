@@ -100,6 +100,9 @@ def make_gw(stack: DevStack, sensor_ca: pki.Issued, tmp_path: Path) -> Iterator[
     made: list[GW] = []
 
     def make(thing: str, **sections: Any) -> GW:
+        # These tests stop the stand-in for up to half a minute; with the default 120 s cap the next attempt
+        # after the outage could be a minute away (full jitter). Backoff itself is tested in test_uplink.
+        sections["upstream"] = {"reconnect_max_delay": 4, **sections.get("upstream", {})}
         tables = standin_config(stack, tmp_path, thing, downstream={"auto_activate": True}, **sections)
         tables["downstream"]["policy"] = {"publish": ["sensors/${iot:ClientId}/#"]}
         config = write_config(tmp_path / "g.toml", tables)
