@@ -40,8 +40,9 @@ def test_unit_matches_the_daemon() -> None:
 def test_unit_is_hardened_as_the_issue_requires() -> None:
     text = (REPO / "systemd" / "gatewayd.service").read_text()
     service = unit()
-    assert service["User"] == "gatewayd" and service["SupplementaryGroups"] == "tss"
-    assert re.findall(r"(?m)^DeviceAllow=(.*)$", text) == ["/dev/tpmrm0 rw"]
+    assert service["User"] == "gatewayd" and service["SupplementaryGroups"] == "tss dialout"
+    devices = re.findall(r"(?m)^DeviceAllow=(.*)$", text)
+    assert devices == ["/dev/tpmrm0 rw", "char-ttyUSB rw", "char-ttyACM rw"]  # the TPM and USB serial only
     assert service["DevicePolicy"] == "closed"
     assert service["CapabilityBoundingSet"] == ""
     assert service["AmbientCapabilities"] == ""

@@ -332,9 +332,9 @@ def test_waits_for_the_tpm_and_keeps_running(make_gw: Callable[..., GW], own_sta
     own_stack.tpm.stop_abrmd()
     daemon = gw.start()  # starts anyway: downstream work does not need the TPM
     uplink = gw.wait_uplink(lambda u: u["state"] == "waiting-for-tpm")
-    assert "waiting for the TPM" in uplink["lastError"]
+    assert "waiting for TPM" in uplink["lastError"]
     assert any(
-        "waiting for the TPM" in m.get("STATUS", "") for m in daemon.notify.messages + daemon.notify.poll()
+        "waiting for TPM" in m.get("STATUS", "") for m in daemon.notify.messages + daemon.notify.poll()
     )
     blocked = [line for line in gw.log().splitlines() if messages.UPLINK_BLOCKED.id in line]
     assert len(blocked) == 1  # said once, not on every retry

@@ -244,6 +244,14 @@ class IdentitySection:
         "device:/dev/tpmrm0",
         "How to reach the TPM (a TCTI string): the kernel resource manager on a Pi; tabrmd:... for abrmd.",
     )
+    tpm_device: str = opt(
+        "auto",
+        'The TPM device node whose presence udev reports: while it is absent the uplink waits ("waiting '
+        'for TPM") and resumes the moment udev announces it; when it disappears the uplink stops cleanly. '
+        '"auto": the path of a device: TCTI (/dev/tpmrm0 by default), none for other TCTIs; "" watches '
+        "nothing.",
+        check=lambda v: None if v == "auto" else check_optional_path(v),
+    )
     parent_handle: int = opt(
         0x81000001,
         "Persistent handle of the storage root key (SRK) new keys are created under; created from the "
@@ -324,6 +332,70 @@ class ListenerSection:
     )
 
 
+SERIAL_BAUDRATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
+_CERTIFICATE_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def check_udev_match(value: tuple[tuple[str, str], ...]) -> str | None:
+    if not value:
+        return 'must name at least one udev property, e.g. { ID_VENDOR_ID = "0403", ID_MODEL_ID = "6001" }'
+    for key, _ in value:
+        if not re.fullmatch(r"[A-Z0-9_]{1,64}", key):
+            return f"{key!r} is not a udev property name (upper case, digits, underscores)"
+    return None
+
+
+def check_certificate_id(value: str) -> str | None:
+    return None if value == "" or _CERTIFICATE_ID.fullmatch(value) else "must be 64 lower-case hex digits"
+
+
+@dataclass(frozen=True)
+class SerialSection:
+    match: tuple[tuple[str, str], ...] = opt(
+        REQUIRED,
+        "udev properties a tty must all have (exact values), e.g. ID_VENDOR_ID, ID_MODEL_ID, ID_SERIAL, "
+        "ID_SERIAL_SHORT, ID_PATH; `udevadm info /dev/ttyUSB0` lists a device's.",
+        check=check_udev_match,
+    )
+    client_id: str = opt("", "The sensor identity its records are published as (or certificate_id).")
+    certificate_id: str = opt(
+        "",
+        "A registry certificate id instead of client_id: the sensor is the certificate's CN, admitted only "
+        "while the certificate (and its CA) is ACTIVE.",
+        check=check_certificate_id,
+    )
+    topic: str = opt(
+        REQUIRED,
+        "Topic the records are published to, as that sensor (checked against downstream.policy, then mapped "
+        "by forwarding.upstream_topic). ${iot:ClientId} is the sensor's client id.",
+        check=lambda v: "must be a topic name without wildcards" if not v or "+" in v or "#" in v else None,
+    )
+    format: str = opt(
+        "json",
+        'Records are lines: "json" (each line one JSON value, anything else is dropped) or "raw" (bytes as '
+        "they come, without the line end).",
+        choices=("json", "raw"),
+    )
+    max_record_bytes: int = opt(
+        4096, "Longest record; a longer line is dropped (logged).", minimum=16, maximum=131072
+    )
+    qos: int = opt(1, "QoS of the published records (0 or 1).", minimum=0, maximum=1)
+    baudrate: int = opt(
+        9600, "Line speed: " + ", ".join(map(str, SERIAL_BAUDRATES)) + ".",
+        check=lambda v: None if v in SERIAL_BAUDRATES else f"must be one of {', '.join(map(str, SERIAL_BAUDRATES))}",  # noqa: E501
+    )  # fmt: skip
+    data_bits: int = opt(8, "Data bits, 5 to 8.", minimum=5, maximum=8)
+    parity: str = opt("none", "Parity: none, even or odd.", choices=("none", "even", "odd"))
+    stop_bits: int = opt(1, "Stop bits, 1 or 2.", minimum=1, maximum=2)
+
+
+def check_serial_rules(rules: tuple[Any, ...]) -> str | None:
+    for i, rule in enumerate(rules):
+        if bool(rule.client_id) == bool(rule.certificate_id):
+            return f"serial[{i}]: set exactly one of client_id and certificate_id"
+    return None
+
+
 @dataclass(frozen=True)
 class PolicySection:
     publish: tuple[str, ...] = opt(
@@ -396,6 +468,12 @@ class DownstreamSection:
         3600, "Longest time a persistent session outlives its connection (s).", minimum=0
     )
     policy: PolicySection = field(default_factory=PolicySection)
+    serial: tuple[SerialSection, ...] = opt(
+        (),
+        "Serial sensors: a tty udev announces with matching properties is opened and its records are "
+        "published as the named sensor.",
+        check=check_serial_rules,
+    )
 
 
 def check_duration(value: str) -> str | None:

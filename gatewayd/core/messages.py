@@ -364,6 +364,89 @@ UPLINK_THROTTLED = Message(
     fields="GATEWAYD_PUBLISH_RATE",
 )
 
+TPM_ARRIVED = Message(
+    "TPM_ARRIVED",
+    "0073f0de700149c7a426e6209807f3a8",
+    Priority.NOTICE,
+    "udev announced the TPM device (identity.tpm_device): the uplink connects now instead of waiting.",
+    "",
+    fields="GATEWAYD_DEVICE",
+)
+TPM_REMOVED = Message(
+    "TPM_REMOVED",
+    "4b4059e494cd418094594dbe494af16a",
+    Priority.WARNING,
+    "udev reported the TPM device gone: the uplink disconnected cleanly and waits for it (status "
+    "waiting-for-tpm); sensors' messages are spooled meanwhile.",
+    "Check the TPM module and its driver (dmesg, `ls /dev/tpm*`); gatewayd resumes by itself when udev "
+    "announces it again.",
+    fields="GATEWAYD_DEVICE",
+)
+NETWORK_CHANGED = Message(
+    "NETWORK_CHANGED",
+    "506ada7de32f4f41ba19d97995b480fe",
+    Priority.INFO,
+    "An interface, link or address changed: an uplink that is not connected tries again at once instead of "
+    "after its backoff; a connection from an address that is gone is dropped and made again.",
+    "",
+    fields="GATEWAYD_REASON (what changed), GATEWAYD_ADDRESSES (the host's addresses now)",
+)
+LISTENER_CERT_REISSUED = Message(
+    "LISTENER_CERT_REISSUED",
+    "8366a86238474d6f8830a14eb63555ec",
+    Priority.NOTICE,
+    "The gateway's addresses changed, so the local CA issued the sensor listener a new server certificate "
+    "naming them; new connections get it, connected sensors stay connected.",
+    "",
+    fields="GATEWAYD_ADDRESSES",
+)
+HARDWARE_EVENTS_UNAVAILABLE = Message(
+    "HARDWARE_EVENTS_UNAVAILABLE",
+    "b27d868cb7d04affb4912ec8d1f3b777",
+    Priority.WARNING,
+    "udev or rtnetlink events cannot be received: gatewayd falls back to what it checks by itself (the TPM "
+    "device node at every connection attempt, the backoff for reconnects); serial sensors are not opened.",
+    "Run gatewayd where udev runs (systemd-udevd) and allow AF_NETLINK (the packaged unit does).",
+    fields="GATEWAYD_REASON",
+)
+SERIAL_OPENED = Message(
+    "SERIAL_OPENED",
+    "8feac67ea25e4d3b954555776d3d3705",
+    Priority.INFO,
+    "A tty matching a [[downstream.serial]] rule was plugged in (or present at start) and opened; its "
+    "records are published as the rule's sensor.",
+    "",
+    fields="GATEWAYD_CLIENT_ID, GATEWAYD_DEVICE",
+)
+SERIAL_CLOSED = Message(
+    "SERIAL_CLOSED",
+    "24d07386c2eb49dc93e8276482085bf2",
+    Priority.INFO,
+    "A serial sensor's tty was closed: unplugged, gone, or gatewayd is stopping. A record not finished by a "
+    "newline is discarded.",
+    "",
+    fields="GATEWAYD_CLIENT_ID, GATEWAYD_DEVICE, GATEWAYD_REASON",
+)
+SERIAL_OPEN_FAILED = Message(
+    "SERIAL_OPEN_FAILED",
+    "1cd1f4237e304ccb9480e5dd36d90745",
+    Priority.ERR,
+    "A tty matching a [[downstream.serial]] rule could not be opened or configured.",
+    "Check that gatewayd may open it: the packaged unit allows /dev/ttyUSB* and /dev/ttyACM* and puts "
+    "gatewayd in group dialout; other devices need a DeviceAllow= drop-in.",
+    fields="GATEWAYD_DEVICE, GATEWAYD_REASON",
+)
+SERIAL_RECORD_DROPPED = Message(
+    "SERIAL_RECORD_DROPPED",
+    "5504e6e7deeb4e1ab77fbdcc1a3001a0",
+    Priority.WARNING,
+    "Records from a serial sensor were dropped: longer than max_record_bytes, not JSON (format json), "
+    "refused by the policy or the spool, or the sensor's certificate is not ACTIVE. The first drop is logged "
+    "at once, later ones summed up at most every 10 s.",
+    "Check the sensor's output (baud rate and line settings, record format) and the rule.",
+    fields="GATEWAYD_CLIENT_ID, GATEWAYD_DEVICE, GATEWAYD_REASON, GATEWAYD_DROPPED",
+)
+
 ALL: tuple[Message, ...] = (
     STARTED,
     STOPPING,
@@ -402,6 +485,15 @@ ALL: tuple[Message, ...] = (
     SPOOL_FULL,
     SPOOL_BACKLOG,
     UPLINK_THROTTLED,
+    TPM_ARRIVED,
+    TPM_REMOVED,
+    NETWORK_CHANGED,
+    LISTENER_CERT_REISSUED,
+    HARDWARE_EVENTS_UNAVAILABLE,
+    SERIAL_OPENED,
+    SERIAL_CLOSED,
+    SERIAL_OPEN_FAILED,
+    SERIAL_RECORD_DROPPED,
 )
 
 

@@ -29,7 +29,16 @@ from typing import Any, Protocol
 
 from gatewayd.core import messages
 from gatewayd.core.config import Config
-from gatewayd.core.mqtt.packets import MQTT_5, Prop, Properties, Publish, Reason, Subscription, Will
+from gatewayd.core.mqtt.packets import (
+    MQTT_5,
+    NO_PROPERTIES,
+    Prop,
+    Properties,
+    Publish,
+    Reason,
+    Subscription,
+    Will,
+)
 from gatewayd.core.mqtt.session import (
     Closed,
     ConnectRequest,
@@ -301,8 +310,36 @@ class Broker:
         self._fan_out(p.topic, p.payload, p.qos, p.retain, p.properties, sender=client.client_id)
         return reason
 
+    def publish_as(
+        self, client_id: str, common_name: str, topic: str, payload: bytes, qos: int
+    ) -> int | None:
+        """A message from a sensor that is not an MQTT connection (a serial sensor): the same policy, topic
+        mapping, spool and quotas, and local subscribers get it too. Returns a reason code >= 0x80 when it
+        is refused; nothing acknowledges it (the spool stores it durably before the uplink sends it)."""
+        policy = self.policy.bind(variables(client_id, common_name, self.config.gateway.thing_name))
+        refusal, upstream_topic = self._route_with(policy, topic)
+        if refusal is not None:
+            log.warning("serial sensor %s %s", client_id, upstream_topic)
+            return refusal
+        if self.upstream is not None:
+
+            def stored(reason: int) -> None:
+                if reason >= 0x80:
+                    log.warning("serial sensor %s: a record was not stored (0x%02x)", client_id, reason)
+
+            reason = self.upstream.forward(
+                client_id, upstream_topic, payload, qos, False, stored if qos else None
+            )
+            if reason is not None and reason >= 0x80:
+                return reason
+        self._fan_out(topic, payload, qos, False, NO_PROPERTIES, sender=client_id)
+        return None
+
     def _route(self, client: Client, topic: str) -> tuple[int | None, str]:
-        if not client.policy.may_publish(topic):
+        return self._route_with(client.policy, topic)
+
+    def _route_with(self, policy: BoundPolicy, topic: str) -> tuple[int | None, str]:
+        if not policy.may_publish(topic):
             return Reason.NOT_AUTHORIZED, f"may not publish to {topic}: dropped"
         upstream_topic = self.topic_map.upstream(topic)
         problem = aws_topic_problem(upstream_topic)
@@ -456,6 +493,7 @@ class Broker:
         return [
             {
                 "clientId": c.client_id,
+                "transport": "mqtt",
                 "certificateId": c.peer.certificate_id,
                 "commonName": c.peer.common_name,
                 "address": c.peer.address,

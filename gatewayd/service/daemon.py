@@ -34,15 +34,18 @@ from gatewayd.service.broker import Broker, Peer
 from gatewayd.service.control import ControlServer
 from gatewayd.service.downstream import Downstream
 from gatewayd.service.forwarder import Forwarder
+from gatewayd.service.hardware import Hardware
 from gatewayd.service.logsetup import apply_level
 from gatewayd.service.registry import CHANGES, RegistryService, run_command
 from gatewayd.service.renewal import Renewer
+from gatewayd.service.serial import SerialSensors
 from gatewayd.service.upstream import Upstream, build_trust
 from gatewayd.stores.configfile import load
 from gatewayd.stores.identity import IdentityStore
 from gatewayd.stores.registry import Registry
 from gatewayd.stores.spool import Spool
 from gatewayd.stores.statedir import ensure_state_dir
+from gatewayd.stores.x509util import der, load_pem_certificates
 
 STATUS_REFRESH = 5.0  # seconds
 BACKLOG_LOG_EVERY = 60.0  # seconds
@@ -71,6 +74,7 @@ class Daemon:
         self.forwarder: Forwarder | None = None
         self.downstream: Downstream | None = None
         self.registry: RegistryService | None = None
+        self.serial: SerialSensors | None = None
         self._last_status = ""
 
     # ------------------------------------------------------------------ status
@@ -112,6 +116,7 @@ class Daemon:
             "uplink": self.upstream.summary() if self.upstream is not None else None,
             "spool": self.forwarder.summary() if self.forwarder is not None else None,
             "sensors": len(self.broker.clients) if self.broker is not None else 0,
+            "serialSensors": len(self.serial.ports) if self.serial is not None else 0,
             "sensorSessions": len(self.broker.sessions) if self.broker is not None else 0,
             "upstreamSubscriptions": self.broker.upstream_refs if self.broker is not None else {},
             "droppedForSensors": self.broker.dropped if self.broker is not None else 0,
@@ -149,6 +154,8 @@ class Daemon:
                 for cleaned in store.recover():
                     log.warning("identity store: removed %s left by an interrupted write", cleaned)
                 trust = build_trust(self.config)
+                hardware = Hardware(self.config, self._tpm_changed, self._network_changed)
+                await components.enter_async_context(hardware)  # before the uplink: the TPM gate
                 self.upstream = Upstream(
                     self.config,
                     store,
@@ -157,6 +164,7 @@ class Daemon:
                     on_message=self._from_upstream,
                     hold_at=self._renewal_holds(),
                 )
+                self.upstream.tpm_absent = hardware.tpm_absent
                 await components.enter_async_context(self.upstream)
                 spool = Spool(
                     state_dir / "spool.db",
@@ -174,6 +182,17 @@ class Daemon:
                 self.registry = RegistryService(registry, self.downstream.ca, self.config.gateway.thing_name)
                 self.registry.configure(self.config)
                 await components.enter_async_context(self.downstream)
+                if self.config.downstream.serial:
+                    forwarder = self.forwarder
+                    self.serial = SerialSensors(
+                        self.config,
+                        self.broker.publish_as,
+                        self._serial_identity,
+                        forwarder.room,
+                        lambda: forwarder.accepting,
+                    )
+                    components.callback(self.serial.close_all)
+                    hardware.attach_serial(self.serial.device_event)
                 await components.enter_async_context(
                     ControlServer(
                         Path(self.config.gateway.control_socket), handlers, self.config.gateway.control_group
@@ -309,7 +328,8 @@ class Daemon:
 
     async def _cmd_list_connections(self, args: dict[str, Any]) -> dict[str, Any]:
         assert self.broker is not None
-        return {"connections": self.broker.list_connections()}
+        serial = self.serial.list_connections() if self.serial is not None else []
+        return {"connections": self.broker.list_connections() + serial}
 
     async def _cmd_disconnect(self, args: dict[str, Any]) -> dict[str, Any]:
         assert self.broker is not None
@@ -330,6 +350,31 @@ class Daemon:
             self._publish_registration_event(decision.event)
         return None if decision.admitted else (decision.code, decision.why)
 
+    def _serial_identity(self, certificate_id: str) -> tuple[str, str | None]:
+        """A serial sensor's registry certificate: (its CN, why it is refused now or None)."""
+        assert self.registry is not None
+        row = self.registry.registry.find(certificate_id)
+        if row is None:
+            return "", f"certificate {certificate_id} is not registered"
+        decision = self.registry.admission(der(load_pem_certificates(row.pem.encode(), certificate_id)[0]))
+        return row.common_name, None if decision.admitted else decision.why
+
+    # ------------------------------------------------------------------ hardware events
+
+    def _tpm_changed(self, present: bool) -> None:
+        if self.upstream is None:
+            return
+        if present:
+            self.upstream.uplink.kick()  # connect now
+        else:
+            self.upstream.uplink.restart("wait for the TPM")  # preparing again finds it absent
+
+    def _network_changed(self, addresses: list[str], reason: str) -> None:
+        if self.upstream is not None:
+            self.upstream.uplink.network_changed(addresses)
+        if self.downstream is not None:
+            self.downstream.addresses_changed(addresses)
+
     def _publish_registration_event(self, event: dict[str, Any]) -> None:
         template = self.config.downstream.registration_event_topic
         if not template or self.upstream is None:
@@ -346,6 +391,8 @@ class Daemon:
         if CHANGES[command]:
             self.downstream.refresh_trust()
             self.broker.enforce_admission()  # a certificate or CA no longer ACTIVE: its sensors go now
+            if self.serial is not None:
+                self.serial.enforce_admission()
         return result
 
     async def _cmd_trust(self, args: dict[str, Any]) -> Any:

@@ -12,10 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
+from gatewayd.adapters.netlink import addresses as netlink_addresses
+from gatewayd.adapters.netlink import certificate_addresses
+from gatewayd.core import messages
 from gatewayd.core.config import Config, ListenerSection
 from gatewayd.core.errors import GatewaydError
 from gatewayd.service.broker import Broker
-from gatewayd.stores.localca import LocalCA, host_names_and_addresses
+from gatewayd.stores.localca import LocalCA, ServerIdentity, host_names_and_addresses
 
 log = logging.getLogger("gatewayd.downstream")
 
@@ -40,6 +43,17 @@ def server_context(cert_file: Path, key_file: Path, require_client_cert: bool) -
     return ctx
 
 
+def interface_addresses() -> list[str] | None:
+    """The addresses the listener certificate should name, or None when rtnetlink cannot tell."""
+    try:
+        return certificate_addresses(netlink_addresses())
+    except OSError as exc:
+        log.warning(
+            "cannot list the host's addresses (%s); the listener certificate names the host name's", exc
+        )
+        return None
+
+
 def listener_name(lst: ListenerSection) -> str:
     return lst.address if lst.address.startswith("unix:") else f"{lst.address}:{lst.port}"
 
@@ -55,14 +69,14 @@ class Downstream:
         self._servers: list[asyncio.Server] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self.server: ServerIdentity | None = None
 
     async def __aenter__(self) -> Downstream:
         d = self.config.downstream
         if self.ca.ensure():
             log.info("created the gateway's local CA in %s", self.ca.dir)
-        ips = [lst.address for lst in d.listener if not lst.address.startswith("unix:")]
-        names, addresses = host_names_and_addresses(ips)
-        server = self.ca.server_identity(names, addresses)
+        server = self.ca.server_identity(*self._names_and_addresses(interface_addresses()))
+        self.server = server
         try:
             for lst in d.listener:
                 ctx = (
@@ -116,6 +130,32 @@ class Downstream:
         self.refresh_trust()
         self._sweeper = asyncio.create_task(self._sweep(), name="session-expiry")
         return self
+
+    def _names_and_addresses(self, interfaces: list[str] | None) -> tuple[list[str], list[str]]:
+        listeners = [
+            lst.address for lst in self.config.downstream.listener if not lst.address.startswith("unix:")
+        ]
+        return host_names_and_addresses(listeners, interfaces)
+
+    def addresses_changed(self, interfaces: list[str]) -> bool:
+        """The host's addresses changed: if the server certificate does not name exactly the new set, the
+        local CA issues one that does. Each TLS context loads it for its next handshakes; connections already
+        made keep theirs (nobody is disconnected). True when a new certificate was issued."""
+        names, addresses = self._names_and_addresses(certificate_addresses(interfaces))
+        if self.server is None or (tuple(names), tuple(addresses)) == (
+            self.server.names,
+            self.server.addresses,
+        ):
+            return False
+        server = self.ca.server_identity(names, addresses)
+        for ctx in self._contexts:
+            ctx.load_cert_chain(str(server.cert_file), str(server.key_file))
+        self.server = server
+        log.info(
+            "listener certificate re-issued for %s", ", ".join(addresses),
+            extra=messages.extra(messages.LISTENER_CERT_REISSUED, addresses=",".join(addresses)),
+        )  # fmt: skip
+        return True
 
     def refresh_trust(self) -> int:
         """Add the registry's new trust anchors to every TLS listener (takes effect for the next handshake).

@@ -159,6 +159,11 @@ class Forwarder:
                 self._dropped("droppedQos0", 1)
                 return
 
+    @property
+    def accepting(self) -> bool:
+        """False while sensors' input should wait (see room())."""
+        return self._accepting.is_set()
+
     async def room(self) -> None:
         """Returns when sensors' sockets may be read (the commits keep up); see QUEUE_HIGH."""
         await self._accepting.wait()

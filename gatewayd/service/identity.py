@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,8 +236,10 @@ class Identity:
 
     # ------------------------------------------------------------------ the uplink's check
 
-    def check_live(self) -> Ready:
-        """The live identity, fully checked; IdentityError / TPMError say why the gateway cannot use it."""
+    def check_live(self, tpm_absent: Callable[[], str | None] = lambda: None) -> Ready:
+        """The live identity, fully checked; IdentityError / TPMError say why the gateway cannot use it.
+        `tpm_absent` says why the TPM cannot be used now (its device is not there), checked last, so that
+        problems a person must fix (no certificate, expired) are reported first."""
         live = self.store.live()
         if live is None:
             raise IdentityError(
@@ -262,6 +265,9 @@ class Identity:
         if not same_public_key(cert.public_key(), public):
             raise IdentityError(f"certificate {summary.certificate_id} does not match its key")
         if self.backend == "tpm":
+            absent = tpm_absent()
+            if absent is not None:
+                raise tpm.TPMUnavailable(absent)
             tpm.check_loadable(self.config.identity.tcti, key.blob)
         return Ready(live, key, summary)
 

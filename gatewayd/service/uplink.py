@@ -102,6 +102,8 @@ class UplinkStatus:
     published: int = 0  # publishes sent since start
     throttled: bool = False  # the quota held a publish back within the last two seconds
     throttled_seconds: float = 0.0  # total time publishes waited for the quota
+    connect_attempts: int = 0  # CONNECT attempts since start (trial connections included)
+    next_attempt_at: float | None = None  # wall-clock time of the next attempt while waiting on the backoff
 
 
 class _Rate:
@@ -175,6 +177,7 @@ class Uplink:
         self._proc: asyncio.subprocess.Process | None = None
         self._restart = Backoff(cap=reconnect_max_delay)
         self._generation = 0  # bumped by restart(): a child of an older generation was stopped on purpose
+        self._restart_why = "switch or prove the identity"
         self._running = asyncio.Event()  # cleared while suspended
         self._running.set()
         self._in_child = False
@@ -254,9 +257,19 @@ class Uplink:
         self._restart.reset_now()
         self._kick.set()
 
-    def restart(self) -> None:
-        """Reconnect now with whatever identity is live (after a renewal or a rollback): the child is told
-        to stop; what it had in flight goes back to the head of the queue (at-least-once)."""
+    def network_changed(self, addresses: list[str]) -> None:
+        """The network changed (interface, link or address): one attempt now instead of after the backoff;
+        the child drops a connection whose local address is gone. Never more than one CONNECT a second."""
+        self._restart.reset_now()
+        if self._writer is not None:
+            self._send(ipc.json_frame(ipc.Kind.NETWORK, {"addresses": addresses}))
+        self._kick.set()  # blocked, or between two children: prepare again now
+
+    def restart(self, why: str = "switch or prove the identity") -> None:
+        """Reconnect now with whatever identity is live (after a renewal or a rollback; or the TPM went and
+        preparing blocks): the child is told to stop (MQTT DISCONNECT); what it had in flight goes back to
+        the head of the queue (at-least-once). `why` completes the log line "disconnected from AWS IoT to"."""
+        self._restart_why = why
         self._restart.reset_now()
         self._generation += 1
         if self._writer is not None:
@@ -487,6 +500,8 @@ class Uplink:
         match state:
             case "connecting":
                 self._last_connect_attempt = time.monotonic()
+                self.status.connect_attempts += 1
+                self.status.next_attempt_at = None
                 self._set("connecting")
             case "connected":
                 self._connected = True
@@ -515,7 +530,7 @@ class Uplink:
                 elif was and self.closing():
                     log.info("disconnected from AWS IoT (stopping)")
                 elif was and (not self._running.is_set() or self._child_generation != self._generation):
-                    log.info("disconnected from AWS IoT to switch or prove the identity")
+                    log.info("disconnected from AWS IoT to %s", self._restart_why)
                 elif was:
                     log.warning(
                         "connection to AWS IoT lost: %s",
@@ -533,6 +548,7 @@ class Uplink:
                     extra=messages.extra(messages.UPLINK_CONNECT_FAILED, reason=error),
                 )
             case "waiting":
+                self.status.next_attempt_at = time.time() + float(body.get("retry_in", 0.0))
                 self._set("waiting")
 
     async def _sender(self) -> None:

@@ -45,6 +45,7 @@ class Child:
         self.acks: list[bytes] = []  # ACK frames not sent yet (flushed once per loop pass)
         self.sub_mids: dict[int, list[Any]] = {}
         self.stopping = False
+        self.retry_now = False  # the network changed: the next attempt need not wait for the backoff
 
     # ---------------------------------------------------------------- IPC
 
@@ -90,8 +91,26 @@ class Child:
                             self.drop_connection(error=describe(exc))
                 case ipc.Kind.STOP:
                     self.stopping = True
+                case ipc.Kind.NETWORK:
+                    self.network_changed(f.json().get("addresses", []))
                 case _:
                     pass
+
+    def network_changed(self, addresses: list[str]) -> None:
+        """Waiting for the next attempt: make it now (the one-per-second rule still holds). Connected or
+        connecting from an address the host no longer has: that connection is dead, so drop it and
+        reconnect now. A connection whose address is still there is kept (the keepalive watches it)."""
+        if self.client is None:
+            self.retry_now = True
+            return
+        sock = self.client.socket()
+        try:
+            local = str(sock.getsockname()[0]).split("%")[0] if sock is not None else ""
+        except OSError:
+            local = ""
+        if local and local not in addresses:
+            self.drop_connection(error=f"the local address {local} is gone")
+            self.retry_now = True
 
     def publish(self, p: ipc.Publish) -> None:
         if self.client is None or not self.connected:
@@ -196,6 +215,9 @@ class Child:
         if since_last is not None:
             backoff.attempted(time.monotonic() - float(since_last))
         while not self.stopping:
+            if self.retry_now:
+                self.retry_now = False
+                backoff.reset_now()
             delay = backoff.delay(time.monotonic(), random.random())
             if delay > 0:
                 self.state("waiting", retry_in=round(delay, 3), attempt=backoff.attempt)
@@ -203,6 +225,8 @@ class Child:
                     return 0
                 if self.stop_requested():
                     break
+                if self.retry_now:
+                    continue  # the network changed while waiting: the delay again, without the backoff
             backoff.attempted(time.monotonic())
             self.state("connecting", attempt=backoff.attempt)
             if self.connect(context) and self.serve():
@@ -216,7 +240,7 @@ class Child:
 
     def sleep_serving_ipc(self, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0 and not self.stopping:
+        while (left := deadline - time.monotonic()) > 0 and not self.stopping and not self.retry_now:
             if not self.read_ipc(timeout=left):
                 return False
             self.handle_frames()

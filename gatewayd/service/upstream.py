@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -42,6 +43,10 @@ log = logging.getLogger("gatewayd.upstream")
 def _iso(ts: float | dt.datetime) -> str:
     value = ts if isinstance(ts, dt.datetime) else dt.datetime.fromtimestamp(ts, dt.UTC)
     return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _iso_ms(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
 
 
 def build_trust(config: Config) -> truststore.TrustBundle:
@@ -126,6 +131,8 @@ class Upstream:
             hold_at=hold_at,
         )
         self._tasks: list[asyncio.Task[None]] = []
+        # why the TPM device cannot be used now (gatewayd.service.hardware), or None; set before entering
+        self.tpm_absent: Callable[[], str | None] = lambda: None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -193,10 +200,10 @@ class Upstream:
 
     async def _prepare(self) -> ChildSpec | Blocked:
         try:
-            ready = await asyncio.to_thread(self.identity.check_live)
+            ready = await asyncio.to_thread(self.identity.check_live, self.tpm_absent)
         except TPMUnavailable as exc:
             self.ready = None
-            return Blocked(f"waiting for the TPM: {exc}", "waiting-for-tpm")
+            return Blocked(f"waiting for TPM: {exc}", "waiting-for-tpm")
         except (IdentityError, TPMError, CertificateError) as exc:
             self.ready = None
             return Blocked(str(exc))
@@ -279,6 +286,10 @@ class Upstream:
             "throttled": s.throttled,
             "throttledSeconds": round(s.throttled_seconds, 1),
             "uplinkPid": s.child_pid,
+            "connectAttempts": s.connect_attempts,
+            "nextAttemptAt": _iso_ms(s.next_attempt_at)
+            if s.state == "waiting" and s.next_attempt_at
+            else None,
             "renewal": self.renewer.summary(),
         }
 

@@ -30,16 +30,22 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def host_names_and_addresses(extra_addresses: list[str]) -> tuple[list[str], list[str]]:
-    """DNS names and IP addresses the server certificate should cover, from the host as it is now."""
+def host_names_and_addresses(
+    extra_addresses: list[str], interface_addresses: list[str] | None = None
+) -> tuple[list[str], list[str]]:
+    """DNS names and IP addresses the server certificate should cover, from the host as it is now: the
+    interfaces' addresses when known (rtnetlink), else what the host name resolves to."""
     hostname = socket.gethostname()
     names = sorted({hostname, socket.getfqdn(), "localhost"} - {""})
     ips = {"127.0.0.1", "::1", *[a for a in extra_addresses if a not in ("0.0.0.0", "::")]}
-    try:
-        for info in socket.getaddrinfo(hostname, None):
-            ips.add(str(info[4][0]).split("%")[0])
-    except OSError:
-        pass
+    if interface_addresses is not None:
+        ips.update(interface_addresses)
+    else:
+        try:
+            for info in socket.getaddrinfo(hostname, None):
+                ips.add(str(info[4][0]).split("%")[0])
+        except OSError:
+            pass
     return names, sorted(ips, key=lambda a: (":" in a, a))
 
 
