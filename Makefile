@@ -16,7 +16,8 @@ APT_PACKAGES := \
 	python3-tpm2-pytss python3-paho-mqtt python3-cryptography python3-systemd python3-pyudev \
 	python3-pytest python3-hypothesis \
 	debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian \
-	debootstrap systemd-container
+	debootstrap systemd-container \
+	umockdev gir1.2-umockdev-1.0 python3-gi iproute2
 
 PYTEST_ARGS ?=
 

@@ -19,7 +19,8 @@ from gatewayd_dev.stack import DevStack
 
 
 def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
-    """Write a small TOML config from {section: {key: value}} (str, int, float, bool, list of str)."""
+    """Write a small TOML config from {section: {key: value}} (str, int, float, bool, list; a dict inside an
+    array of tables is an inline table)."""
 
     def fmt(value: Any) -> str:
         match value:
@@ -31,6 +32,8 @@ def write_config(path: Path, tables: dict[str, dict[str, Any]]) -> Path:
                 return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
             case list():
                 return "[" + ", ".join(fmt(v) for v in value) + "]"
+            case dict():  # an inline table
+                return "{ " + ", ".join(f"{k} = {fmt(v)}" for k, v in value.items()) + " }"
         raise TypeError(f"cannot write {value!r} as TOML")
 
     lines: list[str] = []

@@ -14,14 +14,14 @@ import time
 
 
 class RecordingProxy:
-    def __init__(self, target_port: int, max_connections: int = 64) -> None:
+    def __init__(self, target_port: int, max_connections: int = 64, host: str = "127.0.0.1") -> None:
         self.target_port = target_port
         self.accepts: list[float] = []  # monotonic times of accepted connections
         self.forward = True  # False: close each new connection at once
         self.max_connections = max_connections
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
+        self._listener.bind((host, 0))  # another address only inside a test's own network namespace
         self._listener.listen(16)
         self.port = int(self._listener.getsockname()[1])
         self._open: set[socket.socket] = set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,10 @@ from gatewayd_dev.gateway import Gateway, loopback_listener, write_config
 from gatewayd_dev.stack import DevStack
 
 REPO = Path(__file__).resolve().parent.parent
+
+# tests/netns changes interfaces and addresses: it runs only inside the network namespace that
+# tests/test_network.py makes for it (which sets GATEWAYD_NETNS=1).
+collect_ignore = [] if os.environ.get("GATEWAYD_NETNS") == "1" else ["netns"]
 
 
 @pytest.fixture(scope="session")
