@@ -75,7 +75,7 @@ def test_apt_installs_the_package_with_debians_own_dependencies(target: Target, 
     assert t.container.run(["systemctl", "is-enabled", "gatewayd"]).stdout.strip() == "enabled"
     assert t.container.run(["systemctl", "is-active", "gatewayd"], check=False).stdout.strip() == "inactive"
     groups = t.container.run(["id", "-nG", "gatewayd"]).stdout.split()
-    assert "tss" in groups, groups
+    assert "tss" in groups and "dialout" in groups, groups  # the TPM; USB serial sensors
     for path in ("/usr/bin/gatewayd", "/usr/bin/gatewayctl", "/usr/share/man/man8/gatewayd.8.gz",
                  "/usr/share/man/man8/gatewayctl.8.gz", "/usr/share/man/man5/gatewayd.toml.5.gz",
                  "/usr/lib/systemd/catalog/gatewayd.catalog"):  # fmt: skip
@@ -162,6 +162,8 @@ def test_journal_has_structured_fields_and_catalog_text(target: Target) -> None:
     explained = t.container.run(["journalctl", "--no-pager", "-x", "-u", "gatewayd"]).stdout
     assert messages.STARTED.summary in explained
     assert "Subject: STARTED" in explained
+    # Under the hardened unit the daemon subscribed to udev and rtnetlink (AF_NETLINK allowed).
+    assert not journal(t, "-u", "gatewayd", f"MESSAGE_ID={messages.HARDWARE_EVENTS_UNAVAILABLE.id}")
 
 
 def test_gatewayctl_status_as_root_and_refused_for_others(target: Target) -> None:
