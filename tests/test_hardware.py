@@ -30,6 +30,7 @@ from gatewayd_dev.gateway import (
     write_config,
 )
 from gatewayd_dev.observer import Observer
+from gatewayd_dev.reconnect import reaction, wait_for_long_backoff
 from gatewayd_dev.sensor import Sensor, wait_until
 from gatewayd_dev.stack import DevStack
 from gatewayd_dev.udevbed import UdevBed
@@ -223,12 +224,7 @@ def test_interface_event_makes_the_waiting_uplink_connect_at_once(
     wait_until(lambda: gw.uplink()["state"] == "connected", 15, "the uplink")
     stack.standin.stop()
     try:
-        # wait for a backoff wait of at least 4 s ahead (full jitter: some draws are short; more come)
-        def long_wait() -> bool:
-            up = gw.uplink()
-            return bool(up["state"] == "waiting" and up["nextAttemptAt"] and _ahead(up["nextAttemptAt"]) > 4)
-
-        wait_until(long_wait, 90, "a backoff wait of more than 4 s")
+        wait_for_long_backoff(gw.uplink, 4)
         before = gw.uplink()["connectAttempts"]
         for i in range(10):  # a burst: 10 events in half a second
             bed.add("net", f"wlan{i}", props={"INTERFACE": f"wlan{i}", "IFINDEX": str(100 + i)})
@@ -237,31 +233,14 @@ def test_interface_event_makes_the_waiting_uplink_connect_at_once(
         burst = gw.uplink()["connectAttempts"] - before
         print(f"\nCONNECT attempts during 10 interface events in 0.5 s (+1.6 s): {burst}")
         assert 1 <= burst <= 3, burst  # at once, then at most one a second
-        wait_until(long_wait, 90, "a backoff wait of more than 4 s again")
+        wait_for_long_backoff(gw.uplink, 4)  # again, for the measurement below
     finally:
         stack.standin.start()
     time.sleep(1.0)  # the last attempt is a second old: the one-per-second rule does not delay the next
-    up = gw.uplink()
-    ahead, before = _ahead(up["nextAttemptAt"]), up["connectAttempts"]
-    start = time.monotonic()
-    bed.add("net", "eth9", props={"INTERFACE": "eth9", "IFINDEX": "99"})
-    wait_until(lambda: gw.uplink()["connectAttempts"] > before, 5, "a CONNECT attempt")
-    attempt = time.monotonic() - start
-    wait_until(lambda: gw.uplink()["state"] == "connected", 10, "the uplink")
-    connected = time.monotonic() - start
-    print(
-        f"\ninterface added -> CONNECT attempt: {attempt * 1000:.0f} ms, connected: {connected * 1000:.0f} ms"
-        f" (the backoff had {ahead:.1f} s to go)"
-    )
-    assert attempt < 1.0 and connected < ahead - 1
+    r = reaction(gw.uplink, lambda: bed.add("net", "eth9", props={"INTERFACE": "eth9", "IFINDEX": "99"}))
+    print("\n" + r.describe("interface added"))
+    assert r.attempt < 1.0 and r.connected < r.backoff_left - 1
     assert messages.NETWORK_CHANGED.id in gw.log() and "interface eth9 add" in gw.log()
-
-
-def _ahead(iso: str) -> float:
-    import datetime as dt
-
-    at = dt.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
-    return at.timestamp() - time.time()
 
 
 # ---------------------------------------------------------------- serial sensors
