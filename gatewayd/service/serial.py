@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -61,6 +62,15 @@ def configure_tty(fd: int, rule: SerialSection) -> None:
     cc[termios.VMIN], cc[termios.VTIME] = 1, 0
     speed = _BAUD[rule.baudrate]
     termios.tcsetattr(fd, termios.TCSANOW, [iflag, oflag, cflag, lflag, speed, speed, cc])
+
+
+def _exclusive(fd: int, path: str) -> None:
+    """Nothing else (ModemManager probing a new tty, a stray `screen`) may open the port while it is a
+    sensor's; root still can. Not essential: a tty that refuses it is used all the same."""
+    try:
+        fcntl.ioctl(fd, termios.TIOCEXCL)
+    except OSError as exc:
+        log.debug("%s cannot be opened exclusively (%s); using it shared", path, exc.strerror)
 
 
 @dataclass
@@ -131,6 +141,7 @@ class SerialSensors:
             )  # fmt: skip
             return
         try:
+            _exclusive(fd, path)
             configure_tty(fd, rule)
             termios.tcflush(fd, termios.TCIFLUSH)  # what was buffered before we owned the port is stale
         except termios.error as exc:
