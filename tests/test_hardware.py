@@ -155,6 +155,10 @@ def test_tpm_absent_at_start_then_announced(
     up = gw.uplink()
     assert up["state"] == "waiting-for-tpm" and up["lastError"].startswith("waiting for TPM"), up
     assert TPM_NODE in up["lastError"] and up["connectAttempts"] == 0
+    hw = gw.ctl()["hardware"]
+    assert (
+        hw["tpmDevice"] == TPM_NODE and hw["tpmPresent"] is False and hw["udevEvents"] and hw["netlinkEvents"]
+    )
     assert gw.daemon is not None
     notify = gw.daemon.notify
     wait_until(
@@ -177,7 +181,7 @@ def test_tpm_absent_at_start_then_announced(
         assert took < 1.0
         wait_until(lambda: gw.uplink()["state"] == "connected", 15, "the uplink")
         assert obs.wait(1)[0].endswith("before the TPM")
-        assert messages.TPM_ARRIVED.id in gw.log()
+        assert messages.TPM_ARRIVED.id in gw.log() and gw.ctl()["hardware"]["tpmPresent"] is True
     finally:
         obs.stop()
 
@@ -241,6 +245,8 @@ def test_interface_event_makes_the_waiting_uplink_connect_at_once(
     print("\n" + r.describe("interface added"))
     assert r.attempt < 1.0 and r.connected < r.backoff_left - 1
     assert messages.NETWORK_CHANGED.id in gw.log() and "interface eth9 add" in gw.log()
+    last = gw.ctl()["hardware"]["lastNetworkChange"]
+    assert last["reason"] == "interface eth9 add" and "127.0.0.1" in last["addresses"], last
 
 
 # ---------------------------------------------------------------- serial sensors

@@ -75,6 +75,7 @@ class Daemon:
         self.downstream: Downstream | None = None
         self.registry: RegistryService | None = None
         self.serial: SerialSensors | None = None
+        self.hardware: Hardware | None = None
         self._last_status = ""
 
     # ------------------------------------------------------------------ status
@@ -117,6 +118,7 @@ class Daemon:
             "spool": self.forwarder.summary() if self.forwarder is not None else None,
             "sensors": len(self.broker.clients) if self.broker is not None else 0,
             "serialSensors": len(self.serial.ports) if self.serial is not None else 0,
+            "hardware": self.hardware.summary() if self.hardware is not None else None,
             "sensorSessions": len(self.broker.sessions) if self.broker is not None else 0,
             "upstreamSubscriptions": self.broker.upstream_refs if self.broker is not None else {},
             "droppedForSensors": self.broker.dropped if self.broker is not None else 0,
@@ -154,7 +156,7 @@ class Daemon:
                 for cleaned in store.recover():
                     log.warning("identity store: removed %s left by an interrupted write", cleaned)
                 trust = build_trust(self.config)
-                hardware = Hardware(self.config, self._tpm_changed, self._network_changed)
+                self.hardware = hardware = Hardware(self.config, self._tpm_changed, self._network_changed)
                 await components.enter_async_context(hardware)  # before the uplink: the TPM gate
                 self.upstream = Upstream(
                     self.config,

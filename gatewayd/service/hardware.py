@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 from gatewayd.adapters import netlink
 from gatewayd.adapters.udev import UdevDevice, UdevMonitor, UdevUnavailable
@@ -63,6 +65,7 @@ class Hardware:
         self._udev_tpm = False  # udev lists or announced the TPM device
         self._pending: list[str] = []
         self._settle: asyncio.TimerHandle | None = None
+        self._last_change: dict[str, Any] | None = None  # when, what, the addresses then
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -112,6 +115,16 @@ class Hardware:
             self.udev.close()
         if self.routes is not None:
             self.routes.close()
+
+    def summary(self) -> dict[str, Any]:
+        """For `gatewayctl status`: what is watched and what is known now."""
+        return {
+            "udevEvents": self.udev is not None,
+            "netlinkEvents": self.routes is not None,
+            "tpmDevice": self.tpm_path or None,
+            "tpmPresent": self.tpm_present() if self.tpm_path else None,
+            "lastNetworkChange": self._last_change,
+        }
 
     # ------------------------------------------------------------------ the TPM
 
@@ -178,6 +191,11 @@ class Hardware:
             log.warning("cannot list the host's addresses: %s", exc)
             found = []
         reason = ", ".join(reasons)
+        self._last_change = {
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "reason": reason,
+            "addresses": found,
+        }
         log.info(
             "network changed (%s); addresses now %s", reason, " ".join(found) or "none",
             extra=messages.extra(messages.NETWORK_CHANGED, reason=reason, addresses=",".join(found)),
