@@ -108,7 +108,8 @@ class Child:
             local = str(sock.getsockname()[0]).split("%")[0] if sock is not None else ""
         except OSError:
             local = ""
-        if local and local not in addresses:
+        local = local.removeprefix("::ffff:")  # an IPv4 address on an IPv6 socket
+        if local and local not in ("0.0.0.0", "::") and local not in addresses:
             self.drop_connection(error=f"the local address {local} is gone")
             self.retry_now = True
 
