@@ -106,3 +106,38 @@ def test_socket_directory_is_created_traversable_for_its_owner(tmp_path: Path) -
             assert stat.S_IMODE(path.stat().st_mode) == 0o660
 
     asyncio.run(scenario())
+
+
+def test_the_umask_is_never_narrowed_while_other_coroutines_run(tmp_path: Path) -> None:
+    """The umask is process-wide: narrowed across an await, it gave a directory another coroutine made at
+    that moment mode 0600, locking the daemon out of it for good (found by the system test: the uplink's
+    STATE_DIR/uplink). Other coroutines must always see the process's own umask."""
+    path = tmp_path / "c.sock"
+    seen: set[int] = set()
+
+    def current_umask() -> int:
+        mask = os.umask(0o077)
+        os.umask(mask)
+        return mask
+
+    async def watcher(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            seen.add(current_umask())
+            await asyncio.sleep(0)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(watcher(stop))
+        await asyncio.sleep(0)
+        for _ in range(20):  # several starts, each yielding to the watcher while the server is made
+            async with ControlServer(path, {}):
+                assert stat.S_IMODE(path.stat().st_mode) == 0o660
+        stop.set()
+        await task
+
+    own = os.umask(0o022)
+    try:
+        asyncio.run(scenario())
+    finally:
+        os.umask(own)
+    assert seen == {0o022}, {oct(m) for m in seen}

@@ -377,6 +377,19 @@ def test_client_id_is_the_thing_name(make_gw: Callable[..., GW]) -> None:
     assert re.search(r"New client connected from 127\.0\.0\.1:\d+ as gw-clientid ", log), log[-2000:]
 
 
+def test_an_uplink_directory_left_without_search_permission_is_repaired(make_gw: Callable[..., GW]) -> None:
+    """gatewayd 0.1.0 could create STATE_DIR/uplink 0600 (a umask race with the control socket); the
+    daemon then could never connect. It now repairs the directory."""
+    gw = make_gw("gw-heal")
+    gw.provision()
+    broken = gw.workdir / "state" / "uplink"
+    broken.mkdir(mode=0o700)
+    broken.chmod(0o600)
+    gw.start()
+    gw.wait_connected()
+    assert broken.stat().st_mode & 0o777 == 0o700
+
+
 def test_file_backend_works_and_warns_at_every_start(make_gw: Callable[..., GW]) -> None:
     gw = make_gw("gw-filekey", identity={"key_backend": "file"})
     shown = gw.provision()

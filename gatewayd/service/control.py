@@ -50,13 +50,8 @@ class ControlServer:
         try:
             self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             _remove_stale_socket(self.path)
-            old_umask = os.umask(0o117)  # the socket is created 0660 from the start, never wider
-            try:
-                self._server = await asyncio.start_unix_server(
-                    self._serve, path=str(self.path), limit=MAX_REQUEST
-                )
-            finally:
-                os.umask(old_umask)
+            sock = _bound_unix_socket(self.path)
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_REQUEST)
         except OSError as exc:
             raise ControlError(f"cannot listen on {self.path}: {exc.strerror or exc}") from exc
         self._set_group()
@@ -172,6 +167,23 @@ def _peer_groups(sock: socket.socket) -> set[int]:
     except OSError:
         return set()
     return set(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+
+
+def _bound_unix_socket(path: Path) -> socket.socket:
+    """A unix socket bound at `path`, 0660 from the start, never wider. The umask is process-wide: it is
+    narrowed only around bind(), with no await in between, so no other coroutine or thread creating a file
+    or directory meanwhile can be given the narrower mode (a directory made 0600 would lock its owner out)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old_umask = os.umask(0o117)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _remove_stale_socket(path: Path) -> None:

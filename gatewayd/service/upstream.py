@@ -225,6 +225,8 @@ class Upstream:
         if ident.key_backend == "tpm":
             conf = Path(self.config.gateway.state_dir) / "uplink" / "openssl-tpm2.cnf"
             conf.parent.mkdir(mode=0o700, exist_ok=True)
+            if conf.parent.stat().st_mode & 0o777 != 0o700:  # heals one made 0600 by a umask race (0.1.0)
+                conf.parent.chmod(0o700)
             if not conf.exists() or conf.read_text() != tls.OPENSSL_TPM2_CONF:
                 atomic.write_file(conf, tls.OPENSSL_TPM2_CONF.encode(), 0o600)
             env = {"OPENSSL_CONF": str(conf), "TPM2OPENSSL_TCTI": ident.tcti}
