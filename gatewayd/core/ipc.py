@@ -26,7 +26,7 @@ class Kind(IntEnum):
     STATE = 7  # child -> daemon: JSON {"state": ..., "error": ..., ...}
     STOP = 8  # daemon -> child: disconnect cleanly and exit
     UNSUBSCRIBE = 9  # daemon -> child: JSON {"filters": [...]}
-    NETWORK = 10  # daemon -> child: JSON {"addresses": [...]}: the network changed, try again now
+    NETWORK = 10  # daemon -> child: JSON {"addresses": [...] or null}: the network changed, try again now
 
 
 class FrameError(ValueError):

@@ -371,10 +371,10 @@ class Daemon:
         else:
             self.upstream.uplink.restart("wait for the TPM")  # preparing again finds it absent
 
-    def _network_changed(self, addresses: list[str], reason: str) -> None:
+    def _network_changed(self, addresses: list[str] | None, reason: str) -> None:
         if self.upstream is not None:
             self.upstream.uplink.network_changed(addresses)
-        if self.downstream is not None:
+        if self.downstream is not None and addresses is not None:
             self.downstream.addresses_changed(addresses)
 
     def _publish_registration_event(self, event: dict[str, Any]) -> None:

@@ -53,7 +53,7 @@ class Hardware:
         self,
         config: Config,
         tpm_changed: Callable[[bool], None],
-        network_changed: Callable[[list[str], str], None],
+        network_changed: Callable[[list[str] | None, str], None],
     ) -> None:
         self.tpm_path = tpm_device(config)
         self.tpm_changed = tpm_changed
@@ -185,19 +185,21 @@ class Hardware:
     def _network_settled(self) -> None:
         self._settle = None
         reasons, self._pending = self._pending, []
+        found: list[str] | None
         try:
             found = netlink.addresses()
-        except OSError as exc:
+        except OSError as exc:  # unknown is not "none": nothing is judged gone on this
             log.warning("cannot list the host's addresses: %s", exc)
-            found = []
+            found = None
         reason = ", ".join(reasons)
         self._last_change = {
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "reason": reason,
             "addresses": found,
         }
+        shown = "unknown" if found is None else " ".join(found) or "none"
         log.info(
-            "network changed (%s); addresses now %s", reason, " ".join(found) or "none",
-            extra=messages.extra(messages.NETWORK_CHANGED, reason=reason, addresses=",".join(found)),
+            "network changed (%s); addresses now %s", reason, shown,
+            extra=messages.extra(messages.NETWORK_CHANGED, reason=reason, addresses=",".join(found or [])),
         )  # fmt: skip
         self.network_changed(found, reason)

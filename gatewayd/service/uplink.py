@@ -257,9 +257,10 @@ class Uplink:
         self._restart.reset_now()
         self._kick.set()
 
-    def network_changed(self, addresses: list[str]) -> None:
+    def network_changed(self, addresses: list[str] | None) -> None:
         """The network changed (interface, link or address): one attempt now instead of after the backoff;
-        the child drops a connection whose local address is gone. Never more than one CONNECT a second."""
+        the child drops a connection whose local address is not among `addresses` (None: unknown, so none
+        is dropped). Never more than one CONNECT a second."""
         self._restart.reset_now()
         if self._writer is not None:
             self._send(ipc.json_frame(ipc.Kind.NETWORK, {"addresses": addresses}))

@@ -92,16 +92,19 @@ class Child:
                 case ipc.Kind.STOP:
                     self.stopping = True
                 case ipc.Kind.NETWORK:
-                    self.network_changed(f.json().get("addresses", []))
+                    self.network_changed(f.json().get("addresses"))
                 case _:
                     pass
 
-    def network_changed(self, addresses: list[str]) -> None:
+    def network_changed(self, addresses: list[str] | None) -> None:
         """Waiting for the next attempt: make it now (the one-per-second rule still holds). Connected or
         connecting from an address the host no longer has: that connection is dead, so drop it and
-        reconnect now. A connection whose address is still there is kept (the keepalive watches it)."""
+        reconnect now. A connection whose address is still there, or when the addresses are unknown (None),
+        is kept (the keepalive watches it)."""
         if self.client is None:
             self.retry_now = True
+            return
+        if addresses is None:
             return
         sock = self.client.socket()
         try:
