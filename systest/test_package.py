@@ -25,12 +25,22 @@ MODULES = "paho.mqtt, cryptography, tpm2_pytss, pyudev, systemd.journal, gateway
 STATE: dict[str, dict[str, Any]] = {}  # what one test of a target leaves for the next ones
 
 
-def wait_until(what: str, predicate: Callable[[], bool], timeout: float) -> None:
+def wait_until(
+    what: str, predicate: Callable[[], bool], timeout: float, explain: Callable[[], str] = lambda: ""
+) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{explain()}")
         time.sleep(0.5)
+
+
+def why_not_connected(t: Target) -> str:
+    """For a timed-out wait for the uplink: its status and the daemon's last log lines."""
+    status = t.container.run(["gatewayctl", "status"], check=False)
+    uplink = json.loads(status.stdout).get("uplink") if status.returncode == 0 else status.stderr
+    logs = t.container.run(["journalctl", "--no-pager", "-u", "gatewayd", "-n", "40"], check=False).stdout
+    return f"\nuplink: {uplink}\njournal:\n{logs}"
 
 
 def ctl(t: Target, *args: str) -> Any:
@@ -142,7 +152,7 @@ def test_one_drop_in_a_certificate_and_systemctl_start(target: Target) -> None:
     # The state directory came from StateDirectory=: 0700, handed to the daemon's user with what root wrote.
     assert t.container.run(["stat", "-c", "%U %a", "/var/lib/gatewayd"]).stdout.split() == ["gatewayd", "700"]
     assert t.container.run(["find", "/var/lib/gatewayd", "!", "-user", "gatewayd"]).stdout == ""
-    wait_until("the uplink to connect", lambda: uplink_connected(t), 90)
+    wait_until("the uplink to connect", lambda: uplink_connected(t), 90, lambda: why_not_connected(t))
     status = ctl(t, "status")
     assert status["thingName"] == THING
     assert status["uplink"]["certificateId"] == installed["certificateId"]
@@ -202,7 +212,7 @@ def test_watchdog_kills_a_hung_event_loop_and_systemd_restarts_it(target: Target
     assert prop(t, "MainPID") != pid
     logs = t.container.run(["journalctl", "--no-pager", "-u", "gatewayd", "-b"]).stdout
     assert "Watchdog timeout" in logs
-    wait_until("the uplink to reconnect", lambda: uplink_connected(t), 90)
+    wait_until("the uplink to reconnect", lambda: uplink_connected(t), 90, lambda: why_not_connected(t))
 
 
 def test_offline_registry_command_as_root_keeps_files_the_daemons(target: Target) -> None:
@@ -241,7 +251,7 @@ def test_an_invalid_config_exits_78_and_systemd_does_not_restart_it(target: Targ
     t.container.remove(bad)
     t.container.run(["systemctl", "reset-failed", "gatewayd"])
     t.container.run(["systemctl", "start", "gatewayd"], timeout=120)
-    wait_until("the uplink to connect", lambda: uplink_connected(t), 90)
+    wait_until("the uplink to connect", lambda: uplink_connected(t), 90, lambda: why_not_connected(t))
 
 
 def test_a_listener_below_1024_needs_the_documented_capability_drop_in(target: Target) -> None:
@@ -265,7 +275,7 @@ def test_a_listener_below_1024_needs_the_documented_capability_drop_in(target: T
     t.container.remove(caps)
     t.container.run(["systemctl", "daemon-reload"])
     t.container.run(["systemctl", "restart", "gatewayd"], timeout=120)
-    wait_until("the uplink to connect", lambda: uplink_connected(t), 90)
+    wait_until("the uplink to connect", lambda: uplink_connected(t), 90, lambda: why_not_connected(t))
 
 
 def test_upgrade_keeps_config_identity_and_registry(target: Target, debs: Debs) -> None:
@@ -284,7 +294,12 @@ def test_upgrade_keeps_config_identity_and_registry(target: Target, debs: Debs) 
     assert t.container.read("/etc/gatewayd/gatewayd.toml.d/50-systest.toml") == dropin
     assert t.container.run(["find", "/etc/gatewayd", "-name", "*.dpkg-*"]).stdout == ""
     wait_until("the restart", lambda: prop(t, "ActiveState") == "active" and prop(t, "MainPID") != pid, 60)
-    wait_until("the uplink to connect after the upgrade", lambda: uplink_connected(t), 90)
+    wait_until(
+        "the uplink to connect after the upgrade",
+        lambda: uplink_connected(t),
+        90,
+        lambda: why_not_connected(t),
+    )
     assert ctl(t, "identity", "show")["certificateId"] == STATE[t.name]["certificateId"]
     assert ctl(t, "list-certificates")["certificates"] == registry
     assert any(c["certificateId"] == STATE[t.name]["sensor"] for c in registry)
