@@ -43,6 +43,11 @@ def test_unit_is_hardened_as_the_issue_requires() -> None:
     assert service["User"] == "gatewayd" and service["SupplementaryGroups"] == "tss dialout"
     devices = re.findall(r"(?m)^DeviceAllow=(.*)$", text)
     assert devices == ["/dev/tpmrm0 rw", "char-ttyUSB rw", "char-ttyACM rw"]  # the TPM and USB serial only
+    # the drivers that register those groups are loaded before the unit starts (else they are left out)
+    wants = " ".join(re.findall(r"(?m)^Wants=(.*)$", text)).split()
+    after = " ".join(re.findall(r"(?m)^After=(.*)$", text)).split()
+    for module in ("usbserial", "cdc_acm"):
+        assert f"modprobe@{module}.service" in wants and f"modprobe@{module}.service" in after
     assert service["DevicePolicy"] == "closed"
     assert service["CapabilityBoundingSet"] == ""
     assert service["AmbientCapabilities"] == ""
