@@ -442,7 +442,8 @@ SERIAL_RECORD_DROPPED = Message(
     Priority.WARNING,
     "Records from a serial sensor were dropped: longer than max_record_bytes, not JSON (format json), "
     "refused by the policy or the spool, or the sensor's certificate is not ACTIVE. The first drop is logged "
-    "at once, later ones summed up at most every 10 s.",
+    "at once; later ones are counted and logged with the next drop at least 10 s later, or when the port "
+    "closes.",
     "Check the sensor's output (baud rate and line settings, record format) and the rule.",
     fields="GATEWAYD_CLIENT_ID, GATEWAYD_DEVICE, GATEWAYD_REASON, GATEWAYD_DROPPED",
 )
