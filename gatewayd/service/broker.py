@@ -125,6 +125,8 @@ class Broker:
         self.upstream_refs: dict[str, int] = {}
         self._subscribers: list[tuple[str, StoredSession]] | None = None  # sessions with subscriptions
         self.dropped = 0
+        # publish_as(): (client id, common name, topic) -> route, as Client.routes; cleared on reconfigure
+        self._local_routes: dict[tuple[str, str, str], tuple[int | None, str]] = {}
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -141,6 +143,7 @@ class Broker:
         p = d.policy
         self.policy = Policy(p.publish, p.subscribe, p.deny_publish, p.deny_subscribe)
         self.topic_map = TopicMap.from_template(config.forwarding.upstream_topic, config.gateway.thing_name)
+        self._local_routes.clear()
         for client in self.clients.values():
             client.policy = self._bind(client.client_id, client.peer)
             client.routes.clear()
@@ -316,8 +319,15 @@ class Broker:
         """A message from a sensor that is not an MQTT connection (a serial sensor): the same policy, topic
         mapping, spool and quotas, and local subscribers get it too. Returns a reason code >= 0x80 when it
         is refused; nothing acknowledges it (the spool stores it durably before the uplink sends it)."""
-        policy = self.policy.bind(variables(client_id, common_name, self.config.gateway.thing_name))
-        refusal, upstream_topic = self._route_with(policy, topic)
+        key = (client_id, common_name, topic)
+        route = self._local_routes.get(key)
+        if route is None:  # decided once per sensor and topic, like a connection's routes
+            policy = self.policy.bind(variables(client_id, common_name, self.config.gateway.thing_name))
+            route = self._route_with(policy, topic)
+            if len(self._local_routes) >= MAX_ROUTES:
+                self._local_routes.clear()
+            self._local_routes[key] = route
+        refusal, upstream_topic = route
         if refusal is not None:
             log.warning("serial sensor %s %s", client_id, upstream_topic)
             return refusal

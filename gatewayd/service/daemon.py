@@ -45,7 +45,6 @@ from gatewayd.stores.identity import IdentityStore
 from gatewayd.stores.registry import Registry
 from gatewayd.stores.spool import Spool
 from gatewayd.stores.statedir import ensure_state_dir
-from gatewayd.stores.x509util import der, load_pem_certificates
 
 STATUS_REFRESH = 5.0  # seconds
 BACKLOG_LOG_EVERY = 60.0  # seconds
@@ -165,8 +164,8 @@ class Daemon:
                     on_change=self._status_changed,
                     on_message=self._from_upstream,
                     hold_at=self._renewal_holds(),
+                    tpm_absent=hardware.tpm_absent,
                 )
-                self.upstream.tpm_absent = hardware.tpm_absent
                 await components.enter_async_context(self.upstream)
                 spool = Spool(
                     state_dir / "spool.db",
@@ -189,7 +188,7 @@ class Daemon:
                     self.serial = SerialSensors(
                         self.config,
                         self.broker.publish_as,
-                        self._serial_identity,
+                        self.registry.certificate_admission,
                         forwarder.room,
                         lambda: forwarder.accepting,
                     )
@@ -351,15 +350,6 @@ class Daemon:
         if decision.event is not None:
             self._publish_registration_event(decision.event)
         return None if decision.admitted else (decision.code, decision.why)
-
-    def _serial_identity(self, certificate_id: str) -> tuple[str, str | None]:
-        """A serial sensor's registry certificate: (its CN, why it is refused now or None)."""
-        assert self.registry is not None
-        row = self.registry.registry.find(certificate_id)
-        if row is None:
-            return "", f"certificate {certificate_id} is not registered"
-        decision = self.registry.admission(der(load_pem_certificates(row.pem.encode(), certificate_id)[0]))
-        return row.common_name, None if decision.admitted else decision.why
 
     # ------------------------------------------------------------------ hardware events
 

@@ -271,6 +271,17 @@ class RegistryService:
 
     # ------------------------------------------------------------------ the listener's question
 
+    def certificate_admission(self, cid: str) -> tuple[str, str | None]:
+        """A registered certificate used without a TLS handshake (a serial sensor's): (its CN, why it is
+        refused now, or None), by the same rules as admission()."""
+        row = self.registry.find(cid)
+        if row is None:
+            return "", f"certificate {cid} is not registered"
+        decision = self.admission(
+            x509.load_pem_x509_certificate(row.pem.encode()).public_bytes(serialization.Encoding.DER)
+        )
+        return row.common_name, None if decision.admitted else decision.why
+
     def admission(self, der_: bytes | None, client_id: str = "") -> Admission:
         """May a sensor presenting this certificate (DER) connect? Unregistered certificates from a
         registered, ACTIVE CA with auto-registration ENABLE are recorded here (AWS JITR; ACTIVE at once

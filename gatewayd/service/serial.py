@@ -80,6 +80,7 @@ class Port:
     index: int  # of the rule in downstream.serial
     fd: int
     client_id: str
+    topic: str = ""  # the rule's topic for this sensor (${iot:ClientId} expanded)
     common_name: str = ""
     refusal: str | None = None  # why records are dropped now (certificate not ACTIVE), or None
     since: float = field(default_factory=time.time)
@@ -91,6 +92,9 @@ class Port:
     unlogged_drops: int = 0
     last_drop_log: float = -DROP_LOG_EVERY
     paused: bool = False
+
+    def __post_init__(self) -> None:
+        self.topic = self.rule.topic.replace("${iot:ClientId}", self.client_id)
 
 
 class SerialSensors:
@@ -174,6 +178,7 @@ class SerialSensors:
                                      certificate_id=port.rule.certificate_id),
             )  # fmt: skip
         port.refusal = refusal
+        port.topic = port.rule.topic.replace("${iot:ClientId}", port.client_id)
 
     def enforce_admission(self) -> None:
         """After a registry change: certificates that stopped (or started) being ACTIVE."""
@@ -264,8 +269,7 @@ class SerialSensors:
         if port.refusal is not None:
             self._drop(port, port.refusal)
             return
-        topic = port.rule.topic.replace("${iot:ClientId}", port.client_id)
-        reason = self.publish(port.client_id, port.common_name, topic, record, port.rule.qos)
+        reason = self.publish(port.client_id, port.common_name, port.topic, record, port.rule.qos)
         if reason is not None and reason >= 0x80:
             self._drop(port, f"refused with reason 0x{reason:02x}")
             return

@@ -100,6 +100,7 @@ class Upstream:
         on_change: Any = lambda: None,
         on_message: MessageHandler | None = None,
         hold_at: frozenset[str] = frozenset(),
+        tpm_absent: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.config = config
         self.store = store
@@ -131,8 +132,7 @@ class Upstream:
             hold_at=hold_at,
         )
         self._tasks: list[asyncio.Task[None]] = []
-        # why the TPM device cannot be used now (gatewayd.service.hardware), or None; set before entering
-        self.tpm_absent: Callable[[], str | None] = lambda: None
+        self.tpm_absent = tpm_absent  # why the TPM device cannot be used now (gatewayd.service.hardware)
 
     # ------------------------------------------------------------------ lifecycle
 
