@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gatewayd.core.mqtt.codec import Decoder, encode
 from gatewayd.core.mqtt.packets import (
@@ -28,6 +33,7 @@ from gatewayd.core.mqtt.session import (
     ConnectRequest,
     Limits,
     MessageReceived,
+    Outbound,
     ServerConnection,
     SessionState,
 )
@@ -220,3 +226,237 @@ def test_sensor_maximum_packet_size_is_respected() -> None:
     c.conn.deliver("t", b"x" * 100, 0, False, Properties(), 1.0)
     c.conn.deliver("t", b"small", 0, False, Properties(), 1.0)
     assert [p.payload for p in c.received() if isinstance(p, Publish)] == [b"small"]
+
+
+# ---------------------------------------------------------------- packets behind CONNECT, and flow control
+# A client may send packets before CONNACK (3.1.1 and 5.0 section 3.1.4): paho-mqtt 1.6 sends its first
+# PUBLISHes in the same write as CONNECT, and re-sends its in-flight messages so on every reconnect.
+
+
+def _stream(version: int, n: int, first_id: int = 1, **connect: object) -> bytes:
+    out = encode(Connect("s1", version, **connect), version)  # type: ignore[arg-type]
+    for i in range(n):
+        out += encode(Publish("sensors/s1/t", str(i).encode(), 1, packet_id=first_id + i), version)
+    return out
+
+
+@pytest.mark.parametrize("version", [MQTT_311, MQTT_5])
+def test_packets_behind_connect_wait_for_the_decision_then_go_in_order(version: int) -> None:
+    conn = ServerConnection(0.0)
+    events = conn.receive(_stream(version, 5, clean_start=False), 1.0)
+    assert [type(e) for e in events] == [ConnectRequest]  # nothing else is decoded before the decision
+    assert conn.waiting
+    conn.accept_connect(SessionState("s1"), False)
+    received = conn.resume(1.0)
+    assert [e.publish.payload for e in received] == [b"0", b"1", b"2", b"3", b"4"]  # type: ignore[attr-defined]
+    assert not conn.waiting
+    for e in received:
+        conn.ack_message(e.token)  # type: ignore[attr-defined]
+    answers = Decoder(version).feed(conn.data_to_send())
+    assert isinstance(answers[0], Connack) and answers[0].reason_code == 0  # CONNACK first, then PUBACKs
+    assert [a.packet_id for a in answers[1:]] == [1, 2, 3, 4, 5]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("version", "wire"), [(MQTT_311, 5), (MQTT_5, 0x87)])
+def test_packets_behind_a_refused_connect_are_dropped_with_it(version: int, wire: int) -> None:
+    conn = ServerConnection(0.0)
+    conn.receive(_stream(version, 3), 1.0)
+    closed = conn.reject_connect(0x87, "not in the registry")
+    assert closed.reason == 0x87 and conn.closed and not conn.waiting
+    assert conn.resume(1.0) == [] and conn.receive(_stream(version, 1)[-12:], 2.0) == []
+    assert Decoder(version).feed(conn.data_to_send()) == [Connack(False, wire)]
+
+
+def test_a_second_connect_behind_the_first_is_a_protocol_error_once_the_first_is_accepted() -> None:
+    conn = ServerConnection(0.0)
+    data = encode(Connect("s1", MQTT_5), MQTT_5) * 2
+    assert [type(e) for e in conn.receive(data, 1.0)] == [ConnectRequest]
+    conn.accept_connect(SessionState("s1"), False)
+    (closed,) = conn.resume(1.0)
+    assert isinstance(closed, Closed) and closed.reason == 0x82 and closed.message == "second CONNECT"
+
+
+def test_packets_before_a_malformed_one_are_handled_in_order() -> None:
+    conn = ServerConnection(0.0)
+    conn.receive(_stream(MQTT_311, 2), 1.0)
+    conn.accept_connect(SessionState("s1"), False)
+    conn.decoder.push(b"\xf0\x00")  # reserved packet type 15 (3.1.1): malformed
+    events = conn.resume(1.0)
+    assert [type(e) for e in events] == [MessageReceived, MessageReceived, Closed]
+
+
+def test_mqtt311_client_over_the_window_is_paused_not_disconnected() -> None:
+    """3.1.1 has no Receive Maximum: a client with more unacknowledged QoS 1 messages than the gateway's
+    window is never disconnected for it; the rest waits undecoded (the caller stops reading the socket)."""
+    conn = ServerConnection(0.0, Limits(receive_maximum=3))
+    conn.receive(_stream(MQTT_311, 8, clean_start=False), 1.0)
+    conn.accept_connect(SessionState("s1"), False)
+    first = conn.resume(1.0)
+    assert [e.token for e in first] == [1, 2, 3] and conn.waiting  # type: ignore[attr-defined]
+    assert conn.tick(500.0) == [] and not conn.closed  # held back by us: no keepalive timeout meanwhile
+    assert conn.resume(500.0) == []  # no room yet
+    conn.ack_message(2)
+    assert [e.token for e in conn.resume(500.0)] == [4]  # type: ignore[attr-defined]
+    for token in (1, 3, 4):
+        conn.ack_message(token)
+    assert [e.token for e in conn.resume(500.0)] == [5, 6, 7]  # type: ignore[attr-defined]
+    conn.ack_message(5)
+    assert [e.token for e in conn.resume(500.0)] == [8] and not conn.waiting  # type: ignore[attr-defined]
+    assert conn.decoder.buffered == 0
+
+
+def test_mqtt5_window_is_lenient_before_connack_and_strict_after() -> None:
+    """What a 5.0 client sent before our CONNACK told it the Receive Maximum waits; beyond the limit it was
+    told, it is disconnected with 0x93 (5.0 section 4.9)."""
+    conn = ServerConnection(0.0, Limits(receive_maximum=2))
+    conn.receive(_stream(MQTT_5, 4), 1.0)
+    conn.accept_connect(SessionState("s1"), False)
+    assert [e.token for e in conn.resume(1.0)] == [1, 2] and conn.waiting  # type: ignore[attr-defined]
+    conn.ack_message(1)
+    conn.ack_message(2)
+    assert [e.token for e in conn.resume(1.0)] == [3, 4]  # type: ignore[attr-defined]
+    (closed,) = conn.receive(encode(Publish("t", b"", 1, packet_id=5), MQTT_5), 2.0)
+    assert isinstance(closed, Closed) and closed.reason == 0x93
+
+
+def test_resend_of_a_message_being_decided_takes_no_place_in_the_window() -> None:
+    conn = ServerConnection(0.0, Limits(receive_maximum=1))
+    conn.receive(_stream(MQTT_311, 1), 1.0)
+    conn.accept_connect(SessionState("s1"), False)
+    assert len(conn.resume(1.0)) == 1
+    dup = encode(Publish("sensors/s1/t", b"0", 1, dup=True, packet_id=1), MQTT_311)
+    assert conn.receive(dup, 2.0) == [] and not conn.waiting
+
+
+def test_unacknowledged_inbound_ids_are_not_carried_into_a_resumed_session() -> None:
+    """Only QoS 2 ids already answered with PUBREC belong to the session (section 4.3.3); QoS 1 ids the
+    broker had not acknowledged when the connection ended are new messages on the next connection."""
+    session = SessionState("s1")
+    first = ServerConnection(0.0, Limits(receive_maximum=2))
+    first.receive(_stream(MQTT_311, 2, clean_start=False), 1.0)
+    first.accept_connect(session, False)
+    assert len(first.resume(1.0)) == 2
+    first.receive(encode(Publish("t", b"q2", 2, packet_id=9), MQTT_311), 1.0)  # waits: window full
+    first.ack_message(1)
+    (q2,) = first.resume(1.0)
+    first.ack_message(q2.token)  # type: ignore[attr-defined]  # PUBREC sent: id 9 kept until PUBREL
+    first.connection_lost()
+    again = ServerConnection(2.0, Limits(receive_maximum=2))
+    data = _stream(MQTT_311, 1, first_id=2, clean_start=False)  # id 2 again, never acknowledged
+    data += encode(Publish("t", b"q2", 2, dup=True, packet_id=9), MQTT_311)
+    again.receive(data, 3.0)
+    again.accept_connect(session, True)
+    (resent,) = again.resume(3.0)
+    assert isinstance(resent, MessageReceived) and resent.token == 2  # not ignored, not counted twice
+    answers = Decoder(MQTT_311).feed(again.data_to_send())
+    assert answers[-1] == Pubrec(9)  # the QoS 2 resend is answered, not delivered again
+    assert session.qos2_received == {9}
+
+
+def test_accept_and_reject_out_of_turn_raise_and_change_nothing() -> None:
+    from gatewayd.core.mqtt.session import ConnectionStateError
+
+    fresh = ServerConnection(0.0)
+    with pytest.raises(ConnectionStateError):
+        fresh.accept_connect(SessionState("s1"), False)
+    assert fresh.state.value == "await-connect" and fresh.data_to_send() == b""
+    c = Client(MQTT_311)
+    c.accept()
+    with pytest.raises(ConnectionStateError):
+        c.conn.reject_connect(0x87)
+    assert c.conn.state.value == "connected" and c.received() == []
+
+
+def test_a_failed_accept_leaves_the_connection_deciding_and_sends_nothing() -> None:
+    session = SessionState("s1", expiry_interval=60)
+    session.queued.append(Outbound("bad\ud800topic", b"x", 1, False, Properties()))  # cannot be encoded
+    c = Client(MQTT_311, clean_start=False)
+    with pytest.raises(UnicodeEncodeError):
+        c.conn.accept_connect(session, True)
+    assert c.conn.waiting and c.conn.data_to_send() == b""
+    c.conn.reject_connect(0x80)
+    assert c.received() == [Connack(False, 3)]  # "server unavailable": the client tries again later
+
+
+def _drive(conn: ServerConnection, window: int, ack_order: Any, got: list[int], pending: list[int]) -> None:
+    """Acknowledge one pending message (in the order `ack_order` picks) and handle what that lets go on."""
+    if pending:
+        conn.ack_message(pending.pop(ack_order.randrange(len(pending))))
+    _handle(conn, conn.resume(1.0), window, got, pending)
+
+
+def _handle(
+    conn: ServerConnection, events: list[Any], window: int, got: list[int], pending: list[int]
+) -> None:
+    while events:  # as the broker does: handle the events, then whatever they let go on
+        for e in events:
+            if isinstance(e, ConnectRequest):
+                conn.accept_connect(SessionState("s1"), False)
+            else:
+                assert isinstance(e, MessageReceived), e
+                got.append(e.token)
+                pending.append(e.token)
+        assert len(pending) <= window
+        events = conn.resume(1.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    window=st.integers(1, 6),
+    cuts=st.lists(st.integers(1, 2000), max_size=12),
+    ack_order=st.randoms(use_true_random=False),
+)
+def test_mqtt311_any_split_any_ack_order_every_message_once_in_order(
+    n: int, window: int, cuts: list[int], ack_order: Any
+) -> None:
+    """A 3.1.1 client that sends everything at once, however the bytes arrive and whenever the broker
+    acknowledges: every message is handed over exactly once, in order, the window is never exceeded, and
+    the client is never cut off (3.1.1 has no Receive Maximum)."""
+    data = _stream(MQTT_311, n, clean_start=False)
+    points = sorted({c % len(data) for c in cuts} | {0, len(data)})
+    chunks = [data[a:b] for a, b in itertools.pairwise(points) if b > a]
+    conn = ServerConnection(0.0, Limits(receive_maximum=window))
+    got: list[int] = []
+    pending: list[int] = []
+    for chunk in chunks:
+        while conn.waiting:  # the caller reads no more until what is held has been handled
+            _drive(conn, window, ack_order, got, pending)
+        _handle(conn, conn.receive(chunk, 1.0), window, got, pending)
+    while conn.waiting or pending:
+        _drive(conn, window, ack_order, got, pending)
+    assert got == list(range(1, n + 1)) and not conn.closed
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    early=st.integers(0, 20),
+    later=st.integers(0, 20),
+    window=st.integers(1, 6),
+    ack_order=st.randoms(use_true_random=False),
+)
+def test_mqtt5_conforming_client_pipelining_before_connack_is_never_cut(
+    early: int, later: int, window: int, ack_order: Any
+) -> None:
+    """A 5.0 client sends `early` publishes with its CONNECT (it knows no limit yet), then, having read the
+    CONNACK, keeps to the Receive Maximum it announced: never cut, every message once, in order."""
+    conn = ServerConnection(0.0, Limits(receive_maximum=window))
+    client = Decoder(MQTT_5)
+    got: list[int] = []
+    pending: list[int] = []
+    _handle(conn, conn.receive(_stream(MQTT_5, early, clean_start=False), 1.0), window, got, pending)
+    outstanding = set(range(1, early + 1))
+    next_id = early + 1
+    while next_id <= early + later or outstanding:
+        for packet in client.feed(conn.data_to_send()):
+            if isinstance(packet, Puback):
+                outstanding.discard(packet.packet_id)
+        if next_id <= early + later and len(outstanding) < window and not conn.waiting:
+            publish = Publish("sensors/s1/t", b"x", 1, packet_id=next_id)
+            _handle(conn, conn.receive(encode(publish, MQTT_5), 1.0), window, got, pending)
+            outstanding.add(next_id)
+            next_id += 1
+        else:
+            _drive(conn, window, ack_order, got, pending)
+        assert not conn.closed
+    assert got == list(range(1, early + later + 1))

@@ -200,6 +200,17 @@ SENSOR_REFUSED = Message(
     fields="GATEWAYD_CLIENT_ID, GATEWAYD_CERTIFICATE_ID, GATEWAYD_REASON",
 )
 
+SENSOR_CONNECTION_FAILED = Message(
+    "SENSOR_CONNECTION_FAILED",
+    "5418aceef99e4ec0858310df574556b0",
+    Priority.ERR,
+    "gatewayd failed while handling a sensor's connection (a bug): that one connection was closed with "
+    "GATEWAYD_REASON (0x80, unspecified error); other sensors are not affected. A failure while deciding a "
+    "CONNECT leaves the sensor's stored session as it was before that CONNECT.",
+    "Report it with this journal entry (it carries the traceback). The sensor reconnects as usual.",
+    fields="GATEWAYD_CLIENT_ID, GATEWAYD_REASON, GATEWAYD_ERROR",
+)
+
 CERTIFICATE_AUTO_REGISTERED = Message(
     "CERTIFICATE_AUTO_REGISTERED",
     "e59be6f34bd84d8697dce0c2f4f06d58",
@@ -469,6 +480,7 @@ ALL: tuple[Message, ...] = (
     SENSOR_CONNECTED,
     SENSOR_DISCONNECTED,
     SENSOR_REFUSED,
+    SENSOR_CONNECTION_FAILED,
     CERTIFICATE_AUTO_REGISTERED,
     REGISTRY_CHANGED,
     SENSOR_ADMISSION_REVOKED,

@@ -47,6 +47,7 @@ from gatewayd.core.mqtt.session import (
     Outbound,
     ServerConnection,
     SessionState,
+    State,
     SubscribeRequest,
     UnsubscribeRequest,
 )
@@ -79,6 +80,7 @@ class Client:
     peer: Peer
     client_id: str
     policy: BoundPolicy
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # its serve loop: an answer is ready
     since: float = field(default_factory=time.time)
     # per topic this sensor published to: (None, the upstream topic) or (refusal reason, why); cleared when
     # the policy changes. Sensors publish to few topics; bounded all the same.
@@ -154,21 +156,19 @@ class Broker:
     # ------------------------------------------------------------------ one connection
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener: str) -> None:
+        """Run one sensor connection to its end. Nothing escapes but cancellation: a failure of ours (a bug)
+        closes this connection only (SENSOR_CONNECTION_FAILED), never the listener or another sensor."""
         peer = _peer(writer, listener)
         conn = ServerConnection(time.monotonic(), self.limits)
+        wake = asyncio.Event()  # set when an acknowledgement lets held packets go on (conn.waiting)
         client: Client | None = None
         try:
             while not conn.closed:
-                try:
-                    if self.upstream is not None:  # the spool's commits keep up: else TCP pushes back
-                        await asyncio.wait_for(self.upstream.room(), 1.0)
-                    data = await asyncio.wait_for(reader.read(READ_SIZE), 1.0)
-                except TimeoutError:
-                    events = conn.tick(time.monotonic())
-                else:
-                    events = conn.receive(data, time.monotonic()) if data else conn.connection_lost()
-                for event in events:
-                    client = self._on_event(conn, writer, peer, client, event) or client
+                events = await self._next_events(conn, reader, wake)
+                while events:  # then what waited behind them (packets after a CONNECT, a full window)
+                    for event in events:
+                        client = self._on_event(conn, writer, peer, client, event, wake) or client
+                    events = conn.resume(time.monotonic())
                 self._flush(conn, writer)
                 if (
                     client is not None
@@ -181,13 +181,62 @@ class Broker:
                 await writer.drain()
         except (ConnectionError, ssl.SSLError, OSError) as exc:
             log.debug("connection from %s: %s", peer.address, exc)
+        except Exception as exc:
+            self._failed(conn, writer, peer, client, exc)
         finally:
-            if client is not None and not conn.closed:
-                lost = conn.connection_lost()
-                self._end(client, lost[0] if lost and isinstance(lost[0], Closed) else None)
+            try:
+                if client is not None and not conn.closed:
+                    lost = conn.connection_lost()
+                    self._end(client, lost[0] if lost and isinstance(lost[0], Closed) else None)
+            except Exception as exc:
+                self._failed(conn, writer, peer, client, exc)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    async def _next_events(
+        self, conn: ServerConnection, reader: asyncio.StreamReader, wake: asyncio.Event
+    ) -> list[Any]:
+        """The connection's next events: from held packets once an acknowledgement made room, else from the
+        socket, else (every second) its timers. While packets are held, the socket is not read."""
+        try:
+            if conn.waiting:
+                await asyncio.wait_for(wake.wait(), 1.0)
+                wake.clear()
+                return conn.resume(time.monotonic())
+            if self.upstream is not None:  # the spool's commits keep up: else TCP pushes back
+                await asyncio.wait_for(self.upstream.room(), 1.0)
+            data = await asyncio.wait_for(reader.read(READ_SIZE), 1.0)
+        except TimeoutError:
+            return conn.tick(time.monotonic())
+        return conn.receive(data, time.monotonic()) if data else conn.connection_lost()
+
+    def _failed(
+        self,
+        conn: ServerConnection,
+        writer: asyncio.StreamWriter,
+        peer: Peer,
+        client: Client | None,
+        exc: BaseException,
+    ) -> None:
+        """One connection's handling failed (a bug): log it with its traceback and close that connection with
+        0x80; a CONNECT being decided is refused (the stored session was not changed, see _connect)."""
+        who = client.client_id if client is not None else (conn.connect.client_id if conn.connect else "")
+        log.error(
+            "sensor connection %s from %s failed: %r; closing it", who or "(before CONNECT)", peer.address,
+            exc, exc_info=exc,
+            extra=messages.extra(messages.SENSOR_CONNECTION_FAILED, client_id=who, reason="0x80",
+                                 error=repr(exc)),
+        )  # fmt: skip
+        with contextlib.suppress(Exception):
+            if conn.state is State.AWAIT_CONNECT and conn.connect is not None:
+                conn.reject_connect(Reason.UNSPECIFIED_ERROR, f"internal error: {exc!r}")
+            elif client is not None and not conn.closed:
+                self._end(client, conn.disconnect(Reason.UNSPECIFIED_ERROR, f"internal error: {exc!r}"))
+            elif not conn.closed:
+                conn.disconnect(Reason.UNSPECIFIED_ERROR, f"internal error: {exc!r}")
+            self._flush(conn, writer)
+        writer.close()
 
     def _flush(self, conn: ServerConnection, writer: asyncio.StreamWriter) -> None:
         data = conn.data_to_send()
@@ -201,17 +250,14 @@ class Broker:
         peer: Peer,
         client: Client | None,
         event: object,
+        wake: asyncio.Event,
     ) -> Client | None:
         match event:
             case ConnectRequest(connect=connect):
-                return self._connect(conn, writer, peer, connect)
+                return self._connect(conn, writer, peer, connect, wake)
             case MessageReceived(token=token, publish=publish) if client is not None:
-
-                def durable(reason: int, token: int = token) -> None:
-                    conn.ack_message(token, reason)  # a no-op when the connection has ended meanwhile
-                    self._flush(conn, writer)
-
-                reason = self._inbound(client, publish, durable if publish.qos else None)
+                done = self._acknowledger(conn, writer, peer, client, token) if publish.qos else None
+                reason = self._inbound(client, publish, done)
                 if publish.qos and reason is not None:
                     conn.ack_message(token, reason)
             case SubscribeRequest(packet_id=pid, subscriptions=subs) if client is not None:
@@ -225,28 +271,35 @@ class Broker:
                     log.info("connection from %s closed before CONNECT: %s", peer.address, closed.message)
         return None
 
+    def _acknowledger(
+        self, conn: ServerConnection, writer: asyncio.StreamWriter, peer: Peer, client: Client, token: int
+    ) -> Callable[[int], None]:
+        """The callback that acknowledges one QoS 1/2 message once it is stored (called by the forwarder,
+        possibly after the connection ended: then it is a no-op). It wakes the connection's loop, which may
+        hold packets for the room this acknowledgement makes. A failure here is this connection's, never
+        the forwarder's."""
+
+        def durable(reason: int) -> None:
+            try:
+                conn.ack_message(token, reason)
+                self._flush(conn, writer)
+            except Exception as exc:
+                self._failed(conn, writer, peer, client, exc)
+            finally:
+                client.wake.set()
+
+        return durable
+
     # ------------------------------------------------------------------ connect
 
     def _connect(
-        self, conn: ServerConnection, writer: asyncio.StreamWriter, peer: Peer, c: Any
+        self, conn: ServerConnection, writer: asyncio.StreamWriter, peer: Peer, c: Any, wake: asyncio.Event
     ) -> Client | None:
+        """Decide a CONNECT. The stored session changes only once the connection is accepted: the CONNECT is
+        answered on a copy of the stored session, which replaces it only then, so a failure on the way
+        (a bug, see serve) leaves the stored session exactly as it was before this CONNECT."""
         client_id = c.client_id or peer.common_name
-        refusal: tuple[int, str] | None = None
-        if not client_id:
-            refusal = (Reason.CLIENT_IDENTIFIER_NOT_VALID, "empty client id and no certificate CN to use")
-        elif (
-            self.config.downstream.client_id_must_match_cn
-            and peer.certificate_id
-            and client_id != peer.common_name
-        ):
-            refusal = (
-                Reason.CLIENT_IDENTIFIER_NOT_VALID,
-                f"client id {client_id!r} is not the certificate CN",
-            )
-        elif client_id not in self.clients and len(self.clients) >= self.config.downstream.max_connections:
-            refusal = (Reason.SERVER_BUSY, "max_connections reached")
-        else:
-            refusal = self.admit(peer, client_id)
+        refusal = self._refusal(peer, client_id)
         if refusal is not None:
             log.warning(
                 "refused %s from %s: %s", client_id or "(no client id)", peer.address, refusal[1],
@@ -255,24 +308,27 @@ class Broker:
             )  # fmt: skip
             conn.reject_connect(refusal[0], refusal[1])
             return None
+        policy = self._bind(client_id, peer)
+        expiry = self._session_expiry(c)
         old = self.clients.get(client_id)
         if old is not None:  # session takeover (section 3.1.4): the newer connection wins
             self._end(old, old.conn.disconnect(Reason.SESSION_TAKEN_OVER, "session taken over"))
             self._flush(old.conn, old.writer)
             old.writer.close()
-        expiry = self._session_expiry(c)
         stored = self.sessions.get(client_id)
         present = stored is not None and not c.clean_start
-        if not present:
+        state = stored.state.copy() if stored is not None and present else SessionState(client_id)
+        state.expiry_interval = expiry
+        conn.accept_connect(state, present, client_id if not c.client_id else None, time.monotonic())
+        # accepted: from here on the new session is the stored one
+        if stored is not None and present:
+            stored.state, stored.expires_at = state, None
+        else:
             if stored is not None:
                 self._drop_session(client_id)
-            stored = StoredSession(SessionState(client_id))
-            self.sessions[client_id] = stored
-            self._subscribers = None
-        assert stored is not None
-        stored.state.expiry_interval, stored.expires_at = expiry, None
-        conn.accept_connect(stored.state, present, client_id if not c.client_id else None, time.monotonic())
-        client = Client(conn, writer, peer, client_id, self._bind(client_id, peer))
+            self.sessions[client_id] = StoredSession(state)
+        self._subscribers = None
+        client = Client(conn, writer, peer, client_id, policy, wake)
         self.clients[client_id] = client
         log.info(
             "sensor %s connected from %s (MQTT %s, %s session)", client_id, peer.address,
@@ -282,6 +338,20 @@ class Broker:
             ),
         )  # fmt: skip
         return client
+
+    def _refusal(self, peer: Peer, client_id: str) -> tuple[int, str] | None:
+        """Why this CONNECT is refused (reason code, why), or None to accept it."""
+        if not client_id:
+            return Reason.CLIENT_IDENTIFIER_NOT_VALID, "empty client id and no certificate CN to use"
+        if (
+            self.config.downstream.client_id_must_match_cn
+            and peer.certificate_id
+            and client_id != peer.common_name
+        ):
+            return Reason.CLIENT_IDENTIFIER_NOT_VALID, f"client id {client_id!r} is not the certificate CN"
+        if client_id not in self.clients and len(self.clients) >= self.config.downstream.max_connections:
+            return Reason.SERVER_BUSY, "max_connections reached"
+        return self.admit(peer, client_id)
 
     def _session_expiry(self, c: Any) -> int:
         cap = self.config.downstream.session_expiry_max
@@ -455,8 +525,17 @@ class Broker:
     # ------------------------------------------------------------------ the end of a connection
 
     def _end(self, client: Client, closed: Closed | None, detail: str = "") -> None:
+        """A connection ended: the client and its session's expiry are settled first, so that nothing after
+        (the log, the will) can leave a session that never expires."""
         if self.clients.get(client.client_id) is client:
             del self.clients[client.client_id]
+        stored = self.sessions.get(client.client_id)
+        if stored is not None and client.client_id not in self.clients:
+            if stored.state.expiry_interval == 0:
+                self._drop_session(client.client_id)
+            else:
+                stored.expires_at = time.monotonic() + stored.state.expiry_interval
+        client.wake.set()
         reason = closed.reason if closed is not None else Reason.UNSPECIFIED_ERROR
         log.info(
             "sensor %s disconnected (0x%02x%s)", client.client_id, reason,
@@ -467,12 +546,6 @@ class Broker:
         )  # fmt: skip
         if closed is not None and closed.will is not None:
             self._publish_will(client, closed.will)
-        stored = self.sessions.get(client.client_id)
-        if stored is not None and client.client_id not in self.clients:
-            if stored.state.expiry_interval == 0:
-                self._drop_session(client.client_id)
-            else:
-                stored.expires_at = time.monotonic() + stored.state.expiry_interval
 
     def _publish_will(self, client: Client, will: Will) -> None:
         reason = self._inbound(

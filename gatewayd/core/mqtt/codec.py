@@ -460,27 +460,38 @@ class Decoder:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[Packet]:
-        self._buf += data
+        """Buffer `data` and decode every complete packet in the buffer."""
+        self.push(data)
         packets: list[Packet] = []
-        while True:
-            header = self._header()
-            if header is None:
-                return packets
-            header_len, remaining = header
-            total = header_len + remaining
-            if total > self.max_packet_size:
-                raise ProtocolError(
-                    Reason.PACKET_TOO_LARGE, f"packet of {total} bytes exceeds {self.max_packet_size}"
-                )
-            if len(self._buf) < total:
-                return packets
-            first = self._buf[0]
-            body = bytes(self._buf[header_len:total])
-            del self._buf[:total]
-            packet = decode_packet(first, body, self.version)
-            if isinstance(packet, Connect) and self.version is None:
-                self.version = packet.protocol_level
+        while (packet := self.next()) is not None:
             packets.append(packet)
+        return packets
+
+    def push(self, data: bytes) -> None:
+        """Buffer `data` without decoding it (see next())."""
+        self._buf += data
+
+    def next(self) -> Packet | None:
+        """Decode one packet from the buffer, or None while it holds no complete packet. A caller that is not
+        ready for more leaves the rest in the buffer, in order (the server's flow control, session.py)."""
+        header = self._header()
+        if header is None:
+            return None
+        header_len, remaining = header
+        total = header_len + remaining
+        if total > self.max_packet_size:
+            raise ProtocolError(
+                Reason.PACKET_TOO_LARGE, f"packet of {total} bytes exceeds {self.max_packet_size}"
+            )
+        if len(self._buf) < total:
+            return None
+        first = self._buf[0]
+        body = bytes(self._buf[header_len:total])
+        del self._buf[:total]
+        packet = decode_packet(first, body, self.version)
+        if isinstance(packet, Connect) and self.version is None:
+            self.version = packet.protocol_level
+        return packet
 
     def _header(self) -> tuple[int, int] | None:
         """(fixed header length, remaining length), or None while incomplete (at most 5 bytes wait)."""

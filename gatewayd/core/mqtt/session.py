@@ -4,6 +4,16 @@
 `accept_connect`, `ack_message`, `suback`, ... and `deliver`; `data_to_send()` returns the bytes to write.
 Protocol errors never raise: they end in a `Closed` event (with the DISCONNECT to send, in 5.0).
 
+Packets are decoded one at a time, only when the connection is ready for them, and handled strictly in order:
+- behind a CONNECT (a client may send more before CONNACK, section 3.1.4 of 3.1.1 and of 5.0) nothing is
+  decoded until the broker has decided the CONNECT; after accept_connect, `resume()` handles what waited;
+- a QoS 1/2 PUBLISH that would take more than `receive_maximum` unacknowledged places waits, undecoded, until
+  the broker acknowledges one (ack_message, then `resume()`), for a 3.1.1 client (3.1.1 has no Receive
+  Maximum to break) and for what a 5.0 client sent before our CONNACK told it the limit; a 5.0 client that
+  exceeds the limit it was told is disconnected with 0x93 (5.0 section 4.9).
+While `waiting` is true the caller must not read the socket: TCP's flow control pushes back on the client,
+and what is held here is bounded by one read.
+
 `SessionState` is what outlives a connection for a persistent session (3.1.1 clean session 0, 5.0 session
 expiry > 0): subscriptions, outbound messages not yet acknowledged, inbound QoS 2 packet ids awaiting PUBREL.
 """
@@ -11,9 +21,10 @@ expiry > 0): subscriptions, outbound messages not yet acknowledged, inbound QoS 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
+from gatewayd.core.errors import GatewaydError
 from gatewayd.core.mqtt.codec import Decoder, ProtocolError, encode
 from gatewayd.core.mqtt.packets import (
     MQTT_5,
@@ -48,7 +59,13 @@ CONNACK_311 = {
     Reason.BAD_USER_NAME_OR_PASSWORD: 0x04,
     Reason.NOT_AUTHORIZED: 0x05,
     Reason.BANNED: 0x05,
+    Reason.UNSPECIFIED_ERROR: 0x03,  # our own failure: "server unavailable", the client may retry
+    Reason.IMPLEMENTATION_SPECIFIC_ERROR: 0x03,
 }
+
+
+class ConnectionStateError(GatewaydError):
+    """The broker answered a connection in a state where the answer means nothing: our bug, not the peer's."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +111,16 @@ class SessionState:
     expiry_interval: int = 0  # seconds after disconnect (5.0); 0: ends with the connection
     next_id: int = 1
     dropped: int = 0
+
+    def copy(self) -> SessionState:
+        """A copy whose containers can change without changing this one (the messages in them are shared)."""
+        return replace(
+            self,
+            subscriptions=dict(self.subscriptions),
+            inflight=dict(self.inflight),
+            queued=deque(self.queued),
+            qos2_received=set(self.qos2_received),
+        )
 
 
 # ---------------------------------------------------------------- events
@@ -152,6 +179,9 @@ class ServerConnection:
         self._peer_receive_max = limits.max_inflight
         self._peer_max_packet = 0  # 0: no limit announced
         self._will: Will | None = None
+        self._held: Packet | None = None  # decoded, waiting for room in the inbound window
+        self._held_early = False  # ... and it arrived before our CONNACK (5.0: the client knew no limit)
+        self._early = 0  # bytes still undecoded that arrived before our CONNACK was sent
         self.bytes_in = self.bytes_out = self.messages_in = self.messages_out = 0
 
     # ------------------------------------------------------------------ input
@@ -161,19 +191,60 @@ class ServerConnection:
             return []
         self.last_seen = now
         self.bytes_in += len(data)
-        try:
-            packets = self.decoder.feed(data)
-        except ProtocolError as exc:
-            return [self._close(exc.reason, str(exc), with_will=True)]
+        self.decoder.push(data)
+        return self._process(now)
+
+    def resume(self, now: float) -> list[Event]:
+        """Handle what waited (packets behind a CONNECT, or for the inbound window): call after the broker
+        answered a ConnectRequest and after ack_message. Returns [] while there is nothing more to do."""
+        if self.state is State.CLOSED:
+            return []
+        return self._process(now)
+
+    @property
+    def waiting(self) -> bool:
+        """True while received packets wait for the broker (a CONNECT decision or an acknowledgement): the
+        caller must not read more from the socket until resume() has handled them."""
+        return not self.closed and (self._deciding or self._held is not None)
+
+    @property
+    def _deciding(self) -> bool:
+        return self.state is State.AWAIT_CONNECT and self.connect is not None
+
+    def _process(self, now: float) -> list[Event]:
         events: list[Event] = []
-        for packet in packets:
+        while not self.closed and not self._deciding:
+            packet, early = self._held, self._held_early
+            self._held = None
+            if packet is None:
+                early = self._early > 0
+                before = self.decoder.buffered
+                try:
+                    packet = self.decoder.next()
+                except ProtocolError as exc:
+                    events.append(self._close(exc.reason, str(exc), with_will=True))
+                    break
+                if packet is None:
+                    break
+                self._early = max(0, self._early - (before - self.decoder.buffered))
+            if self._must_wait(packet, early):
+                self._held, self._held_early = packet, early
+                break
             try:
                 events += self._handle(packet, now)
             except ProtocolError as exc:
                 events.append(self._close(exc.reason, str(exc), with_will=True))
-            if self.closed:  # a property: mypy's narrowing of self.state must not outlive _handle()
-                break
         return events
+
+    def _must_wait(self, packet: Packet, early: bool) -> bool:
+        """A QoS 1/2 PUBLISH when the inbound window is full waits (3.1.1, or 5.0 sent before CONNACK)."""
+        if not isinstance(packet, Publish) or not packet.qos or self.state is not State.CONNECTED:
+            return False
+        if len(self._unacked_in) < self.limits.receive_maximum or packet.packet_id in self._unacked_in:
+            return False  # room, or a resend of one the broker is deciding on (takes no new place)
+        if packet.qos == 2 and packet.packet_id in self._session().qos2_received:
+            return False  # a resend answered with PUBREC at once
+        return self.version != MQTT_5 or early
 
     def connection_lost(self) -> list[Event]:
         """The network connection ended without a DISCONNECT."""
@@ -183,6 +254,9 @@ class ServerConnection:
 
     def tick(self, now: float) -> list[Event]:
         """Timeouts: CONNECT within connect_timeout; a packet within 1.5 x keepalive (section 3.1.2.10)."""
+        if self.waiting:
+            self.last_seen = now  # the client is not silent: we hold back what it sent (flow control)
+            return []
         if self.state is State.AWAIT_CONNECT and now - self.created > self.limits.connect_timeout:
             return [
                 self._close(Reason.MAXIMUM_CONNECT_TIME, "no CONNECT in time", with_will=False, send=False)
@@ -273,9 +347,27 @@ class ServerConnection:
         assigned_client_id: str | None = None,
         now: float = 0.0,
     ) -> None:
-        assert self.connect is not None and self.state is State.AWAIT_CONNECT
+        """Accept the CONNECT: CONNACK, then the session's unacknowledged and queued messages. All or nothing:
+        if it raises, the connection is as before (still deciding, nothing to send) and may be refused."""
+        if not self._deciding:
+            raise ConnectionStateError(f"accept_connect in state {self.state.value} without a CONNECT")
+        mark = len(self._out)
+        try:
+            self._accept(session, session_present, assigned_client_id, now)
+        except BaseException:
+            del self._out[mark:]
+            self.state, self.session, self._will, self.keepalive, self._early = (
+                State.AWAIT_CONNECT, None, None, 0, 0
+            )  # fmt: skip
+            raise
+
+    def _accept(
+        self, session: SessionState, session_present: bool, assigned_client_id: str | None, now: float
+    ) -> None:
         c = self.connect
+        assert c is not None  # _deciding says so; for mypy
         self.session = session
+        self._early = self.decoder.buffered  # what the client sent before it could know our limits
         self.state = State.CONNECTED
         self.keepalive = min(c.keepalive, self.limits.max_keepalive)
         self._will = c.will
@@ -303,6 +395,9 @@ class ServerConnection:
         self._pump(now)  # and what was queued for it while it was away
 
     def reject_connect(self, reason: int, message: str = "") -> Closed:
+        """Refuse the CONNECT with a CONNACK carrying `reason`; packets sent behind it are discarded."""
+        if self.state is not State.AWAIT_CONNECT:
+            raise ConnectionStateError(f"reject_connect in state {self.state.value}")
         code = reason if self.version == MQTT_5 else CONNACK_311.get(Reason(reason), 0x05)
         self._send(Connack(False, code))
         return self._close(
