@@ -454,7 +454,10 @@ class DownstreamSection:
         131072, "Largest packet accepted from a sensor (bytes).", minimum=128, maximum=268435460
     )
     receive_maximum: int = opt(
-        100, "QoS 1/2 messages a sensor may have unacknowledged.", minimum=1, maximum=65535
+        100,
+        "QoS 1/2 messages a sensor may have unacknowledged; beyond it, its socket is not read until one is.",
+        minimum=1,
+        maximum=65535,
     )
     max_inflight: int = opt(
         20, "QoS 1/2 messages sent to a sensor and not yet acknowledged.", minimum=1, maximum=65535

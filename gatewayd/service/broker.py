@@ -7,10 +7,11 @@ through the uplink under the mapped topic), and what happens at the end of a con
 
 Bounds and what happens when they are hit (documented in README, "Sensors"):
 - connections: max_connections; one more is refused at CONNECT with Server busy (5.0 0x89 / 3.1.1 3).
-- per connection: packets over max_packet_size close it (0x95); more than receive_maximum unacknowledged
-  QoS 1/2 publishes close it (0x93); messages for it beyond max_queued_messages / max_queued_bytes are
-  dropped and counted; a sensor that stops reading while its socket buffer holds more than max_queued_bytes
-  is disconnected.
+- per connection: packets over max_packet_size close it (0x95); with receive_maximum unacknowledged QoS 1/2
+  publishes, its socket is not read until one is acknowledged (never a disconnect: session.py says why);
+  packets behind a CONNECT wait for its decision; messages for it beyond max_queued_messages /
+  max_queued_bytes are dropped and counted; a sensor that stops reading while its socket buffer holds more
+  than max_queued_bytes is disconnected.
 - retained messages: max_retained_messages; a new topic beyond that is not retained (the message is still
   delivered).
 """
@@ -545,7 +546,14 @@ class Broker:
             ),
         )  # fmt: skip
         if closed is not None and closed.will is not None:
-            self._publish_will(client, closed.will)
+            try:
+                self._publish_will(client, closed.will)
+            except Exception as exc:  # a bug of ours: the connection has ended, the session is settled
+                log.error(
+                    "will of %s not published: %r", client.client_id, exc, exc_info=exc,
+                    extra=messages.extra(messages.SENSOR_CONNECTION_FAILED, client_id=client.client_id,
+                                         reason=f"0x{reason:02x}", error=repr(exc)),
+                )  # fmt: skip
 
     def _publish_will(self, client: Client, will: Will) -> None:
         reason = self._inbound(

@@ -8,11 +8,13 @@ Packets are decoded one at a time, only when the connection is ready for them, a
 - behind a CONNECT (a client may send more before CONNACK, section 3.1.4 of 3.1.1 and of 5.0) nothing is
   decoded until the broker has decided the CONNECT; after accept_connect, `resume()` handles what waited;
 - a QoS 1/2 PUBLISH that would take more than `receive_maximum` unacknowledged places waits, undecoded, until
-  the broker acknowledges one (ack_message, then `resume()`), for a 3.1.1 client (3.1.1 has no Receive
-  Maximum to break) and for what a 5.0 client sent before our CONNACK told it the limit; a 5.0 client that
-  exceeds the limit it was told is disconnected with 0x93 (5.0 section 4.9).
+  the broker acknowledges one (ack_message, then `resume()`).
 While `waiting` is true the caller must not read the socket: TCP's flow control pushes back on the client,
-and what is held here is bounded by one read.
+and what is held here is bounded by one read. A client over the window is never disconnected for it: 3.1.1
+has no Receive Maximum at all, and in 5.0 (where section 3.3.4 has the server send DISCONNECT 0x93) paho-mqtt
+1.6 and 2.x both re-send everything they hold right after CONNACK on every reconnect, far beyond the Receive
+Maximum we announce: measured, a 0x93 there cuts them before any PUBACK and locks them out for good. Pausing
+the socket costs nothing (what is held stays bounded) and loses nothing.
 
 `SessionState` is what outlives a connection for a persistent session (3.1.1 clean session 0, 5.0 session
 expiry > 0): subscriptions, outbound messages not yet acknowledged, inbound QoS 2 packet ids awaiting PUBREL.
@@ -180,8 +182,6 @@ class ServerConnection:
         self._peer_max_packet = 0  # 0: no limit announced
         self._will: Will | None = None
         self._held: Packet | None = None  # decoded, waiting for room in the inbound window
-        self._held_early = False  # ... and it arrived before our CONNACK (5.0: the client knew no limit)
-        self._early = 0  # bytes still undecoded that arrived before our CONNACK was sent
         self.bytes_in = self.bytes_out = self.messages_in = self.messages_out = 0
 
     # ------------------------------------------------------------------ input
@@ -214,11 +214,8 @@ class ServerConnection:
     def _process(self, now: float) -> list[Event]:
         events: list[Event] = []
         while not self.closed and not self._deciding:
-            packet, early = self._held, self._held_early
-            self._held = None
+            packet, self._held = self._held, None
             if packet is None:
-                early = self._early > 0
-                before = self.decoder.buffered
                 try:
                     packet = self.decoder.next()
                 except ProtocolError as exc:
@@ -226,9 +223,8 @@ class ServerConnection:
                     break
                 if packet is None:
                     break
-                self._early = max(0, self._early - (before - self.decoder.buffered))
-            if self._must_wait(packet, early):
-                self._held, self._held_early = packet, early
+            if self._must_wait(packet):
+                self._held = packet
                 break
             try:
                 events += self._handle(packet, now)
@@ -236,15 +232,13 @@ class ServerConnection:
                 events.append(self._close(exc.reason, str(exc), with_will=True))
         return events
 
-    def _must_wait(self, packet: Packet, early: bool) -> bool:
-        """A QoS 1/2 PUBLISH when the inbound window is full waits (3.1.1, or 5.0 sent before CONNACK)."""
+    def _must_wait(self, packet: Packet) -> bool:
+        """A QoS 1/2 PUBLISH waits while the inbound window is full (see the module's docstring)."""
         if not isinstance(packet, Publish) or not packet.qos or self.state is not State.CONNECTED:
             return False
         if len(self._unacked_in) < self.limits.receive_maximum or packet.packet_id in self._unacked_in:
             return False  # room, or a resend of one the broker is deciding on (takes no new place)
-        if packet.qos == 2 and packet.packet_id in self._session().qos2_received:
-            return False  # a resend answered with PUBREC at once
-        return self.version != MQTT_5 or early
+        return not (packet.qos == 2 and packet.packet_id in self._session().qos2_received)  # resend: PUBREC
 
     def connection_lost(self) -> list[Event]:
         """The network connection ended without a DISCONNECT."""
@@ -333,9 +327,7 @@ class ServerConnection:
             return []
         if p.packet_id in self._unacked_in:
             return []  # the broker is still deciding on this one
-        if len(self._unacked_in) >= self.limits.receive_maximum:
-            raise ProtocolError(Reason.RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded")
-        self._unacked_in[p.packet_id] = p.qos
+        self._unacked_in[p.packet_id] = p.qos  # never beyond receive_maximum: see _must_wait
         return [MessageReceived(p.packet_id, resolved)]
 
     # ------------------------------------------------------------------ the broker's answers
@@ -356,9 +348,7 @@ class ServerConnection:
             self._accept(session, session_present, assigned_client_id, now)
         except BaseException:
             del self._out[mark:]
-            self.state, self.session, self._will, self.keepalive, self._early = (
-                State.AWAIT_CONNECT, None, None, 0, 0
-            )  # fmt: skip
+            self.state, self.session, self._will, self.keepalive = State.AWAIT_CONNECT, None, None, 0
             raise
 
     def _accept(
@@ -367,7 +357,6 @@ class ServerConnection:
         c = self.connect
         assert c is not None  # _deciding says so; for mypy
         self.session = session
-        self._early = self.decoder.buffered  # what the client sent before it could know our limits
         self.state = State.CONNECTED
         self.keepalive = min(c.keepalive, self.limits.max_keepalive)
         self._will = c.will

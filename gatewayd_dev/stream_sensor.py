@@ -1,0 +1,197 @@
+"""A sensor that streams QoS 1 readings the way people write them, for tests: connect(), loop_start(), then
+publish() at once and on, with a persistent session, letting the client library reconnect by itself.
+
+    python -m gatewayd_dev.stream_sensor --port P --ca CA --cert C --key K --client-id ID --out OUT.json
+        [--library paho|awscrt] [--mqtt5] [--count N] [--rate R] [--clean] [--timeout S] [--host H]
+
+Runs under any interpreter: Debian 12's python3 (paho-mqtt 1.6, which sends its first PUBLISHes in the same
+write as CONNECT and re-sends its in-flight messages so on every reconnect), the dev venv (paho-mqtt 2.x,
+the AWS IoT Device SDK v2 with --library awscrt). Reading i has the payload "<client id> <i>" on
+sensors/<client id>/stream. It stops by itself: when every reading is acknowledged, or after --timeout.
+OUT gets JSON: when each reading was handed to the library and acknowledged (Unix seconds), CONNACKs
+(time, session present) and disconnects (time, code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import ssl
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+
+class Record:
+    def __init__(self, count: int) -> None:
+        self.lock = threading.Lock()
+        self.published: list[float | None] = [None] * count
+        self.acked: list[float | None] = [None] * count
+        self.connacks: list[tuple[float, bool]] = []
+        self.disconnects: list[tuple[float, int]] = []
+        self.all_acked = threading.Event()
+        self._left = count
+
+    def ack(self, seq: int) -> None:
+        with self.lock:
+            if self.acked[seq] is None:
+                self.acked[seq] = time.time()
+                self._left -= 1
+                if self._left == 0:
+                    self.all_acked.set()
+
+    def dump(self) -> dict[str, Any]:
+        return {
+            "published": self.published,
+            "acked": self.acked,
+            "connacks": self.connacks,
+            "disconnects": self.disconnects,
+        }
+
+
+def _code(rc: Any) -> int:
+    value = getattr(rc, "value", rc)
+    return int(value) if isinstance(value, int) else -1
+
+
+def run_paho(args: argparse.Namespace, rec: Record) -> None:
+    import paho.mqtt.client as paho
+
+    api = getattr(paho, "CallbackAPIVersion", None)  # paho-mqtt 2.x
+    kw: dict[str, Any] = {"client_id": args.client_id}
+    if args.mqtt5:
+        kw["protocol"] = paho.MQTTv5
+    else:
+        kw["protocol"], kw["clean_session"] = paho.MQTTv311, args.clean
+    v2 = api is not None
+    client = paho.Client(api.VERSION2, **kw) if api is not None else paho.Client(**kw)
+    ctx = ssl.create_default_context(cafile=args.ca)
+    ctx.load_cert_chain(args.cert, args.key)
+    client.tls_set_context(ctx)
+    client.reconnect_delay_set(1, 2)  # paho's default backs off to 120 s; sensors that must catch up set less
+    mids: dict[int, int] = {}  # paho's message id -> reading
+    early: set[int] = set()  # acknowledged before publish() returned its mid (possible in paho 1.6)
+
+    def on_connect(c: Any, userdata: Any, flags: Any, rc: Any, *rest: Any) -> None:
+        present = flags.get("session present") if isinstance(flags, dict) else flags.session_present
+        rec.connacks.append((time.time(), bool(present)))
+
+    def on_disconnect(c: Any, userdata: Any, *rest: Any) -> None:
+        rc = rest[1] if v2 else rest[0]  # 2.x: (flags, reason, properties); 1.6: (rc[, properties])
+        rec.disconnects.append((time.time(), _code(rc)))
+
+    def on_publish(c: Any, userdata: Any, mid: int, *rest: Any) -> None:
+        with rec.lock:
+            seq = mids.get(mid)
+            if seq is None:
+                early.add(mid)
+        if seq is not None:
+            rec.ack(seq)
+
+    client.on_connect, client.on_disconnect, client.on_publish = on_connect, on_disconnect, on_publish
+    connect_kw: dict[str, Any] = {}
+    if args.mqtt5:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 0 if args.clean else 600
+        connect_kw = {"clean_start": args.clean, "properties": props}
+    client.connect(args.host, args.port, 30, **connect_kw)
+    client.loop_start()
+    try:
+        for seq in range(args.count):
+            _pace(seq, args.rate, args.started)
+            rec.published[seq] = time.time()
+            info = client.publish(f"sensors/{args.client_id}/stream", f"{args.client_id} {seq}", qos=1)
+            with rec.lock:
+                mids[info.mid] = seq
+                acked_early = info.mid in early
+            if acked_early:
+                rec.ack(seq)
+        rec.all_acked.wait(max(0.0, args.deadline - time.time()))
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def run_awscrt(args: argparse.Namespace, rec: Record) -> None:
+    """The AWS IoT Device SDK v2 (MQTT 3.1.1): its publish() before the connection is up is queued by the
+    SDK; its futures say when AWS IoT (here: the gateway) acknowledged."""
+    from awscrt import mqtt
+    from awsiot import mqtt_connection_builder
+
+    def on_resumed(connection: Any, return_code: Any, session_present: bool, **kw: Any) -> None:
+        rec.connacks.append((time.time(), bool(session_present)))
+
+    def on_interrupted(connection: Any, error: Any, **kw: Any) -> None:
+        rec.disconnects.append((time.time(), -1))
+
+    connection = mqtt_connection_builder.mtls_from_path(
+        endpoint=args.host,
+        port=args.port,
+        cert_filepath=args.cert,
+        pri_key_filepath=args.key,
+        ca_filepath=args.ca,
+        client_id=args.client_id,
+        clean_session=args.clean,
+        keep_alive_secs=30,
+        min_reconnect_timeout_secs=1,
+        max_reconnect_timeout_secs=2,
+        on_connection_resumed=on_resumed,
+        on_connection_interrupted=on_interrupted,
+    )
+    connected = connection.connect()  # not waited for: the first readings are published at once
+    try:
+        for seq in range(args.count):
+            _pace(seq, args.rate, args.started)
+            rec.published[seq] = time.time()
+            future, _ = connection.publish(
+                f"sensors/{args.client_id}/stream", f"{args.client_id} {seq}".encode(), mqtt.QoS.AT_LEAST_ONCE
+            )
+            future.add_done_callback(lambda f, seq=seq: rec.ack(seq) if f.exception() is None else None)
+        result = connected.result(max(1.0, args.deadline - time.time()))
+        rec.connacks.insert(0, (time.time(), bool(result.get("session_present"))))
+        rec.all_acked.wait(max(0.0, args.deadline - time.time()))
+    finally:
+        connection.disconnect().result(10)
+
+
+def _pace(seq: int, rate: float, started: float) -> None:
+    if rate > 0:
+        delay = started + seq / rate - time.time()
+        if delay > 0:
+            time.sleep(delay)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--ca", required=True)
+    p.add_argument("--cert", required=True)
+    p.add_argument("--key", required=True)
+    p.add_argument("--client-id", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--library", choices=["paho", "awscrt"], default="paho")
+    p.add_argument("--mqtt5", action="store_true")
+    p.add_argument("--clean", action="store_true", help="a clean session (default: persistent)")
+    p.add_argument("--count", type=int, default=100)
+    p.add_argument("--rate", type=float, default=0, help="readings per second (0: all at once)")
+    p.add_argument("--timeout", type=float, default=60)
+    args = p.parse_args(argv)
+    args.started = time.time()
+    args.deadline = args.started + args.timeout
+    rec = Record(args.count)
+    try:
+        (run_awscrt if args.library == "awscrt" else run_paho)(args, rec)
+    finally:
+        with rec.lock:
+            Path(args.out).write_text(json.dumps(rec.dump()))
+    return 0 if rec.all_acked.is_set() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
