@@ -211,5 +211,13 @@ def write(path: Path, data: bytes, mode: int = 0o644) -> Path:
     return path
 
 
+def write_client(issuer: Issued, directory: Path, cn: str) -> tuple[Path, Path]:
+    """A client certificate for `cn` from `issuer`, written as DIRECTORY/CN.pem and DIRECTORY/CN.key."""
+    issued = make_client(issuer, cn)
+    cert = write(directory / f"{cn}.pem", issued.cert_pem())
+    key = write(directory / f"{cn}.key", issued.key_pem(), 0o600)
+    return cert, key
+
+
 def pem(*certs: x509.Certificate) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)

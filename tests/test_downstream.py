@@ -45,10 +45,7 @@ class Setup:
         return self.workdir / "state" / "localca" / "ca.pem"
 
     def cert(self, cn: str) -> tuple[Path, Path]:
-        issued = pki.make_client(self.sensor_ca, cn)
-        cert = pki.write(self.workdir / f"{cn}.pem", issued.cert_pem())
-        key = pki.write(self.workdir / f"{cn}.key", issued.key_pem(), 0o600)
-        return cert, key
+        return pki.write_client(self.sensor_ca, self.workdir, cn)
 
     def sensor(self, cn: str, mqtt5: bool = False, client_id: str | None = None, **kw: Any) -> Sensor:
         cert, key = self.cert(cn)

@@ -105,10 +105,7 @@ class GW:
         return self.workdir / "state" / "localca" / "ca.pem"
 
     def files(self, name: str) -> tuple[Path, Path]:
-        issued = pki.make_client(self.ca, name)
-        cert = pki.write(self.workdir / f"{name}.pem", issued.cert_pem())
-        key = pki.write(self.workdir / f"{name}.key", issued.key_pem(), 0o600)
-        return cert, key
+        return pki.write_client(self.ca, self.workdir, name)
 
 
 @pytest.fixture(scope="module")

@@ -159,7 +159,16 @@ class Broker:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener: str) -> None:
         """Run one sensor connection to its end. Nothing escapes but cancellation: a failure of ours (a bug)
         closes this connection only (SENSOR_CONNECTION_FAILED), never the listener or another sensor."""
-        peer = _peer(writer, listener)
+        try:
+            peer = _peer(writer, listener)
+        except Exception as exc:  # nothing else can be said of this connection: log it and close it
+            log.error(
+                "sensor connection on %s failed before its first packet: %r", listener, exc, exc_info=exc,
+                extra=messages.extra(messages.SENSOR_CONNECTION_FAILED, client_id="", reason="0x80",
+                                     error=repr(exc)),
+            )  # fmt: skip
+            writer.close()
+            return
         conn = ServerConnection(time.monotonic(), self.limits)
         wake = asyncio.Event()  # set when an acknowledgement lets held packets go on (conn.waiting)
         client: Client | None = None
