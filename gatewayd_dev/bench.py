@@ -1,6 +1,7 @@
 """`make bench`: sensors -> gateway -> AWS IoT stand-in -> subscriber, for gatewayd and, in the same run, for
-a mosquitto bridge tuned to lose nothing; prints messages/s, latency, lost, duplicated and peak RSS of each,
-and the ratios. Not part of `make test`. See docs/performance.md.
+a mosquitto bridge tuned to lose nothing; prints messages/s, latency, lost, duplicated, peak RSS, CPU and
+bytes written to storage per message of each, and the ratios. Not part of `make test`; see
+docs/performance.md.
 
 Parts: the dev stack (swtpm, the stand-in's mosquitto with its queue limits lifted so the subscriber never
 drops), gatewayd (its real uplink: TPM key, mutual TLS), mosquitto as the bridge (software key, mutual TLS).
@@ -273,6 +274,7 @@ class Figures:
     duplicated: int = 0
     rss_mb: float = 0.0
     cpu_us: float = 0.0  # CPU time of the system under test (all its processes) per message delivered
+    written: float = -1.0  # bytes it wrote to storage (/proc/PID/io write_bytes) per message delivered
 
 
 def readings(arrivals: list[Arrival]) -> list[tuple[int, int, int, int]]:
@@ -309,6 +311,19 @@ def cpu_seconds(pids: list[int]) -> float:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])
     return total / ticks
+
+
+def written_bytes(pids: list[int]) -> int:
+    """Bytes the processes caused to be written to storage so far (write_bytes of /proc/PID/io, counted when
+    a page is dirtied, so a buffered write counts at once; a tmpfs counts nothing: the work directory is on
+    the disk). Logs count too: the daemon's stdout is a file here, as the journal is on a gateway."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+                if line.startswith("write_bytes:"):
+                    total += int(line.split()[1])
+    return total
 
 
 def peak_rss_mb(pids: list[int]) -> float:
@@ -460,13 +475,15 @@ async def throughput(system: System, stack: DevStack, n: int, per_sensor: int, q
     await sub.start(stack.standin.observer_port, [system.upstream_filter])
     f = await fleet(n, system.port, system.ctx_for, "")
     try:
-        started, cpu = time.time_ns(), cpu_seconds(system.pids())
+        started, cpu, written = time.time_ns(), cpu_seconds(system.pids()), written_bytes(system.pids())
         await f.closed_loop(per_sensor, qos)
         await sub.settle(n * per_sensor, 120)
         used = cpu_seconds(system.pids()) - cpu
         expected = {(i, s) for i in range(n) for s in range(per_sensor)}
         result = figures(sub.arrivals, expected, started)
-        result.cpu_us = used / max(len(expected) - result.lost, 1) * 1e6
+        delivered = max(len(expected) - result.lost, 1)
+        result.cpu_us = used / delivered * 1e6
+        result.written = (written_bytes(system.pids()) - written) / delivered
         return result
     finally:
         await f.close()
@@ -478,11 +495,13 @@ async def latency(system: System, stack: DevStack, n: int, rate: float, seconds:
     await sub.start(stack.standin.observer_port, [system.upstream_filter])
     f = await fleet(n, system.port, system.ctx_for, "")
     try:
-        started = time.time_ns()
+        started, written = time.time_ns(), written_bytes(system.pids())
         total = await f.open_loop(rate, seconds, 1, 0)
         await sub.settle(total, 120)
         expected = {(i % n, i // n) for i in range(total)}
-        return figures(sub.arrivals, expected, started)
+        result = figures(sub.arrivals, expected, started)
+        result.written = (written_bytes(system.pids()) - written) / max(total - result.lost, 1)
+        return result
     finally:
         await f.close()
         await sub.stop()
@@ -490,16 +509,18 @@ async def latency(system: System, stack: DevStack, n: int, rate: float, seconds:
 
 async def quota_run(
     system: System, stack: DevStack, n: int, rate: float, seconds: float, quota: int
-) -> tuple[float, int, int]:
+) -> tuple[float, int, int, float]:
     """Readings per second AWS IoT would take when it allows `quota` publishes per second on the connection:
-    in every second, only the first `quota` publishes that arrive count (AWS throttles the rest)."""
+    in every second, only the first `quota` publishes that arrive count (AWS throttles the rest). Also the
+    publishes, those within the quota, and the bytes written to storage per reading sent."""
     sub = Subscriber()
     await sub.start(stack.standin.observer_port, [system.upstream_filter, "$aws/rules/#"])
     f = await fleet(n, system.port, system.ctx_for, "")
     try:
-        started = time.time_ns()
+        started, written = time.time_ns(), written_bytes(system.pids())
         total = await f.open_loop(rate, seconds, 1, 0)
         await sub.settle(total, 60)
+        per_reading = (written_bytes(system.pids()) - written) / max(total, 1)
         per_second: dict[int, int] = {}
         accepted: list[Arrival] = []
         for a in sub.arrivals:
@@ -509,7 +530,7 @@ async def quota_run(
                 accepted.append(a)
         got = {(s, q) for s, q, _, _ in readings(accepted)}
         last = max((a.at_ns for a in accepted), default=started)
-        return len(got) / max((last - started) / 1e9, 1e-9), len(sub.arrivals), len(accepted)
+        return len(got) / max((last - started) / 1e9, 1e-9), len(sub.arrivals), len(accepted), per_reading
     finally:
         await f.close()
         await sub.stop()
@@ -548,6 +569,7 @@ def _median(runs: list[Figures]) -> Figures:
         duplicated=max(r.duplicated for r in runs),
         rss_mb=max(r.rss_mb for r in runs),
         cpu_us=statistics.median(r.cpu_us for r in runs),
+        written=statistics.median(r.written for r in runs),
     )
 
 
@@ -556,7 +578,9 @@ def _line(label: str, g: Figures, b: Figures) -> str:
         return f"{x / y:.2f}x" if y else "n/a"
 
     def cpu(f: Figures) -> str:
-        return f"  CPU {f.cpu_us:>4.0f} us/msg" if f.cpu_us else ""
+        return (f"  CPU {f.cpu_us:>4.0f} us/msg" if f.cpu_us else "") + (
+            f"  disk {f.written:>7.0f} B/msg" if f.written >= 0 else ""
+        )
 
     return (
         f"{label:<30} gatewayd {g.rate:>8.0f} msg/s  p50 {g.p50_ms:>7.1f} ms  p99 {g.p99_ms:>7.1f} ms  "
@@ -566,7 +590,22 @@ def _line(label: str, g: Figures, b: Figures) -> str:
         f"{'':<30} gatewayd/bridge: rate {ratio(g.rate, b.rate)}, p50 {ratio(g.p50_ms, b.p50_ms)}, "
         f"p99 {ratio(g.p99_ms, b.p99_ms)}, RSS {ratio(g.rss_mb, b.rss_mb)}"
         + (f", CPU per message {ratio(g.cpu_us, b.cpu_us)}" if g.cpu_us and b.cpu_us else "")
+        + (
+            f"\n{'':<30} storage written at 100 readings/s: gatewayd {per_day(g.written)}, "
+            f"bridge {per_day(b.written)} a day"
+            if g.written >= 0 and b.written >= 0
+            else ""
+        )
     )
+
+
+def per_day(bytes_per_reading: float, readings_per_second: int = 100) -> str:
+    """What `bytes_per_reading` comes to in a day at `readings_per_second`, in the largest fitting unit."""
+    total = bytes_per_reading * readings_per_second * 86400
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if total >= size:
+            return f"{total / size:.1f} {unit}"
+    return f"{total:.0f} B"
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -609,25 +648,25 @@ async def main_async(args: argparse.Namespace) -> int:
               f"send {args.rate:.0f} readings/s for {args.seconds:.0f} s", flush=True)  # fmt: skip
         gq = start_gatewayd(stack, workdir, certs, quota=True, batch=True)
         try:
-            g_rate, g_pub, g_ok = await quota_run(
+            g_rate, g_pub, g_ok, g_disk = await quota_run(
                 gq, stack, args.sensors, args.rate, args.seconds, args.quota
             )
         finally:
             gq.stop()
         bridge = start_bridge(stack, workdir, certs, "bridge-quota")
         try:
-            b_rate, b_pub, b_ok = await quota_run(
+            b_rate, b_pub, b_ok, b_disk = await quota_run(
                 bridge, stack, args.sensors, args.rate, args.seconds, args.quota
             )
         finally:
             bridge.stop()
         print(
             f"  gatewayd (batching, shaped): {g_rate:>8.0f} readings/s delivered ({g_pub} publishes, "
-            f"{g_pub - g_ok} over the quota)"
+            f"{g_pub - g_ok} over the quota), disk {g_disk:.0f} B/reading"
         )
         print(
             f"  bridge:                      {b_rate:>8.0f} readings/s delivered ({b_pub} publishes, "
-            f"{b_pub - b_ok} over the quota: AWS would throttle them)"
+            f"{b_pub - b_ok} over the quota: AWS would throttle them), disk {b_disk:.0f} B/reading"
         )
         print(f"  gatewayd/bridge: {g_rate / b_rate if b_rate else float('inf'):.1f}x")
     return 0
