@@ -3,13 +3,15 @@ publish() at once and on, with a persistent session, letting the client library 
 
     python -m gatewayd_dev.stream_sensor --port P --ca CA --cert C --key K --client-id ID --out OUT.json
         [--library paho|awscrt] [--mqtt5] [--count N] [--rate R] [--clean] [--timeout S] [--host H]
+    python -m gatewayd_dev.stream_sensor ... --clients N --cert-dir DIR --client-id PREFIX --out OUT.json
+        (N sensors PREFIX-0 ... PREFIX-N-1 in one process, each in its own thread, with DIR/<id>.pem and .key)
 
 Runs under any interpreter: Debian 12's python3 (paho-mqtt 1.6, which sends its first PUBLISHes in the same
 write as CONNECT and re-sends its in-flight messages so on every reconnect), the dev venv (paho-mqtt 2.x,
 the AWS IoT Device SDK v2 with --library awscrt). Reading i has the payload "<client id> <i>" on
 sensors/<client id>/stream. It stops by itself: when every reading is acknowledged, or after --timeout.
 OUT gets JSON: when each reading was handed to the library and acknowledged (Unix seconds), CONNACKs
-(time, session present) and disconnects (time, code).
+(time, session present) and disconnects (time, code); with --clients, one such object per client id.
 """
 
 from __future__ import annotations
@@ -56,11 +58,11 @@ def _code(rc: Any) -> int:
     return int(value) if isinstance(value, int) else -1
 
 
-def run_paho(args: argparse.Namespace, rec: Record) -> None:
+def run_paho(args: argparse.Namespace, rec: Record, client_id: str, cert: str, key: str) -> None:
     import paho.mqtt.client as paho
 
     api = getattr(paho, "CallbackAPIVersion", None)  # paho-mqtt 2.x
-    kw: dict[str, Any] = {"client_id": args.client_id}
+    kw: dict[str, Any] = {"client_id": client_id}
     if args.mqtt5:
         kw["protocol"] = paho.MQTTv5
     else:
@@ -68,7 +70,7 @@ def run_paho(args: argparse.Namespace, rec: Record) -> None:
     v2 = api is not None
     client = paho.Client(api.VERSION2, **kw) if api is not None else paho.Client(**kw)
     ctx = ssl.create_default_context(cafile=args.ca)
-    ctx.load_cert_chain(args.cert, args.key)
+    ctx.load_cert_chain(cert, key)
     client.tls_set_context(ctx)
     client.reconnect_delay_set(1, 2)  # paho's default backs off to 120 s; sensors that must catch up set less
     mids: dict[int, int] = {}  # paho's message id -> reading
@@ -105,7 +107,7 @@ def run_paho(args: argparse.Namespace, rec: Record) -> None:
         for seq in range(args.count):
             _pace(seq, args.rate, args.started)
             rec.published[seq] = time.time()
-            info = client.publish(f"sensors/{args.client_id}/stream", f"{args.client_id} {seq}", qos=1)
+            info = client.publish(f"sensors/{client_id}/stream", f"{client_id} {seq}", qos=1)
             with rec.lock:
                 mids[info.mid] = seq
                 acked_early = info.mid in early
@@ -117,7 +119,7 @@ def run_paho(args: argparse.Namespace, rec: Record) -> None:
         client.loop_stop()
 
 
-def run_awscrt(args: argparse.Namespace, rec: Record) -> None:
+def run_awscrt(args: argparse.Namespace, rec: Record, client_id: str, cert: str, key: str) -> None:
     """The AWS IoT Device SDK v2 (MQTT 3.1.1): its publish() before the connection is up is queued by the
     SDK; its futures say when AWS IoT (here: the gateway) acknowledged."""
     from awscrt import mqtt
@@ -132,10 +134,10 @@ def run_awscrt(args: argparse.Namespace, rec: Record) -> None:
     connection = mqtt_connection_builder.mtls_from_path(
         endpoint=args.host,
         port=args.port,
-        cert_filepath=args.cert,
-        pri_key_filepath=args.key,
+        cert_filepath=cert,
+        pri_key_filepath=key,
         ca_filepath=args.ca,
-        client_id=args.client_id,
+        client_id=client_id,
         clean_session=args.clean,
         keep_alive_secs=30,
         min_reconnect_timeout_secs=1,
@@ -149,7 +151,7 @@ def run_awscrt(args: argparse.Namespace, rec: Record) -> None:
             _pace(seq, args.rate, args.started)
             rec.published[seq] = time.time()
             future, _ = connection.publish(
-                f"sensors/{args.client_id}/stream", f"{args.client_id} {seq}".encode(), mqtt.QoS.AT_LEAST_ONCE
+                f"sensors/{client_id}/stream", f"{client_id} {seq}".encode(), mqtt.QoS.AT_LEAST_ONCE
             )
             future.add_done_callback(lambda f, seq=seq: rec.ack(seq) if f.exception() is None else None)
         result = connected.result(max(1.0, args.deadline - time.time()))
@@ -171,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--ca", required=True)
-    p.add_argument("--cert", required=True)
-    p.add_argument("--key", required=True)
-    p.add_argument("--client-id", required=True)
+    p.add_argument("--cert", help="the client certificate (one client)")
+    p.add_argument("--key", help="its key")
+    p.add_argument("--client-id", required=True, help="the client id, or with --clients their prefix")
+    p.add_argument("--clients", type=int, default=0, help="run this many clients, each in a thread")
+    p.add_argument("--cert-dir", help="with --clients: DIR/<client id>.pem and .key")
     p.add_argument("--out", required=True)
     p.add_argument("--library", choices=["paho", "awscrt"], default="paho")
     p.add_argument("--mqtt5", action="store_true")
@@ -182,15 +186,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=0, help="readings per second (0: all at once)")
     p.add_argument("--timeout", type=float, default=60)
     args = p.parse_args(argv)
+    if args.clients and not args.cert_dir:
+        p.error("--clients needs --cert-dir")
+    if not args.clients and not (args.cert and args.key):
+        p.error("one client needs --cert and --key")
     args.started = time.time()
     args.deadline = args.started + args.timeout
-    rec = Record(args.count)
-    try:
-        (run_awscrt if args.library == "awscrt" else run_paho)(args, rec)
-    finally:
+    run = run_awscrt if args.library == "awscrt" else run_paho
+    if not args.clients:
+        rec = Record(args.count)
+        try:
+            run(args, rec, args.client_id, args.cert, args.key)
+        finally:
+            with rec.lock:
+                Path(args.out).write_text(json.dumps(rec.dump()))
+        return 0 if rec.all_acked.is_set() else 1
+    records = {f"{args.client_id}-{i}": Record(args.count) for i in range(args.clients)}
+    threads = [
+        threading.Thread(
+            target=run,
+            args=(args, rec, cid, f"{args.cert_dir}/{cid}.pem", f"{args.cert_dir}/{cid}.key"),
+            daemon=True,
+        )
+        for cid, rec in records.items()
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(1.0, args.deadline + 15 - time.time()))  # each ends by its deadline, then disconnects
+    out = {}
+    for cid, rec in records.items():
         with rec.lock:
-            Path(args.out).write_text(json.dumps(rec.dump()))
-    return 0 if rec.all_acked.is_set() else 1
+            out[cid] = rec.dump()
+    Path(args.out).write_text(json.dumps(out))
+    return 0 if all(rec.all_acked.is_set() for rec in records.values()) else 1
 
 
 if __name__ == "__main__":
