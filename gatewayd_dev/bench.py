@@ -8,7 +8,9 @@ drops), gatewayd (its real uplink: TPM key, mutual TLS), mosquitto as the bridge
 The load generator and the subscriber are asyncio raw MQTT 3.1.1 clients in this process: every sensor a
 TLS connection with its own certificate, QoS 1 with 20 messages in flight (paho's default), payloads of 200
 bytes that carry the sensor, a sequence number and the send time. The generator's solo rate (straight into a
-plain mosquitto, no forwarding) is printed so it can be seen not to be the bottleneck.
+plain mosquitto, no forwarding) is printed so it can be seen not to be the bottleneck. The outage run
+(--outage) puts each system's uplink behind a proxy (gatewayd_dev/proxy.py) that goes down in the middle of a
+load; --rtt puts every run's uplinks behind one that adds that many milliseconds to each round trip.
 """
 
 from __future__ import annotations
@@ -34,12 +36,15 @@ from gatewayd.service.control import request
 from gatewayd_dev import pki
 from gatewayd_dev.gateway import Gateway, gateway_env, provision, register_ca, standin_config, write_config
 from gatewayd_dev.procs import Proc, current_user, free_port, port_open
+from gatewayd_dev.proxy import RecordingProxy
 from gatewayd_dev.sensor import wait_until
 from gatewayd_dev.stack import DevStack
 
 PAYLOAD = 200
 WINDOW = 20  # QoS 1 messages in flight per sensor
 SETTLE = 3.0  # seconds without a new arrival after which a run is over
+OUTAGE_RECONNECT_MAX = 4  # both systems' reconnect backoff cap (s), so an outage's end is seen alike
+OUTAGE_GRACE = 30.0  # seconds the outage run's load may run late before the system counts as stalled
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -125,6 +130,7 @@ class Fleet:
     conns: list[SensorConn]
     tasks: list[asyncio.Task[None]]
     topics: list[bytes]
+    sent: int = 0  # open_loop's progress, for a run cut short
 
     async def closed_loop(self, per_sensor: int, qos: int) -> float:
         """Every sensor publishes `per_sensor` messages as fast as its window allows; returns seconds."""
@@ -154,6 +160,7 @@ class Fleet:
             c = self.conns[n % len(self.conns)]
             seq = first_seq + n // len(self.conns)
             await c.send(self.topics[c.index], seq, qos)  # with a full window: late, never skipped
+            self.sent = n + 1
         for c in self.conns:
             await c.writer.drain()
         return total
@@ -162,7 +169,7 @@ class Fleet:
         for c in self.conns:
             c.writer.write(b"\xe0\x00")  # DISCONNECT
             with contextlib.suppress(Exception):
-                await c.writer.drain()
+                await asyncio.wait_for(c.writer.drain(), 1.0)  # bounded: a stalled broker reads nothing
             c.writer.close()
         for t in self.tasks:
             t.cancel()
@@ -377,11 +384,23 @@ class Certs:
         return ctx
 
 
-def start_gatewayd(stack: DevStack, workdir: Path, certs: Certs, quota: bool, batch: bool) -> System:
-    wd = workdir / ("gw-quota" if quota else "gw")
+def start_gatewayd(
+    stack: DevStack,
+    workdir: Path,
+    certs: Certs,
+    quota: bool,
+    batch: bool,
+    via: int | None = None,
+    name: str = "",
+) -> System:
+    """gatewayd as in production; `via`: the port of a proxy in front of the stand-in's endpoint."""
+    wd = workdir / (name or ("gw-quota" if quota else "gw"))
     wd.mkdir()
     thing = "bench-gw"
     tables = standin_config(stack, wd, thing, downstream={"auto_activate": True, "max_connections": 2000})
+    if via is not None:  # the same endpoint name and certificate, reached through the proxy
+        tables["upstream"]["port"] = via
+    tables["upstream"]["reconnect_max_delay"] = OUTAGE_RECONNECT_MAX
     tables["downstream"]["policy"] = {"publish": ["sensors/${iot:ClientId}/#"]}
     tables["logging"] = {"level": "warning"}
     tables["status"] = {"interval": 0}
@@ -421,7 +440,10 @@ def listener_files(wd: Path, ca_name: str) -> tuple[Path, Path, Path]:
     return ca_file, cert, pki.write(wd / "server.key", server.key_pem(), 0o600)
 
 
-def start_bridge(stack: DevStack, workdir: Path, certs: Certs, name: str = "bridge") -> System:
+def start_bridge(
+    stack: DevStack, workdir: Path, certs: Certs, name: str = "bridge", via: int | None = None
+) -> System:
+    """The tuned mosquitto bridge; `via`: the port of a proxy in front of the stand-in's endpoint."""
     wd = workdir / name
     wd.mkdir()
     ca_file, cert, key = listener_files(wd, "Bench Bridge Listener CA")
@@ -444,7 +466,8 @@ def start_bridge(stack: DevStack, workdir: Path, certs: Certs, name: str = "brid
                 "require_certificate true",
                 "use_identity_as_username true",
                 "connection aws",
-                f"address 127.0.0.1:{ep.port}",
+                f"address 127.0.0.1:{via or ep.port}",
+                f"restart_timeout 1 {OUTAGE_RECONNECT_MAX}",  # reconnect backoff capped as gatewayd's
                 f"bridge_cafile {stack.standin.system_bundle_file}",
                 f"bridge_certfile {client.cert}",
                 f"bridge_keyfile {client.key}",
@@ -536,6 +559,54 @@ async def quota_run(
         await sub.stop()
 
 
+@dataclass
+class Outage:
+    lost: int
+    duplicated: int
+    caught_up_s: float  # from the last reading sent to the last one's arrival
+    written: float  # bytes written to storage per reading sent
+    stalled: str = ""  # why the run was cut short: the system stopped acknowledging its sensors
+
+
+async def outage_run(
+    system: System, stack: DevStack, proxy: RecordingProxy, n: int, rate: float, outage: float
+) -> Outage:
+    """`rate` readings/s (QoS 1) for 3 x `outage` seconds; in the middle third the uplink is down (the proxy
+    in front of the stand-in drops the connection and refuses new ones). Every reading must arrive."""
+    sub = Subscriber()
+    await sub.start(stack.standin.observer_port, [system.upstream_filter])
+    f = await fleet(n, system.port, system.ctx_for, "")
+    try:
+        written = written_bytes(system.pids())
+        load = asyncio.create_task(f.open_loop(rate, 3 * outage, 1, 0))
+        await asyncio.sleep(outage)
+        proxy.forward = False
+        proxy.cut()
+        await asyncio.sleep(outage)
+        proxy.forward = True
+        stalled = ""
+        try:  # bounded: a system that stops acknowledging would hold the sensors' windows for ever
+            total = await asyncio.wait_for(load, outage + OUTAGE_GRACE)
+        except TimeoutError:
+            total = f.sent
+            stalled = f"stopped acknowledging its sensors: {total} of {int(rate * 3 * outage)} readings sent"
+        sent_ns = time.time_ns()
+        await sub.settle(total, 5 if stalled else 120)
+        expected = {(i % n, i // n) for i in range(total)}
+        result = figures(sub.arrivals, expected, sent_ns)
+        last = max((a.at_ns for a in sub.arrivals), default=sent_ns)
+        return Outage(
+            result.lost,
+            result.duplicated,
+            max(0.0, (last - sent_ns) / 1e9),
+            (written_bytes(system.pids()) - written) / max(total, 1),
+            stalled,
+        )
+    finally:
+        await f.close()
+        await sub.stop()
+
+
 async def solo_rate(stack: DevStack, workdir: Path, certs: Certs, n: int, per_sensor: int) -> float:
     """The generator alone: into a plain mosquitto with the same TLS listener, no forwarding, QoS 1."""
     wd = workdir / "solo"
@@ -615,6 +686,12 @@ async def main_async(args: argparse.Namespace) -> int:
           f"{PAYLOAD}-byte payloads, medians of {args.repeat}; work dir {workdir}", flush=True)  # fmt: skip
     tuning = ("max_queued_messages 0", "max_inflight_messages 0", "max_queued_bytes 0")
     with DevStack(workdir / "stack", tuning=tuning) as stack:
+        endpoint_port = stack.standin.endpoint("rsa").port
+        delay = args.rtt / 2000  # seconds each way
+        rtt_proxy = RecordingProxy(endpoint_port, delay=delay) if args.rtt else None
+        via = rtt_proxy.port if rtt_proxy is not None else None
+        if args.rtt:
+            print(f"uplinks of both systems through a proxy adding {args.rtt:.0f} ms to each round trip")
         certs = Certs(workdir, max(sizes))
         solo = await solo_rate(stack, workdir, certs, args.sensors, args.messages)
         print(f"load generator solo rate (QoS 1 into plain mosquitto, {args.sensors} sensors): "
@@ -622,9 +699,9 @@ async def main_async(args: argparse.Namespace) -> int:
         results: dict[str, dict[str, Figures]] = {"gatewayd": {}, "bridge": {}}
         for name in ("gatewayd", "bridge"):
             system = (
-                start_gatewayd(stack, workdir, certs, quota=False, batch=False)
+                start_gatewayd(stack, workdir, certs, quota=False, batch=False, via=via)
                 if name == "gatewayd"
-                else start_bridge(stack, workdir, certs)
+                else start_bridge(stack, workdir, certs, via=via)
             )
             try:
                 for n in sizes:
@@ -646,14 +723,14 @@ async def main_async(args: argparse.Namespace) -> int:
             print(_line(label, results["gatewayd"][label], results["bridge"][label]))
         print(f"\nquota run: AWS IoT allows {args.quota} publishes/s per connection; {args.sensors} sensors "
               f"send {args.rate:.0f} readings/s for {args.seconds:.0f} s", flush=True)  # fmt: skip
-        gq = start_gatewayd(stack, workdir, certs, quota=True, batch=True)
+        gq = start_gatewayd(stack, workdir, certs, quota=True, batch=True, via=via)
         try:
             g_rate, g_pub, g_ok, g_disk = await quota_run(
                 gq, stack, args.sensors, args.rate, args.seconds, args.quota
             )
         finally:
             gq.stop()
-        bridge = start_bridge(stack, workdir, certs, "bridge-quota")
+        bridge = start_bridge(stack, workdir, certs, "bridge-quota", via=via)
         try:
             b_rate, b_pub, b_ok, b_disk = await quota_run(
                 bridge, stack, args.sensors, args.rate, args.seconds, args.quota
@@ -669,7 +746,40 @@ async def main_async(args: argparse.Namespace) -> int:
             f"{b_pub - b_ok} over the quota: AWS would throttle them), disk {b_disk:.0f} B/reading"
         )
         print(f"  gatewayd/bridge: {g_rate / b_rate if b_rate else float('inf'):.1f}x")
+        if args.outage:
+            await outage_runs(stack, workdir, certs, args, endpoint_port, delay)
+        if rtt_proxy is not None:
+            rtt_proxy.close()
     return 0
+
+
+async def outage_runs(
+    stack: DevStack, workdir: Path, certs: Certs, args: argparse.Namespace, endpoint_port: int, delay: float
+) -> None:
+    """Each system with its uplink through a proxy of its own that goes down for `args.outage` seconds."""
+    print(
+        f"\nuplink outage: {args.sensors} sensors send {args.outage_rate:.0f} readings/s (QoS 1) for "
+        f"{3 * args.outage:.0f} s; the uplink is down for the middle {args.outage:.0f} s", flush=True
+    )  # fmt: skip
+    for name in ("gatewayd", "bridge"):
+        proxy = RecordingProxy(endpoint_port, delay=delay)
+        system = (
+            start_gatewayd(stack, workdir, certs, quota=False, batch=False, via=proxy.port, name="gw-outage")
+            if name == "gatewayd"
+            else start_bridge(stack, workdir, certs, "bridge-outage", via=proxy.port)
+        )
+        try:
+            o = await outage_run(system, stack, proxy, args.sensors, args.outage_rate, args.outage)
+        finally:
+            system.stop()
+            proxy.close()
+        print(
+            f"  {name:<9} lost {o.lost:>5}  dup {o.duplicated:>4}  caught up {o.caught_up_s:5.1f} s after "
+            f"the last reading was sent  disk {o.written:>7.0f} B/reading "
+            f"({per_day(o.written)} a day at 100 readings/s)"
+            + (f"\n            STALLED: {o.stalled}" if o.stalled else ""),
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -681,6 +791,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=2000.0, help="open-loop rate, messages per second")
     p.add_argument("--seconds", type=float, default=10.0, help="open-loop duration")
     p.add_argument("--quota", type=int, default=100, help="publishes per second AWS IoT allows")
+    p.add_argument(
+        "--rtt", type=float, default=0.0, help="ms added to every uplink round trip (both systems), e.g. 200"
+    )
+    p.add_argument(
+        "--outage", type=float, default=10.0, help="seconds of uplink outage in the outage run (0: none)"
+    )
+    p.add_argument("--outage-rate", type=float, default=500.0, help="readings per second in the outage run")
     args = p.parse_args(argv)
     return asyncio.run(main_async(args))
 
