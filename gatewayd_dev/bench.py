@@ -324,23 +324,22 @@ def written_bytes(pids: list[int]) -> int:
     """Bytes the processes caused to be written to storage so far (write_bytes of /proc/PID/io, counted when
     a page is dirtied, so a buffered write counts at once; a tmpfs counts nothing: the work directory is on
     the disk). Logs count too: the daemon's stdout is a file here, as the journal is on a gateway."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-                if line.startswith("write_bytes:"):
-                    total += int(line.split()[1])
-    return total
+    return _proc_sum(pids, "io", "write_bytes:")
 
 
 def peak_rss_mb(pids: list[int]) -> float:
+    return _proc_sum(pids, "status", "VmHWM:") / 1024  # kB
+
+
+def _proc_sum(pids: list[int], name: str, key: str) -> int:
+    """The sum over the processes of the number after `key` in /proc/PID/NAME (a process gone counts 0)."""
     total = 0
     for pid in pids:
         with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+            for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+                if line.startswith(key):
                     total += int(line.split()[1])
-    return total / 1024
+    return total
 
 
 # ---------------------------------------------------------------------------- the systems under test

@@ -296,6 +296,15 @@ def test_raw_connect_and_300_publishes_in_one_write(gw: GW) -> None:
 
 # ---------------------------------------------------------------- restart under load, network drop
 
+
+def _stop(runs: dict[str, Run], obs: Observer) -> None:
+    """Sensors still running (a test failed) are ended by their PID; the observer is stopped."""
+    for run in runs.values():
+        if run.proc.poll() is None:
+            run.proc.kill()
+    obs.stop()
+
+
 LOAD = ["paho1.6-311", "paho1.6-5", "paho2-311", "paho2-5"]
 
 
@@ -355,10 +364,7 @@ def test_persistent_sensors_across_a_daemon_sigkill_under_load(gw: GW) -> None:
         assert sum(dups.values()) <= sum(in_flight.values()) + UPLINK_INFLIGHT, (dups, in_flight)
         assert "receive maximum exceeded" not in gw.log()
     finally:
-        for run in runs.values():
-            if run.proc.poll() is None:
-                run.proc.kill()
-        obs.stop()
+        _stop(runs, obs)
 
 
 def test_hundreds_of_persistent_sensors_reconnect_at_once_after_a_sigkill(gw: GW) -> None:
@@ -404,10 +410,7 @@ def test_hundreds_of_persistent_sensors_reconnect_at_once_after_a_sigkill(gw: GW
         assert back[-1] < 10, "every sensor back within 10 s of READY"
         assert sum(dups.values()) <= sum(in_flight.values()) + UPLINK_INFLIGHT, (dups, in_flight)
     finally:
-        for run in runs.values():
-            if run.proc.poll() is None:
-                run.proc.kill()
-        obs.stop()
+        _stop(runs, obs)
 
 
 def test_persistent_sensors_across_a_drop_of_their_own_network(gw: GW) -> None:
@@ -432,11 +435,8 @@ def test_persistent_sensors_across_a_drop_of_their_own_network(gw: GW) -> None:
             assert dups[name] <= in_flight[name], (name, dups[name], in_flight[name])
         print(f"\nnetwork drop: in flight at the cut {dict(in_flight)}, duplicates upstream {dict(dups)}")
     finally:
-        for run in runs.values():
-            if run.proc.poll() is None:
-                run.proc.kill()
         proxy.close()
-        obs.stop()
+        _stop(runs, obs)
 
 
 def test_no_connection_outlives_its_sensor(gw: GW) -> None:
