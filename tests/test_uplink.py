@@ -222,7 +222,7 @@ def test_refuses_a_certificate_that_does_not_match_its_key(make_gw: Callable[...
 
 
 ALPN_SERVER = """
-import json, socket, ssl, sys
+import json, os, socket, ssl, sys
 host, port, chain, key, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(chain, key)
@@ -232,7 +232,9 @@ print("listening", flush=True)
 srv.settimeout(30)
 raw, _ = srv.accept()
 tls = ctx.wrap_socket(raw, server_side=True)
-json.dump({"alpn": tls.selected_alpn_protocol()}, open(out, "w"))
+with open(out + ".tmp", "w") as f:  # renamed into place: the test never reads a half-written file
+    json.dump({"alpn": tls.selected_alpn_protocol()}, f)
+os.rename(out + ".tmp", out)
 tls.recv(1024)
 tls.sendall(bytes([0x20, 2, 0, 0]))  # CONNACK accepted
 tls.recv(1024)
