@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 OVERHEAD = len('{"batch":[]}')
 
@@ -34,7 +35,7 @@ class Batch:
     opened: float  # when its first reading arrived
     items: list[bytes] = field(default_factory=list)
     size: int = OVERHEAD
-    tags: list[int] = field(default_factory=list)  # the caller's handles of the readings (spool sequence)
+    tags: list[Any] = field(default_factory=list)  # the caller's handles of the readings
 
     def encode(self) -> bytes:
         return b'{"batch":[' + b",".join(self.items) + b"]}"
@@ -61,7 +62,7 @@ class Batcher:
         client_id: str,
         payload: bytes,
         now: float,
-        tag: int = 0,
+        tag: Any = 0,
         received: float | None = None,
     ) -> list[Batch]:
         """Add a reading (received at `received`, default now); returns the batches that are complete now

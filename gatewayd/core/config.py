@@ -539,9 +539,25 @@ class ForwardingSection:
 class SpoolSection:
     max_bytes: int = opt(
         67108864,
-        "Most payload bytes kept in the spool (state_dir/spool.db) while the uplink cannot take them; "
-        "when_full says what happens then.",
+        "Most payload bytes kept in the spool (state_dir/spool/, segment files) while the uplink cannot "
+        "take them; when_full says what happens then.",
         minimum=4096,
+    )
+    spill_after: str = opt(
+        "0.5s",
+        "A message AWS IoT has not acknowledged this long is written to the spool and acknowledged to its "
+        "sensor (readings AWS IoT acknowledges sooner never touch the disk). 0.5 s is above AWS IoT's usual "
+        "PUBACK time (tens to a few hundred ms) and below the 1 s after which common embedded clients "
+        "(ESP-IDF's esp-mqtt) send an unacknowledged message again. Messages are spilled at once while the "
+        "uplink is down.",
+        check=check_duration,
+    )
+    memory_bytes: int = opt(
+        4194304,
+        "Most payload bytes of messages waiting in memory (not yet acknowledged by AWS IoT nor spooled); "
+        "beyond it the oldest are spooled, beyond twice it sensors' sockets are not read until the spool "
+        "catches up.",
+        minimum=65536,
     )
     max_age: str = opt(
         "7d",

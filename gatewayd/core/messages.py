@@ -352,6 +352,26 @@ SPOOL_FULL = Message(
     "Restore the uplink, or raise spool.max_bytes.",
     fields="GATEWAYD_SPOOL_BYTES, GATEWAYD_SPOOL_MESSAGES",
 )
+SPOOL_REPAIRED = Message(
+    "SPOOL_REPAIRED",
+    "d95d426a6b5b4d4fbcf20990055425fa",
+    Priority.WARNING,
+    "At start, a spool segment file ended in a record cut short or failing its checksum (a power cut during "
+    "a write, or a damaged card): that tail was cut off. A cut-short record was never acknowledged to its "
+    "sensor, so nothing acknowledged is lost by a power cut; a checksum failure inside a file means the card "
+    "damaged data.",
+    "Nothing after a power cut. Repeated lines without power cuts: check the SD card (dmesg for I/O errors).",
+    fields="GATEWAYD_DETAIL",
+)
+SPOOL_MIGRATED = Message(
+    "SPOOL_MIGRATED",
+    "13e1c9287efd4b36b0b5ba4dbecea0ce",
+    Priority.NOTICE,
+    "At the first start after an upgrade, the messages waiting in the SQLite spool of an earlier version "
+    "(state_dir/spool.db) were moved into the spool's segment files, in order, and spool.db was removed.",
+    "",
+    fields="GATEWAYD_SPOOL_MESSAGES, GATEWAYD_SPOOL_BYTES",
+)
 SPOOL_BACKLOG = Message(
     "SPOOL_BACKLOG",
     "a4bf03e305a24ba0b7109393cdc108f5",
@@ -497,6 +517,8 @@ ALL: tuple[Message, ...] = (
     SPOOL_DROPPED,
     SPOOL_FULL,
     SPOOL_BACKLOG,
+    SPOOL_REPAIRED,
+    SPOOL_MIGRATED,
     UPLINK_THROTTLED,
     TPM_ARRIVED,
     TPM_REMOVED,

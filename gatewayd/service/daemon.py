@@ -28,7 +28,6 @@ from gatewayd.adapters.systemd import Notifier, watchdog_interval
 from gatewayd.core import messages
 from gatewayd.core.config import Config, diff, with_live_changes
 from gatewayd.core.errors import ConfigError, ControlError
-from gatewayd.core.renewal import parse_duration
 from gatewayd.core.topics import expand
 from gatewayd.service.broker import Broker, Peer
 from gatewayd.service.control import ControlServer
@@ -42,8 +41,9 @@ from gatewayd.service.serial import SerialSensors
 from gatewayd.service.upstream import Upstream, build_trust
 from gatewayd.stores.configfile import load
 from gatewayd.stores.identity import IdentityStore
+from gatewayd.stores.migrate import migrate_sqlite_spool
 from gatewayd.stores.registry import Registry
-from gatewayd.stores.spool import Spool
+from gatewayd.stores.spill import SpillStore
 from gatewayd.stores.statedir import ensure_state_dir
 
 STATUS_REFRESH = 5.0  # seconds
@@ -167,13 +167,8 @@ class Daemon:
                     tpm_absent=hardware.tpm_absent,
                 )
                 await components.enter_async_context(self.upstream)
-                spool = Spool(
-                    state_dir / "spool.db",
-                    self.config.spool.max_bytes,
-                    parse_duration(self.config.spool.max_age),
-                    self.config.spool.when_full,
-                )
-                self.forwarder = Forwarder(self.config, spool, self.upstream.uplink)
+                spill = await asyncio.to_thread(self._open_spool, state_dir)
+                self.forwarder = Forwarder(self.config, spill, self.upstream.uplink)
                 await components.enter_async_context(self.forwarder)  # closes the spool
                 self.broker = Broker(self.config, self.forwarder, admit=self._admit)
                 self.downstream = Downstream(self.config, self.broker, anchors=self._trust_anchors)
@@ -219,6 +214,26 @@ class Daemon:
             self.notifier.close()
         log.info("clean shutdown complete", extra=messages.extra(messages.STOPPED))
         return 0
+
+    def _open_spool(self, state_dir: Path) -> SpillStore:
+        """The spill store, its torn tails cut (logged), and an earlier version's spool.db moved into it."""
+        store = SpillStore(state_dir / "spool", self.config.spool.max_bytes, self.config.spool.when_full)
+        for line in store.recovered.torn:
+            log.warning("spool: %s", line, extra=messages.extra(messages.SPOOL_REPAIRED, detail=line))
+        if store.recovered.readings:
+            log.info(
+                "spool: %d message(s) waiting from before the restart (%d segment file(s))",
+                store.recovered.readings, store.recovered.segments,
+            )  # fmt: skip
+        moved = migrate_sqlite_spool(state_dir / "spool.db", store)
+        if moved is not None:
+            log.info(
+                "spool: moved %d message(s) (%d bytes) from spool.db of an earlier version into %s; "
+                "spool.db removed", moved.messages, moved.bytes, store.directory,
+                extra=messages.extra(messages.SPOOL_MIGRATED, spool_messages=moved.messages,
+                                     spool_bytes=moved.bytes),
+            )  # fmt: skip
+        return store
 
     async def _serve_until_stopped(self) -> None:
         tasks = [

@@ -1,23 +1,31 @@
-"""Between the broker and the uplink: every message a sensor publishes for AWS IoT goes through the durable
-spool (stores/spool.py).
+"""Between the broker and the uplink: acknowledge through, spill only what has to wait (issue 15; the design
+is in docs/architecture.md, "Data plane").
 
-In: `forward()` queues a message; the committer writes everything queued in one transaction (group commit:
-one fsync for many messages) and only then lets the broker send the sensor its PUBACK/PUBREC. QoS 0 messages
-are spooled the same way without an acknowledgement; those still queued for the next commit are the loss
-window of a crash (milliseconds). When the spool is full the oldest QoS 0 messages are dropped first; QoS 1
-messages that still do not fit are held, unacknowledged, at the head of the queue until AWS IoT's
-acknowledgements free room: the sensors' in-flight windows fill and they stop sending (MQTT flow control).
+In: `forward()` keeps a sensor's message in memory and hands it to the uplink in the fair feed below. A QoS
+1/2 message is acknowledged to its sensor (`done`, which sends the PUBACK/PUBREC) as soon as AWS IoT
+acknowledged it or it is durably in the spill store (stores/spill.py), whichever comes first: nothing
+acknowledged is ever only in memory. A message goes to the store only when it has to wait:
+- the uplink is not connected (down, blocked, waiting for the TPM, suspended for a renewal): everything
+  waiting goes, at once;
+- it has waited `spool.spill_after` (default 500 ms) without AWS IoT's acknowledgement (a slow or throttled
+  uplink, a batch or the publish quota holding it): it goes, with every older one, in one group;
+- the messages waiting in memory exceed `spool.memory_bytes`: the oldest go until they fit.
+A group is one write and one fdatasync; groups are at least GROUP_BYTES or GROUP_WAIT old, so that flash
+pages are not rewritten for every reading. QoS 0 messages follow the same rule without an acknowledgement:
+those only in memory are the loss window of a crash (at most spill_after + GROUP_WAIT, or memory_bytes).
+When the store is full, `spool.when_full` decides (stores/spill.py); QoS 1 messages that still do not fit stay
+in memory, unacknowledged, so their sensors' in-flight windows fill and they stop sending (MQTT flow control);
+QoS 0 ones that do not fit are dropped and counted.
 
-Out: while the uplink is connected, the feeder reads the spool sensor by sensor and serves the sensors round
-robin (a sensor flooding the gateway gets its share, not the whole uplink), keeping at most FEED_WAIT
-seconds' worth of the publish quota waiting in the uplink besides what is in flight (at most 2 x
-max_inflight and a second's worth of bytes in all); the uplink shapes them to the per-connection quotas.
-A message leaves the spool when AWS IoT acknowledged it; after a reconnect the uplink sends its unacknowledged
-messages again, after a restart the feed starts again from the spool: at least once, in order per sensor.
-Readings on topics of a [[forwarding.batch]] rule are combined into batch messages (core/batching.py); a batch
-is acknowledged, and leaves the spool, as a whole.
+Out: the feed serves sensors round robin (a sensor flooding the gateway gets its share, not the whole
+uplink): a sensor's messages in the store first (read back in batches), then those in memory, so each
+sensor's order is kept. It keeps at most FEED_WAIT seconds' worth of the publish quota waiting in the uplink
+besides what is in flight; the uplink shapes them to the per-connection quotas. After a reconnect the uplink
+sends its unacknowledged messages again, after a restart the feed starts again from the store: at least
+once, in order per sensor. Readings on topics of a [[forwarding.batch]] rule are combined into batch messages
+(core/batching.py); a batch is acknowledged as a whole.
 
-Every spool call runs in one worker thread, in order; the event loop never waits for an fsync.
+Every store call runs in one worker thread, in order; the event loop never waits for an fsync.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,10 +45,8 @@ from gatewayd.core.batching import Batch, Batcher, basic_ingest
 from gatewayd.core.config import BatchSection, Config
 from gatewayd.core.mqtt.topics import TopicMap, matches
 from gatewayd.core.renewal import parse_duration
-from gatewayd.core.shaping import FairQueue
-from gatewayd.service.broker import READ_SIZE
 from gatewayd.service.uplink import Uplink, UplinkError, UplinkRefused
-from gatewayd.stores.spool import Message, Spool, Spooled, SpoolFull
+from gatewayd.stores.spill import Reading, SpillFull, SpillStore, Stats, Stored
 
 log = logging.getLogger("gatewayd.forwarder")
 
@@ -48,32 +54,58 @@ T = TypeVar("T")
 
 QUOTA_EXCEEDED = 0x97
 SUCCESS = 0x00
-MAX_COMMIT = 5000  # messages per transaction
-# Bytes waiting for a commit: above HIGH the broker stops reading sensors' sockets (TCP pushes back on every
-# sensor, QoS 0 ones included) until the commits bring it under LOW; never while the spool is full (then QoS 1
-# is held back by its acknowledgements and QoS 0 is dropped, and sensors' PINGREQs must still be answered).
-QUEUE_HIGH = 4 << 20
-QUEUE_LOW = 1 << 20
-# Each connection may still deliver what it had read (broker.READ_SIZE) after the stop: the queue stays under
-# QUEUE_HIGH + max_connections x READ_SIZE. Only beyond that (not reached while the disk works) are the oldest
-# QoS 0 messages waiting dropped.
-STOP_COMMIT_TIMEOUT = 5.0  # seconds the final commit may take at shutdown (within daemon.SHUTDOWN_BUDGET)
+GROUP_BYTES = 16384  # a spill group waits for this many bytes...
+GROUP_WAIT = 0.1  # ...or this many seconds (then it goes however small): at 500 readings/s, 4 pages for 50
+MAX_GROUP = 5000  # messages per write
+STOP_SPILL_TIMEOUT = 5.0  # seconds the final spill may take at shutdown (within daemon.SHUTDOWN_BUDGET)
 EXPIRE_EVERY = 60.0  # seconds; a quarter of spool.max_age when that is shorter
+FLUSH_EVERY = 1.0  # seconds: done records waiting that long are written (no fsync of their own)
 DROP_LOG_EVERY = 10.0
 FEED_WAIT = 0.1  # seconds' worth of the publish quota handed to the uplink and not sent yet, at most
-PER_SENSOR_READ = 20  # messages read per sensor per feed round (fewer when many sensors wait)
+PER_SENSOR_READ = 20  # messages read back per sensor at a time (fewer when many sensors wait)
 
 COUNTERS = (
-    "accepted", "delivered", "heldBack", "droppedQos0", "droppedQos1", "droppedExpired", "refusedTooLarge",
-    "batches", "readPauses",
+    "accepted", "delivered", "spilled", "heldBack", "droppedQos0", "droppedQos1", "droppedExpired",
+    "refusedTooLarge", "batches", "readPauses",
 )  # fmt: skip
-Done = Callable[[int], None]  # called with the PUBACK/PUBREC reason code once the message is durable
+Done = Callable[[int], None]  # called with the PUBACK/PUBREC reason code once AWS IoT has it or it is durable
 
 
-@dataclass
-class _Queued:
-    message: Message
-    done: Done | None
+class _Entry:
+    """A message on its way: in memory until AWS IoT acknowledged it (and its payload while it is not in the
+    store or is with the uplink)."""
+
+    __slots__ = ("done", "payload", "qos", "received", "sensor", "seq", "since", "size", "state", "topic")
+
+    def __init__(
+        self,
+        sensor: str,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        received: float,
+        since: float,
+        done: Done | None,
+    ) -> None:
+        self.sensor = sensor
+        self.topic = topic
+        self.payload = payload
+        self.size = len(payload)
+        self.qos = qos
+        self.received = received  # wall clock, for the record and batches
+        self.since = since  # monotonic, for spill_after
+        self.done = done  # the sensor's acknowledgement, until sent
+        self.seq = 0  # in the store once non-zero
+        self.state = 0  # bits below
+
+    def acknowledge(self, reason: int) -> None:
+        done, self.done = self.done, None
+        if done is not None:
+            done(reason)
+
+
+HANDED, SPILLING, FINISHED, STORED = 1, 2, 4, 8
+GONE = FINISHED | STORED  # no longer waiting to be spilled
 
 
 @dataclass
@@ -85,36 +117,46 @@ class _Rule:
 
 class Forwarder:
     def __init__(
-        self, config: Config, spool: Spool, uplink: Uplink, now: Callable[[], float] = time.time
+        self,
+        config: Config,
+        store: SpillStore,
+        uplink: Uplink,
+        now: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.spool = spool
+        self.store = store
         self.uplink = uplink
         self.now = now
+        self.monotonic = monotonic
         self.topic_map = TopicMap.from_template(config.forwarding.upstream_topic, config.gateway.thing_name)
         self.max_message = config.upstream.quota.max_message_bytes
-        self.max_queued_qos0 = QUEUE_HIGH + config.downstream.max_connections * READ_SIZE
-        self.expire_every = min(EXPIRE_EVERY, max(parse_duration(config.spool.max_age) / 4, 0.5))
+        self.max_age = parse_duration(config.spool.max_age)
+        self.spill_after = parse_duration(config.spool.spill_after)
+        self.memory_bytes = config.spool.memory_bytes
+        self.expire_every = min(EXPIRE_EVERY, max(self.max_age / 4, 0.5))
         self.ahead = 2 * config.upstream.quota.max_inflight
         self.backlog = max(10, int(config.upstream.quota.publishes_per_second * FEED_WAIT))
-        self.ahead_bytes = config.upstream.quota.bytes_per_second  # beyond a second's worth: in the spool
+        self.ahead_bytes = config.upstream.quota.bytes_per_second  # beyond a second's worth: waits here
         self.rules = [_rule(r) for r in config.forwarding.batch]
-        self._pool = ThreadPoolExecutor(1, "spool")
-        self._queue: deque[_Queued] = deque()
-        self._queued_qos0 = 0  # bytes
-        self._queued = 0  # bytes, all messages waiting for a commit
+        self._pool = ThreadPoolExecutor(1, "spill")
+        self._memory: dict[str, deque[_Entry]] = {}  # per sensor: in memory, not handed, not in the store
+        self._on_disk: Counter[str] = Counter()  # per sensor: in the store, not read back yet (upper bound)
+        self._spilling: Counter[str] = Counter()  # per sensor: being written, to be read back (not handed)
+        self._read_back: dict[str, deque[_Entry]] = {}  # per sensor: read back from the store, to hand
+        self._reading: set[str] = set()  # sensors with a read from the store under way
+        self._turns: OrderedDict[str, None] = OrderedDict()  # sensors with something to hand, in turn
+        self._unspilled: deque[_Entry] = deque()  # not in the store, not finished: oldest first
+        self._unspilled_bytes = 0
+        self._done_seqs: list[int] = []  # in the store and acknowledged by AWS IoT: done records to write
         self._accepting = asyncio.Event()
         self._accepting.set()
-        self._acked: list[int] = []
-        self._wake_commit = asyncio.Event()
+        self._wake_spill = asyncio.Event()
         self._wake_feed = asyncio.Event()
-        self._has_more: set[str] = set()  # sensors that may have messages not yet handed to the uplink
-        self._commits: Counter[str] = Counter()  # per sensor: commits so far (to spot one during a read)
-        self._cursor: dict[str, int] = {}  # per sensor: the last sequence number read for the feed
-        self._ready: FairQueue[Spooled] = FairQueue()
         self._handed = 0  # messages (batches count once) with the uplink, not acknowledged yet
         self._handed_bytes = 0
         self._full = False
-        self._stats = spool.stats()
+        self._held: list[_Entry] = []  # QoS 1 messages the full store could not take
+        self._stats = Stats(0, 0, None, 0, 0)
         self.counters = Counter[str]()
         self._unlogged = Counter[str]()
         self._last_drop_log = -DROP_LOG_EVERY
@@ -128,7 +170,7 @@ class Forwarder:
         self, sensor: str, topic: str, payload: bytes, qos: int, retain: bool, done: Done | None
     ) -> int | None:
         """Take a sensor's message for upstream. Returns a reason code now (a refusal, or QoS 0's success),
-        or None: `done` is called once the message is durable."""
+        or None: `done` is called once AWS IoT acknowledged the message or it is durable."""
         if len(payload) > self.max_message:
             log.warning(
                 "message from %s on %s refused: %d bytes is over upstream.quota.max_message_bytes (%d)",
@@ -136,28 +178,24 @@ class Forwarder:
             )  # fmt: skip
             self.counters["refusedTooLarge"] += 1
             return QUOTA_EXCEEDED
-        message = Message(sensor, topic, payload, min(qos, 1), retain)
-        self._queue.append(_Queued(message, done if qos else None))
-        self._queued += len(payload)
-        if qos == 0:
-            self._queued_qos0 += len(payload)
-            while self._queued_qos0 > self.max_queued_qos0:
-                self._drop_queued_qos0()
-        if self._queued > QUEUE_HIGH and not self._full and self._accepting.is_set():
-            self._accepting.clear()
-            self.counters["readPauses"] += 1
+        entry = _Entry(
+            sensor, topic, payload, min(qos, 1), self.now(), self.monotonic(), done if qos else None
+        )
+        queue = self._memory.get(sensor)
+        if queue is None:
+            queue = self._memory[sensor] = deque()
+        queue.append(entry)
+        self._unspilled.append(entry)
+        self._unspilled_bytes += entry.size
+        self._turns[sensor] = None
         self.counters["accepted"] += 1
-        self._wake_commit.set()
+        if self._unspilled_bytes > 2 * self.memory_bytes and not self._full and self._accepting.is_set():
+            self._accepting.clear()  # the store does not keep up: TCP pushes back on the sensors
+            self.counters["readPauses"] += 1
+        if self._unspilled_bytes > self.memory_bytes or not self.uplink.connected:
+            self._wake_spill.set()
+        self._wake_feed.set()
         return None if qos else SUCCESS
-
-    def _drop_queued_qos0(self) -> None:
-        for i, q in enumerate(self._queue):
-            if q.message.qos == 0:
-                del self._queue[i]
-                self._queued_qos0 -= len(q.message.payload)
-                self._queued -= len(q.message.payload)
-                self._dropped("droppedQos0", 1)
-                return
 
     @property
     def accepting(self) -> bool:
@@ -165,7 +203,7 @@ class Forwarder:
         return self._accepting.is_set()
 
     async def room(self) -> None:
-        """Returns when sensors' sockets may be read (the commits keep up); see QUEUE_HIGH."""
+        """Returns when sensors' sockets may be read (the store keeps up with memory_bytes)."""
         await self._accepting.wait()
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
@@ -177,155 +215,348 @@ class Forwarder:
     # ------------------------------------------------------------------ running
 
     async def __aenter__(self) -> Forwarder:
-        sensors = await self._run(self.spool.sensors)
-        self._has_more.update(sensors)
+        waiting = await self._run(self._sensors_on_disk)
+        for sensor, count in waiting.items():
+            self._on_disk[sensor] = count
+            self._turns[sensor] = None
+        self._stats = await self._run(self.store.stats)
         self._tasks = [
-            asyncio.create_task(self._committer(), name="spool-commit"),
-            asyncio.create_task(self._feeder(), name="spool-feed"),
-            asyncio.create_task(self._expirer(), name="spool-expire"),
+            asyncio.create_task(self._spiller(), name="spill"),
+            asyncio.create_task(self._feeder(), name="feed"),
+            asyncio.create_task(self._expirer(), name="spill-expire"),
         ]
         self._wake_feed.set()
         return self
 
+    def _sensors_on_disk(self) -> dict[str, int]:
+        return {s: self.store.waiting(s) for s in self.store.sensors()}
+
     async def __aexit__(self, *exc: object) -> None:
-        """Stop: the committer commits what is queued (QoS 0 included; held QoS 1 messages stay
-        unacknowledged, so their sensors send them again) and ends; a commit in progress is never cut short
-        (it would be written again). Then the spool is closed."""
+        """Stop: everything not acknowledged by AWS IoT yet is spilled (QoS 0 included; QoS 1 that does not
+        fit stays unacknowledged, so its sensor sends it again), acknowledged to its sensor where the
+        connection still is, and the store closed. A write in progress is never cut short."""
         self._stopping = True
-        committer, *others = self._tasks
+        spiller, *others = self._tasks
         for task in others:
             task.cancel()
-        self._wake_commit.set()
+        self._wake_spill.set()
         try:
-            await asyncio.wait_for(asyncio.shield(committer), STOP_COMMIT_TIMEOUT)
+            await asyncio.wait_for(asyncio.shield(spiller), STOP_SPILL_TIMEOUT)
         except TimeoutError:
-            log.error("spool: the final commit took over %g s; stopping without it", STOP_COMMIT_TIMEOUT)
-            committer.cancel()
+            log.error("spool: the final spill took over %g s; stopping without it", STOP_SPILL_TIMEOUT)
+            spiller.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._run(self.spool.close)
+        done, self._done_seqs = self._done_seqs, []
+        await self._run(self._close, done)
         self._pool.shutdown(wait=True)
+
+    def _close(self, done: list[int]) -> None:
+        self.store.done(done)
+        self.store.close()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    # ------------------------------------------------------------------ in: group commit
+    # ------------------------------------------------------------------ spilling
 
-    async def _committer(self) -> None:
+    def _due(self) -> tuple[list[_Entry], float | None]:
+        """What must go to the store now, oldest first, and in how many seconds to look again (None: when
+        something new arrives)."""
+        unspilled = self._unspilled
+        while unspilled and unspilled[0].state & GONE:
+            unspilled.popleft()  # stored, or acknowledged by AWS IoT meanwhile (bytes given back then)
+        if not unspilled:
+            return [], None
+        now = self.monotonic()
+        everything = self._stopping or not self.uplink.connected
+        over = self._unspilled_bytes - self.memory_bytes
+        limit = now - self.spill_after
+        group: list[_Entry] = []
+        size = 0
+        for entry in unspilled:
+            if len(group) >= MAX_GROUP:
+                break
+            if entry.state & (GONE | SPILLING):
+                continue
+            if not (everything or entry.since <= limit or size < over):
+                break
+            group.append(entry)
+            size += entry.size
+        if not group:
+            head = next((e for e in unspilled if not e.state & (GONE | SPILLING)), None)
+            return [], None if head is None else head.since + self.spill_after - now
+        if self._stopping or size >= GROUP_BYTES or over > 0:
+            return group, 0.0
+        # a small group waits a little for company: flash pages are written whole, whatever fills them
+        due_at = group[0].since + (0.0 if everything else self.spill_after) + GROUP_WAIT
+        return (group, 0.0) if now >= due_at else ([], due_at - now)
+
+    async def _spiller(self) -> None:
+        last_flush = self.monotonic()
+        retry_at = 0.0  # while the store is full: a write is tried again on acknowledgements, or then
         while True:
-            await self._wake_commit.wait()
-            self._wake_commit.clear()
-            if self._full and not self._acked and not self._stopping:
-                # full: only AWS IoT's acknowledgements (or expiry) make room; retry on those, or every second
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake_commit.wait(), 1.0)
-            try:
-                await self._commit_once()
-            except Exception as exc:
-                log.error("spool: commit failed, retrying in 1 s: %s", exc)
-                if self._stopping:
-                    return
-                await asyncio.sleep(1.0)
-            if self._stopping and not self._acked and (not self._queue or self._full):
-                return  # all committed, or what is left is held for room that will not come now
-            if (self._queue and not self._full) or self._stopping:
-                self._wake_commit.set()
+            group, wait = self._due()
+            held_back = self._full and not self._done_seqs and self.monotonic() < retry_at
+            if group and not (held_back and not self._stopping):
+                try:
+                    await self._spill(group)
+                except Exception as exc:
+                    log.error("spool: writing to the spill store failed, retrying in 1 s: %s", exc)
+                    if self._stopping:
+                        return
+                    await asyncio.sleep(1.0)
+                    continue
+                if self._full:
+                    if self._stopping:
+                        return  # what is left is held for room that will not come now
+                    retry_at = self.monotonic() + 1.0
+                continue
+            if self._stopping:
+                return
+            if self._full and all(e.state & GONE for e in self._held):  # AWS IoT took them from memory
+                self._held = []
+                self.counters["heldBack"] = 0
+                self._set_full(False)
+            if self._done_seqs and self.monotonic() - last_flush >= FLUSH_EVERY:
+                done, self._done_seqs = self._done_seqs, []
+                await self._run(self._flush, done)
+                last_flush = self.monotonic()
+                continue
+            self._wake_spill.clear()
+            timeout = FLUSH_EVERY if wait is None else min(max(wait, 0.001), FLUSH_EVERY)
+            if held_back:
+                timeout = min(timeout, max(retry_at - self.monotonic(), 0.001))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_spill.wait(), timeout)
 
-    async def _commit_once(self) -> None:
-        batch = [self._queue[i] for i in range(min(len(self._queue), MAX_COMMIT))]
-        acked, self._acked = self._acked, []
+    def _flush(self, done: list[int]) -> None:
+        self.store.done(done)
+        self.store.flush()
+        self._stats = self.store.stats()
+
+    async def _spill(self, group: list[_Entry]) -> None:
+        for entry in group:
+            entry.state |= SPILLING
+            if not entry.state & HANDED:  # read back from the store: the feed must not hand it before that
+                queue = self._memory[entry.sensor]
+                if queue[0] is entry:  # always: spills go oldest first, and so does the feed
+                    queue.popleft()
+                else:
+                    queue.remove(entry)
+                if not queue:
+                    del self._memory[entry.sensor]
+                self._spilling[entry.sensor] += 1
+        items = [
+            (Reading(e.sensor, e.topic, e.payload, e.qos, False, e.received), not e.state & HANDED)
+            for e in group
+        ]
+        done, self._done_seqs = self._done_seqs, []
         try:
-            consumed, dropped, refused_qos0 = await self._run(
-                self._write, [q.message for q in batch], acked, self.now()
-            )
+            outcomes, dropped = await self._run(self._write, items, done)
         except BaseException:
-            self._acked = acked + self._acked
+            self._done_seqs = done + self._done_seqs
+            self._unspill(group)
             raise
-        for _ in range(consumed):
-            q = self._queue.popleft()
-            self._queued -= len(q.message.payload)
-            if q.message.qos == 0:
-                self._queued_qos0 -= len(q.message.payload)
-            if q.done is not None:  # QoS 1 in the consumed prefix: stored
-                q.done(SUCCESS)
-        qos1 = sum(d.message.qos for d in dropped)  # only with spool.when_full = drop-oldest
-        if len(dropped) - qos1 + refused_qos0:
-            self._dropped("droppedQos0", len(dropped) - qos1 + refused_qos0)
-        if qos1:
-            self._dropped("droppedQos1", qos1)
-        for q in batch[:consumed]:
-            self._commits[q.message.sensor] += 1
-            self._has_more.add(q.message.sensor)
-        held = len(batch) - consumed
-        if not self._accepting.is_set() and (self._queued < QUEUE_LOW or held):
+        held: list[_Entry] = []
+        for entry, outcome in zip(group, outcomes, strict=True):
+            if outcome > 0:
+                self._stored(entry, outcome)
+            elif outcome < 0:  # a QoS 0 message that does not fit is dropped, never held
+                self._forget(entry)
+            else:
+                held.append(entry)
+        self._count_drops(dropped, sum(1 for o in outcomes if o < 0))
+        self._unspill(held)
+        self._held = [e for e in held if not e.state & FINISHED]
+        self.counters["heldBack"] = len(self._held)
+        self._set_full(bool(self._held))
+        if self._unspilled_bytes <= self.memory_bytes and not self._accepting.is_set():
             self._accepting.set()
-        if held and not self._full:
+        stored = sum(1 for o in outcomes if o > 0)
+        if stored:
+            self.counters["spilled"] += stored
+        self._wake_feed.set()
+
+    def _write(self, items: list[tuple[Reading, bool]], done: list[int]) -> tuple[list[int], list[Stored]]:
+        """In the worker thread: record what AWS IoT acknowledged, then store as much of `items` as fits.
+        Returns, per item, its sequence number once stored, 0 when it was not (held, in memory) or -1 for a
+        QoS 0 message dropped because it did not fit; and the readings the store dropped for room
+        (when_full). A QoS 1 message that does not fit holds it and every later QoS 1 one back, in order; a
+        QoS 0 message that does not fit, or comes after a held one, is dropped."""
+        self.store.done(done)
+        try:
+            seqs, dropped = self.store.append(items)
+            outcomes = seqs
+        except SpillFull:
+            budget = self.store.room()
+            fitting: list[tuple[Reading, bool]] = []
+            outcomes = []
+            holding = False
+            for item in items:
+                size = len(item[0].payload)
+                if size <= budget and not holding:
+                    fitting.append(item)
+                    outcomes.append(1)
+                    budget -= size
+                elif item[0].qos == 0:
+                    outcomes.append(-1)
+                else:
+                    holding = True  # and every later QoS 1 message: nothing overtakes a held one
+                    outcomes.append(0)
+            seqs, dropped = self.store.append(fitting) if fitting else ([], [])
+            numbers = iter(seqs)
+            outcomes = [next(numbers) if o > 0 else o for o in outcomes]
+        self._stats = self.store.stats()
+        return outcomes, dropped
+
+    def _stored(self, entry: _Entry, seq: int) -> None:
+        entry.seq = seq
+        entry.state = (entry.state & ~SPILLING) | STORED
+        self._unspilled_bytes -= entry.size
+        self._settle(entry.sensor, stored=True)
+        entry.acknowledge(SUCCESS)
+        if entry.state & FINISHED:  # AWS IoT acknowledged it while it was being written
+            self._done_seqs.append(seq)
+        elif not entry.state & HANDED:
+            entry.payload = b""  # read back from the store when its turn comes
+
+    def _settle(self, sensor: str, stored: bool) -> None:
+        """A spill of one of the sensor's messages (not handed) ended."""
+        self._spilling[sensor] -= 1
+        if self._spilling[sensor] <= 0:
+            del self._spilling[sensor]
+        if stored:
+            self._on_disk[sensor] += 1
+
+    def _unspill(self, entries: list[_Entry]) -> None:
+        """Entries that were not stored go back to memory, in order, at the head of their sensors' queues
+        (they kept their places in _unspilled); one AWS IoT acknowledged meanwhile is done with."""
+        for entry in reversed(entries):
+            entry.state &= ~SPILLING
+            if not entry.state & HANDED:
+                self._settle(entry.sensor, stored=False)
+                self._memory.setdefault(entry.sensor, deque()).appendleft(entry)
+                self._turns[entry.sensor] = None
+            if entry.state & FINISHED:  # its place in _unspilled (kept while it was written) goes lazily
+                self._unspilled_bytes -= entry.size
+
+    def _forget(self, entry: _Entry) -> None:
+        """A QoS 0 message dropped without being stored: its memory is given back."""
+        entry.state = (entry.state & ~SPILLING) | FINISHED
+        if not entry.state & HANDED:
+            self._settle(entry.sensor, stored=False)
+        self._unspilled_bytes -= entry.size
+
+    def _set_full(self, full: bool) -> None:
+        if full and not self._full:
             self._full = True
+            if not self._accepting.is_set():
+                self._accepting.set()  # held QoS 1 is bounded by the sensors' windows; PINGREQs need answers
             log.warning(
                 "spool full (%d messages, %d bytes): holding back sensors' QoS 1 messages until AWS IoT "
                 "acknowledges some", self._stats.messages, self._stats.bytes,
                 extra=messages.extra(messages.SPOOL_FULL, spool_bytes=self._stats.bytes,
                                      spool_messages=self._stats.messages),
             )  # fmt: skip
-        elif not held and self._full:
+        elif not full and self._full:
             self._full = False
             log.info("spool has room again: sensors' QoS 1 messages are accepted")
-        self.counters["heldBack"] = held
-        if consumed:
-            self._wake_feed.set()
 
-    def _write(self, batch: list[Message], acked: list[int], now: float) -> tuple[int, list[Spooled], int]:
-        """In the worker thread: forget what AWS IoT acknowledged, then store as much of `batch` as fits.
-        Returns (how many messages from the head are done with: stored, or QoS 0 dropped for room; messages
-        the spool dropped for room (spool.when_full); QoS 0 messages of the batch dropped for room). A QoS 1
-        message that does not fit ends the prefix: it and those after it stay queued, in order."""
-        self.spool.ack(acked)
-        consumed, refused = len(batch), 0
-        dropped: list[Spooled] = []
-        if batch:
-            try:
-                dropped = self.spool.append(batch, now)[1]
-            except SpoolFull:
-                budget = self.spool.room()
-                fitting: list[Message] = []
-                consumed = 0
-                for m in batch:
-                    if len(m.payload) <= budget:
-                        fitting.append(m)
-                        budget -= len(m.payload)
-                    elif m.qos == 0:
-                        refused += 1  # a QoS 0 message that does not fit is dropped, never held
-                    else:
-                        break
-                    consumed += 1
-                if fitting:
-                    dropped = self.spool.append(fitting, now)[1]
-        self._stats = self.spool.stats()
-        return consumed, dropped, refused
+    def _count_drops(self, dropped: list[Stored], refused_qos0: int) -> None:
+        qos1 = sum(1 for d in dropped if d.reading.qos)  # only with spool.when_full = drop-oldest
+        if len(dropped) - qos1 + refused_qos0:
+            self._dropped("droppedQos0", len(dropped) - qos1 + refused_qos0)
+        if qos1:
+            self._dropped("droppedQos1", qos1)
 
     # ------------------------------------------------------------------ out: the fair feed
 
     async def _feeder(self) -> None:
-        while True:
+        while not self._stopping:  # also checked here: asyncio.wait_for (3.11) can lose a cancellation
             self._wake_feed.clear()  # whatever wakes it from here on is seen by the work below or the wait
-            if self.uplink.connected:  # offline, everything waits in the spool
+            if self.uplink.connected:  # offline, everything waits (and is spilled)
+                now = self.monotonic()
                 for rule in self.rules:
-                    for b in rule.batcher.due(time.monotonic()):
+                    for b in rule.batcher.due(now):
                         self._send_batch(rule, b)
-                while self._room() and not self._stopping:
-                    if not len(self._ready):
-                        if not self._has_more:
-                            break
-                        await self._refill()
-                        if not len(self._ready):
-                            break
-                    item = self._ready.pop()
-                    assert item is not None
-                    self._hand(item[1])
-            # woken by commits and acknowledgements; at the latest when a batch is due, or after a second
-            # (the uplink's connection state is checked that often)
+                self._feed()
+            # woken by new messages, writes and acknowledgements; at the latest when a batch is due, or
+            # after a second (the uplink's connection state is checked that often)
             due = self._next_batch_due()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake_feed.wait(), 1.0 if due is None else min(due, 1.0))
+
+    def _feed(self) -> None:
+        """Hand messages round robin while the uplink has room. A sensor whose next messages are in the store
+        is skipped until they are read back: one read for every such sensor met in a round, so they come
+        back together and share the uplink from the start."""
+        turns = self._turns
+        skipped = 0
+        to_read: list[str] = []
+        while turns and self._room() and not self._stopping and skipped < len(turns):
+            sensor = next(iter(turns))
+            entry = self._next_of(sensor, to_read)
+            if entry is None:
+                if sensor in self._reading or self._on_disk.get(sensor) or self._spilling.get(sensor):
+                    turns.move_to_end(sensor)
+                    skipped += 1
+                else:
+                    del turns[sensor]
+                continue
+            skipped = 0
+            turns.move_to_end(sensor)
+            self._hand(entry)
+        if to_read:
+            self._reading.update(to_read)
+            task = asyncio.get_running_loop().create_task(self._read(to_read))
+            task.add_done_callback(_log_failure)
+
+    def _next_of(self, sensor: str, to_read: list[str]) -> _Entry | None:
+        back = self._read_back.get(sensor)
+        if back:
+            entry = back.popleft()
+            if not back:
+                del self._read_back[sensor]
+            return entry
+        if sensor in self._reading or self._spilling.get(sensor):
+            return None
+        if self._on_disk.get(sensor):
+            if sensor not in to_read:
+                to_read.append(sensor)
+            return None
+        queue = self._memory.get(sensor)
+        if queue:
+            entry = queue.popleft()
+            if not queue:
+                del self._memory[sensor]
+            return entry
+        return None
+
+    async def _read(self, sensors: list[str]) -> None:
+        limit = max(1, min(PER_SENSOR_READ, 2000 // len(sensors)))
+        try:
+            results = await self._run(self._take, sensors, limit)
+        finally:
+            self._reading.difference_update(sensors)
+        now = self.monotonic()
+        for sensor, (got, left) in zip(sensors, results, strict=True):
+            if got:
+                back = self._read_back.setdefault(sensor, deque())
+                for stored in got:
+                    r = stored.reading
+                    entry = _Entry(sensor, r.topic, r.payload, r.qos, r.enqueued, now, None)
+                    entry.seq = stored.seq
+                    entry.state = STORED
+                    back.append(entry)
+            if left:
+                self._on_disk[sensor] = left
+            else:
+                self._on_disk.pop(sensor, None)
+            self._turns[sensor] = None
+        self._wake_feed.set()
+
+    def _take(self, sensors: list[str], limit: int) -> list[tuple[list[Stored], int]]:
+        return [(self.store.take(s, limit), self.store.waiting(s)) for s in sensors]
 
     def _room(self) -> bool:
         """Hand more only while the uplink has little waiting to be sent: the order among sensors is decided
@@ -339,33 +570,15 @@ class Forwarder:
 
     def _next_batch_due(self) -> float | None:
         due = [d for r in self.rules if (d := r.batcher.next_due()) is not None]
-        return max(min(due) - time.monotonic(), 0.0) if due else None
+        return max(min(due) - self.monotonic(), 0.0) if due else None
 
-    async def _refill(self) -> None:
-        sensors = list(self._has_more)
-        generation = {s: self._commits[s] for s in sensors}
-        limit = max(1, min(PER_SENSOR_READ, 2000 // max(len(sensors), 1)))
-        cursors = {s: self._cursor.get(s, 0) for s in sensors}
-        rows = await self._run(self._read, cursors, limit)
-        for sensor in sensors:
-            got = rows.get(sensor, [])
-            for item in got:
-                self._ready.push(sensor, item)
-            if got:
-                self._cursor[sensor] = got[-1].seq
-            if len(got) < limit and self._commits[sensor] == generation[sensor]:
-                self._has_more.discard(sensor)
-
-    def _read(self, cursors: dict[str, int], limit: int) -> dict[str, list[Spooled]]:
-        return {s: self.spool.per_sensor(s, after, limit) for s, after in cursors.items()}
-
-    def _hand(self, item: Spooled) -> None:
-        m = item.message
-        rule = self._rule_for(m.topic)
+    def _hand(self, entry: _Entry) -> None:
+        entry.state |= HANDED
+        rule = self._rule_for(entry.topic)
         if rule is not None:
             try:
                 ready = rule.batcher.add(
-                    m.topic, m.sensor, m.payload, time.monotonic(), item.seq, received=item.enqueued
+                    entry.topic, entry.sensor, entry.payload, self.monotonic(), entry, received=entry.received
                 )
             except ValueError:  # one reading larger than a batch: it goes on its own
                 pass
@@ -374,7 +587,7 @@ class Forwarder:
                     self._send_batch(rule, b)
                 self._wake_feed.set()  # a new open batch may be due before anything else happens
                 return
-        self._send(m.topic, m.payload, m.qos, [item.seq])
+        self._send(entry.topic, entry.payload, entry.qos, [entry])
 
     def _rule_for(self, upstream_topic: str) -> _Rule | None:
         if not self.rules:
@@ -387,38 +600,55 @@ class Forwarder:
     def _send_batch(self, rule: _Rule, b: Batch) -> None:
         topic = basic_ingest(rule.ingest, b.topic) if rule.ingest else b.topic
         self.counters["batches"] += 1
-        self._send(topic, b.encode(), 1, b.tags)
+        self._send(topic, b.encode(), 1, list(b.tags))
 
-    def _send(self, topic: str, payload: bytes, qos: int, seqs: list[int]) -> None:
+    def _send(self, topic: str, payload: bytes, qos: int, entries: list[Any]) -> None:
         def delivered(error: BaseException | None) -> None:
             self._handed -= 1
             self._handed_bytes -= len(payload)
             if error is None or isinstance(error, UplinkRefused):  # refused: it never will go; forget it
-                self._acked.extend(seqs)
-                self.counters["delivered" if error is None else "refusedTooLarge"] += len(seqs)
-                self._wake_commit.set()
+                reason = SUCCESS if error is None else QUOTA_EXCEEDED
+                for entry in entries:
+                    self._finished(entry, reason)
+                self.counters["delivered" if error is None else "refusedTooLarge"] += len(entries)
             self._wake_feed.set()
 
         try:
             self.uplink.send(topic, payload, qos, delivered)
         except UplinkError as exc:  # not expected: the uplink's queue is far larger than `ahead`
-            log.error("spool: cannot hand messages %s to the uplink: %s (sent after a restart)", seqs, exc)
+            log.error(
+                "spool: cannot hand %d message(s) to the uplink: %s (sent after a restart)", len(entries), exc
+            )
             return
         self._handed += 1
         self._handed_bytes += len(payload)
 
+    def _finished(self, entry: _Entry, reason: int) -> None:
+        """AWS IoT acknowledged it (or refused it for good)."""
+        entry.state |= FINISHED
+        entry.acknowledge(reason)
+        if self._full:
+            self._wake_spill.set()  # it may have been the last one held
+        if entry.seq:
+            self._done_seqs.append(entry.seq)
+            self._wake_spill.set()
+        elif not entry.state & SPILLING:  # a spill under way settles it when it ends
+            self._unspilled_bytes -= entry.size  # its place in _unspilled is dropped lazily
+        if not entry.state & SPILLING:
+            entry.payload = b""
+
     # ------------------------------------------------------------------ bounds and status
 
     async def _expirer(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.expire_every)
-            old = await self._run(self._expire, self.now())
+            old = await self._run(self._expire, self.now() - self.max_age)
             if old:
                 self._dropped("droppedExpired", old)
 
-    def _expire(self, now: float) -> int:
-        old = self.spool.expire(now)
-        self._stats = self.spool.stats()
+    def _expire(self, before: float) -> int:
+        old = self.store.expire(before)
+        self._stats = self.store.stats()
         return len(old)
 
     def _dropped(self, key: str, count: int) -> None:
@@ -442,7 +672,7 @@ class Forwarder:
         log.warning(
             "spool: dropped %d QoS 0 and %d QoS 1 message(s) for room (spool.when_full = %s) and %d "
             "message(s) older than spool.max_age",
-            q0, q1, self.spool.when_full, old,
+            q0, q1, self.store.when_full, old,
             extra=messages.extra(
                 messages.SPOOL_DROPPED, reason=", ".join(reasons), dropped_qos0=q0, dropped_qos1=q1,
                 dropped_expired=old,
@@ -450,7 +680,7 @@ class Forwarder:
         )  # fmt: skip
 
     def log_backlog(self) -> bool:
-        """The spool's figures in the journal, when messages wait (True: logged)."""
+        """The spool's figures in the journal, when messages wait in the store (True: logged)."""
         s = self._stats
         if not s.messages:
             return False
@@ -467,7 +697,7 @@ class Forwarder:
         return True
 
     def status_words(self) -> str:
-        """For the STATUS= line: empty while nothing waits."""
+        """For the STATUS= line: empty while nothing waits in the store."""
         s = self._stats
         if not s.messages and not self._full:
             return ""
@@ -485,13 +715,21 @@ class Forwarder:
         return {
             "messages": s.messages,
             "bytes": s.bytes,
-            "maxBytes": self.spool.max_bytes,
+            "maxBytes": self.store.max_bytes,
             "oldestAgeSeconds": round(self.now() - s.oldest, 1) if s.oldest is not None else None,
             "full": self._full,
-            "queuedForCommit": len(self._queue),
+            "segments": s.segments,
+            "diskBytes": s.disk_bytes,
+            "inMemory": sum(1 for e in self._unspilled if not e.state & GONE),
+            "inMemoryBytes": self._unspilled_bytes,
             "withUplink": self._handed,
             **{k: self.counters[k] for k in COUNTERS},
         }
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("spool: reading back from the spill store failed: %s", task.exception())
 
 
 def _rule(section: BatchSection) -> _Rule:
