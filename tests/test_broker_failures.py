@@ -75,6 +75,8 @@ class RaisingForwarder:
     async def room(self) -> None:
         return None
 
+    accepting = True
+
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         pass
 
