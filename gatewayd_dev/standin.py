@@ -240,6 +240,8 @@ class StandIn:
         return "\n".join(lines) + "\n"
 
     def start(self) -> StandIn:
+        if self.proc is not None and self.proc.alive():
+            return self  # running already (a test's cleanup may start it again): never a second mosquitto
         if self._device_ca is None:
             self._make_pki()
         fresh = not all(self.ports.values())

@@ -59,7 +59,8 @@ GROUP_WAIT = 0.1  # ...or this many seconds (then it goes however small): at 500
 MAX_GROUP = 5000  # messages per write
 STOP_SPILL_TIMEOUT = 5.0  # seconds the final spill may take at shutdown (within daemon.SHUTDOWN_BUDGET)
 EXPIRE_EVERY = 60.0  # seconds; a quarter of spool.max_age when that is shorter
-FLUSH_EVERY = 1.0  # seconds: done records waiting that long are written (no fsync of their own)
+FLUSH_EVERY = 0.2  # seconds: done records waiting that long are written (no fsync of their own: the page
+# cache takes them; rewritten pages are counted once per writeback, so this costs little on the card)
 DROP_LOG_EVERY = 10.0
 FEED_WAIT = 0.1  # seconds' worth of the publish quota handed to the uplink and not sent yet, at most
 PER_SENSOR_READ = 20  # messages read back per sensor at a time (fewer when many sensors wait)
