@@ -31,6 +31,7 @@ from gatewayd.core import ipc, messages
 from gatewayd.core.backoff import Backoff
 from gatewayd.core.errors import GatewaydError
 from gatewayd.core.shaping import Quota, Shaper
+from gatewayd.core.uplinkstate import IllegalTransition, UplinkEvent, UplinkMachine
 
 log = logging.getLogger("gatewayd.uplink")
 
@@ -128,6 +129,11 @@ class _Rate:
 
 
 MessageHandler = Callable[[str, bytes, int, bool], None]
+_FAILURE_EVENTS = {
+    "failed": UplinkEvent.CONNECT_FAILED,
+    "refused": UplinkEvent.CONNACK_REFUSED,
+    "setup-failed": UplinkEvent.SETUP_FAILED,
+}
 
 
 def _consume(future: asyncio.Future[None]) -> None:
@@ -164,6 +170,7 @@ class Uplink:
         self.max_queued = max_queued
         self.blocked_retry = blocked_retry
         self.status = UplinkStatus()
+        self._machine = UplinkMachine(self.status.since)
         self._queue: deque[_Outgoing] = deque()
         self._inflight: dict[int, _Outgoing] = {}
         self._ids = 0
@@ -338,11 +345,18 @@ class Uplink:
 
     # ------------------------------------------------------------------ supervision
 
-    def _set(self, state: str, error: str | None = None) -> None:
-        if state != self.status.state:
-            self.status.state, self.status.since = state, time.time()
-        if error is not None:
-            self.status.last_error = error
+    def _set(self, event: UplinkEvent, error: str | None = None) -> None:
+        """Feed the state machine (core/uplinkstate.py) and publish its state in `status`. A report the
+        machine refuses is logged and changes nothing."""
+        try:
+            self._machine.fire(event, time.time(), error)
+        except IllegalTransition as exc:
+            log.error("%s; ignored", exc)
+            return
+        m = self._machine
+        self._connected = m.connected
+        self.status.state, self.status.since, self.status.last_error = m.state.value, m.since, m.last_error
+        self.status.connected_since, self.status.connect_attempts = m.connected_since, m.connect_attempts
         self.status.queued, self.status.inflight = len(self._queue), len(self._inflight)
         self.on_state(self.status)
 
@@ -363,7 +377,7 @@ class Uplink:
     async def _attempt(self) -> None:
         """Prepare, run one child until it exits, and wait as long as the outcome says."""
         if not self._running.is_set():
-            self._set("suspended", "")
+            self._set(UplinkEvent.SUSPEND, "")
             await self._running.wait()
             return
         generation = self._generation
@@ -377,7 +391,10 @@ class Uplink:
                     spec.reason,
                     extra=messages.extra(messages.UPLINK_BLOCKED, reason=spec.reason),
                 )
-            self._set(spec.state, spec.reason)
+            self._set(
+                UplinkEvent.TPM_ABSENT if spec.state == "waiting-for-tpm" else UplinkEvent.BLOCKED,
+                spec.reason,
+            )
             await self._wait_kick(self.blocked_retry)
             return
         exit_code = await self._run_child(spec, generation)
@@ -418,7 +435,17 @@ class Uplink:
         finally:
             child_sock.close()
         self.status.child_pid = self._proc.pid
-        reader, self._writer = await asyncio.open_unix_connection(sock=parent_sock)
+        await self.converse(parent_sock, spec, generation)
+        code = await self._proc.wait()
+        self.status.child_pid = None
+        return code
+
+    async def converse(self, sock: socket.socket, spec: ChildSpec, generation: int) -> None:
+        """Talk to one uplink process over `sock` until it goes: the CONFIG frame, then publishes out and
+        acknowledgements, messages and state reports in. Everything still in flight when it ends goes back
+        to the head of the queue. (The uplink's bookkeeping, apart from spawning the process: tests play the
+        process's side of `sock`.)"""
+        reader, self._writer = await asyncio.open_unix_connection(sock=sock)
         config = dict(spec.config)
         if self._last_connect_attempt is not None:
             config["seconds_since_last_attempt"] = time.monotonic() - self._last_connect_attempt
@@ -434,19 +461,14 @@ class Uplink:
             self._lost_child()
             self._writer.close()
             self._writer = None
-        code = await self._proc.wait()
-        self.status.child_pid = None
-        return code
 
     def _lost_child(self) -> None:
         """Everything in flight goes back to the head of the queue, in order."""
-        if self._connected:
-            self._connected = False
+        self._connected = False
         for msg in sorted(self._inflight.values(), key=lambda m: m.id, reverse=True):
             self._queue.appendleft(msg)
         self._inflight.clear()
-        if self.status.state == "connected":
-            self._set("disconnected", "uplink process ended")
+        self._set(UplinkEvent.PROCESS_ENDED, "uplink process ended")  # changes nothing unless it was live
 
     async def _pump(self, reader: asyncio.StreamReader) -> None:
         decoder = ipc.Decoder()
@@ -501,14 +523,13 @@ class Uplink:
         match state:
             case "connecting":
                 self._last_connect_attempt = time.monotonic()
-                self.status.connect_attempts += 1
                 self.status.next_attempt_at = None
-                self._set("connecting")
+                self._set(UplinkEvent.CONNECTING)
             case "connected":
-                self._connected = True
-                self.status.connected_since = time.time()
+                self._set(UplinkEvent.CONNACK_OK, "")
+                if not self._connected:
+                    return  # refused by the state machine (logged)
                 self._restart.succeeded()
-                self._set("connected", "")
                 if self.trial:
                     log.debug("trial connection: connected")
                     return
@@ -523,9 +544,7 @@ class Uplink:
                 self._wake_sender.set()
             case "disconnected":
                 was = self._connected
-                self._connected = False
-                self.status.connected_since = None
-                self._set("disconnected", error)
+                self._set(UplinkEvent.CONNECTION_LOST, error)
                 if self.trial:
                     log.debug("trial connection: disconnected %s", error)
                 elif was and self.closing():
@@ -539,7 +558,7 @@ class Uplink:
                         extra=messages.extra(messages.UPLINK_DISCONNECTED, reason=error),
                     )
             case "failed" | "refused" | "setup-failed":
-                self._set(state, error)
+                self._set(_FAILURE_EVENTS[state], error)
                 if self.trial:
                     log.debug("trial connection: %s: %s", state, error)
                     return
@@ -550,7 +569,7 @@ class Uplink:
                 )
             case "waiting":
                 self.status.next_attempt_at = time.time() + float(body.get("retry_in", 0.0))
-                self._set("waiting")
+                self._set(UplinkEvent.BACKOFF)
 
     async def _sender(self) -> None:
         while True:
