@@ -354,6 +354,7 @@ class System:
     ctx_for: Callable[[int], ssl.SSLContext]
     stop: Callable[[], object]
     upstream_filter: str
+    spilled: Callable[[], int] = lambda: 0  # readings written to storage so far (gatewayd's status)
 
 
 class Certs:
@@ -427,6 +428,7 @@ def start_gatewayd(
         certs.contexts(wd / "state" / "localca" / "ca.pem"),
         gw.stop,
         f"{thing}/sensors/#",
+        lambda: int(request(sock, "status", None)["spool"]["spilled"]),
     )
 
 
@@ -565,6 +567,8 @@ class Outage:
     caught_up_s: float  # from the last reading sent to the last one's arrival
     written: float  # bytes written to storage per reading sent
     stalled: str = ""  # why the run was cut short: the system stopped acknowledging its sensors
+    spilled: int = 0  # readings the system wrote to storage (gatewayd: its spool's count)
+    written_total: int = 0  # bytes written to storage in the run
 
 
 async def outage_run(
@@ -576,7 +580,7 @@ async def outage_run(
     await sub.start(stack.standin.observer_port, [system.upstream_filter])
     f = await fleet(n, system.port, system.ctx_for, "")
     try:
-        written = written_bytes(system.pids())
+        written, spilled = written_bytes(system.pids()), system.spilled()
         load = asyncio.create_task(f.open_loop(rate, 3 * outage, 1, 0))
         await asyncio.sleep(outage)
         proxy.forward = False
@@ -600,6 +604,8 @@ async def outage_run(
             max(0.0, (last - sent_ns) / 1e9),
             (written_bytes(system.pids()) - written) / max(total, 1),
             stalled,
+            system.spilled() - spilled,
+            written_bytes(system.pids()) - written,
         )
     finally:
         await f.close()
@@ -682,7 +688,8 @@ async def main_async(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="gatewayd-bench-"))
     sizes = [args.sensors, *([1000] if args.large and args.sensors != 1000 else [])]
     print(f"gatewayd benchmark: {os.cpu_count()} CPUs, sensors {sizes}, {args.messages} messages per sensor, "
-          f"{PAYLOAD}-byte payloads, medians of {args.repeat}; work dir {workdir}", flush=True)  # fmt: skip
+          f"{PAYLOAD}-byte payloads, {WINDOW} in flight per sensor, medians of {args.repeat}; "
+          f"work dir {workdir}", flush=True)  # fmt: skip
     tuning = ("max_queued_messages 0", "max_inflight_messages 0", "max_queued_bytes 0")
     with DevStack(workdir / "stack", tuning=tuning) as stack:
         endpoint_port = stack.standin.endpoint("rsa").port
@@ -776,12 +783,19 @@ async def outage_runs(
             f"  {name:<9} lost {o.lost:>5}  dup {o.duplicated:>4}  caught up {o.caught_up_s:5.1f} s after "
             f"the last reading was sent  disk {o.written:>7.0f} B/reading "
             f"({per_day(o.written)} a day at 100 readings/s)"
+            + (
+                f"\n            {o.spilled} readings spilled to storage: "
+                f"{o.written_total / o.spilled:.0f} bytes written per spilled reading"
+                if o.spilled
+                else ""
+            )
             + (f"\n            STALLED: {o.stalled}" if o.stalled else ""),
             flush=True,
         )
 
 
 def main(argv: list[str] | None = None) -> int:
+    global WINDOW  # read by SensorConn.send
     p = argparse.ArgumentParser(prog="python -m gatewayd_dev.bench", description=__doc__.split("\n")[0])
     p.add_argument("--sensors", type=int, default=100)
     p.add_argument("--large", action="store_true", help="also run the throughput runs with 1000 sensors")
@@ -797,7 +811,12 @@ def main(argv: list[str] | None = None) -> int:
         "--outage", type=float, default=10.0, help="seconds of uplink outage in the outage run (0: none)"
     )
     p.add_argument("--outage-rate", type=float, default=500.0, help="readings per second in the outage run")
+    p.add_argument(
+        "--window", type=int, default=20,
+        help="QoS 1 messages each sensor keeps in flight (1: many embedded clients)",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    WINDOW = max(1, args.window)
     return asyncio.run(main_async(args))
 
 
