@@ -56,3 +56,16 @@ def test_core_does_no_io() -> None:
     for path in (PACKAGE / "core").rglob("*.py"):
         tops = {name.split(".")[0] for name in imports(path)}
         assert not tops & forbidden, f"{path.name} imports {tops & forbidden}"
+
+
+def test_the_daemon_and_gatewayctl_do_not_import_the_tpm_library() -> None:
+    """tpm2-pytss is used in a helper process only (service/tpmproc.py): importing it in the daemon would
+    keep it resident for good."""
+    import subprocess
+
+    code = (
+        "import sys, gatewayd.cli.gatewayd, gatewayd.cli.gatewayctl, gatewayd.service.daemon\n"
+        "print(sorted(m for m in sys.modules if m.startswith('tpm2_pytss')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

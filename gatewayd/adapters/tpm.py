@@ -7,12 +7,19 @@ tr_from_tpmpublic/sign with an explicit validation ticket).
 Keys are created under a persistent storage root key (SRK) at a configurable handle (TCG's usual
 0x81000001), made from the standard ECC P-256 storage template when absent. The key file is a TSS2 PRIVATE
 KEY PEM: the private part is wrapped by the SRK and can be loaded only by this TPM.
+
+The daemon does not import this module (tpm2-pytss and the TSS libraries cost it 10-12 MB of resident memory
+for good): it runs `python -m gatewayd.adapters.tpm` for each operation (service/tpmproc.py), one JSON
+request on stdin, one JSON answer on stdout.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
+import json
+import sys
 from collections.abc import Iterator
 
 from tpm2_pytss import ESAPI, TCTILdr
@@ -29,20 +36,12 @@ from tpm2_pytss.types import (
 )
 
 from gatewayd.core import der
-from gatewayd.core.errors import GatewaydError
+from gatewayd.core.errors import TPMError, TPMUnavailable
 from gatewayd.core.keys import Signature, algorithm_for, hash_for
 
 # The storage key template of the TCG "TSS2 private key" convention (and tpm2-tools' default SRK):
 # ECC NIST P-256, AES-128-CFB, restricted decrypt, fixedTPM/fixedParent, no dictionary-attack lockout.
 SRK_TEMPLATE = "ecc256:aes128cfb"
-
-
-class TPMError(GatewaydError):
-    """A TPM operation failed; the message names the operation and the TPM's response."""
-
-
-class TPMUnavailable(TPMError):
-    """The TPM cannot be reached through the configured TCTI (absent device, resource manager down)."""
 
 
 @contextlib.contextmanager
@@ -174,3 +173,35 @@ def persistent_handles(tcti: str) -> list[int]:
     """Persistent object handles in the TPM (for leak checks and diagnostics)."""
     with esapi(tcti) as ectx:
         return _persistent(ectx)
+
+
+__all__ = ["TPMError", "TPMUnavailable"]
+
+
+def serve_one(request: dict[str, str]) -> dict[str, str]:
+    """One operation for service/tpmproc.py: bytes travel as base64."""
+    blob = base64.b64decode(request.get("blob", ""))
+    try:
+        match request["op"]:
+            case "create":
+                out = create_key(request["tcti"], request["keyType"], int(request["parent"]))
+                return {"blob": base64.b64encode(out).decode()}
+            case "public":
+                return {"der": base64.b64encode(public_key_der(blob)).decode()}
+            case "sign":
+                data = base64.b64decode(request["data"])
+                sig = sign(request["tcti"], blob, data, request["keyType"])
+                return {"der": base64.b64encode(sig.der).decode(), "algorithm": sig.algorithm}
+            case "check":
+                check_loadable(request["tcti"], blob)
+                return {}
+            case op:
+                return {"error": "tpm", "message": f"unknown operation {op!r}"}
+    except TPMUnavailable as exc:
+        return {"error": "unavailable", "message": str(exc)}
+    except TPMError as exc:
+        return {"error": "tpm", "message": str(exc)}
+
+
+if __name__ == "__main__":
+    json.dump(serve_one(json.load(sys.stdin)), sys.stdout)

@@ -31,3 +31,11 @@ class ConfigError(GatewaydError):
 
 class ControlError(GatewaydError):
     """A control-socket request failed (bad request, refused, or the daemon is unreachable)."""
+
+
+class TPMError(GatewaydError):
+    """A TPM operation failed; the message names the operation and the TPM's response."""
+
+
+class TPMUnavailable(TPMError):
+    """The TPM cannot be reached through the configured TCTI (absent device, resource manager down)."""

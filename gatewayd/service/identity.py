@@ -18,10 +18,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from gatewayd.adapters import tpm
 from gatewayd.core import der, messages
 from gatewayd.core.config import Config
+from gatewayd.core.errors import TPMUnavailable
 from gatewayd.core.keys import Signature
+from gatewayd.service import tpmproc as tpm
 from gatewayd.stores import softkey
 from gatewayd.stores.identity import IdentityError, IdentityStore, StoredKey, Version
 from gatewayd.stores.x509util import (
@@ -62,6 +63,7 @@ class Identity:
     def __init__(self, config: Config, store: IdentityStore) -> None:
         self.config = config
         self.store = store
+        self._public_keys: dict[bytes, bytes] = {}
 
     # ------------------------------------------------------------------ keys
 
@@ -70,7 +72,13 @@ class Identity:
         return self.config.identity.key_backend
 
     def _public_key_der(self, blob: bytes) -> bytes:
-        return tpm.public_key_der(blob) if self.backend == "tpm" else softkey.public_key_der(blob)
+        if self.backend != "tpm":
+            return softkey.public_key_der(blob)
+        digest = hashlib.sha256(blob).digest()
+        der_ = self._public_keys.get(digest)
+        if der_ is None:  # a blob's public key never changes: one TPM helper run per key, not per check
+            der_ = self._public_keys[digest] = tpm.public_key_der(blob)
+        return der_
 
     def _sign(self, key: StoredKey, data: bytes) -> Signature:
         key_type = key.meta["keyType"]
@@ -261,15 +269,26 @@ class Identity:
             raise IdentityError(
                 f"the live key is a {key.meta['backend']} key but identity.key_backend is {self.backend!r}"
             )
-        public = serialization.load_der_public_key(self._public_key_der(key.blob))
-        if not same_public_key(cert.public_key(), public):
+        if not self._matches(cert, key):
             raise IdentityError(f"certificate {summary.certificate_id} does not match its key")
         if self.backend == "tpm":
             absent = tpm_absent()
             if absent is not None:
-                raise tpm.TPMUnavailable(absent)
+                raise TPMUnavailable(absent)
             tpm.check_loadable(self.config.identity.tcti, key.blob)
         return Ready(live, key, summary)
+
+    def _matches(self, cert: x509.Certificate, key: StoredKey) -> bool:
+        """The certificate is for this key: by the public key's hash recorded when the key was made (no TPM
+        helper run at every connection attempt), else by the key itself."""
+        recorded = key.meta.get("publicKeySha256")
+        if recorded:
+            spki = cert.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            return bool(hashlib.sha256(spki).hexdigest() == recorded)
+        public = serialization.load_der_public_key(self._public_key_der(key.blob))
+        return same_public_key(cert.public_key(), public)
 
     # ------------------------------------------------------------------ show
 

@@ -19,10 +19,9 @@ from typing import Any
 
 from gatewayd import __version__
 from gatewayd.adapters import tls
-from gatewayd.adapters.tpm import TPMError, TPMUnavailable
 from gatewayd.core import messages
 from gatewayd.core.config import Config
-from gatewayd.core.errors import GatewaydError
+from gatewayd.core.errors import GatewaydError, TPMError, TPMUnavailable
 from gatewayd.core.renewal import Step, parse_duration
 from gatewayd.core.shaping import Quota
 from gatewayd.core.topics import expand
