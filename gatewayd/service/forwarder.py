@@ -163,6 +163,7 @@ class Forwarder:
         self._last_drop_log = -DROP_LOG_EVERY
         self._drop_log_scheduled = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._reads: set[asyncio.Task[None]] = set()  # reads back from the store under way
         self._stopping = False
 
     # ------------------------------------------------------------------ the broker's side
@@ -246,7 +247,7 @@ class Forwarder:
         except TimeoutError:
             log.error("spool: the final spill took over %g s; stopping without it", STOP_SPILL_TIMEOUT)
             spiller.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._reads, return_exceptions=True)
         done, self._done_seqs = self._done_seqs, []
         await self._run(self._close, done)
         self._pool.shutdown(wait=True)
@@ -509,15 +510,15 @@ class Forwarder:
             self._hand(entry)
         if to_read:
             self._reading.update(to_read)
-            task = asyncio.get_running_loop().create_task(self._read(to_read))
-            task.add_done_callback(_log_failure)
+            task = asyncio.get_running_loop().create_task(self._read(to_read), name="spill-read")
+            self._reads.add(task)
+            task.add_done_callback(self._read_done)
 
     def _next_of(self, sensor: str, to_read: list[str]) -> _Entry | None:
-        back = self._read_back.get(sensor)
-        if back:
-            entry = back.popleft()
-            if not back:
-                del self._read_back[sensor]
+        """The sensor's next message: read back from the store, else (once nothing of it is on disk or being
+        written) from memory; None while a read is needed or under way."""
+        entry = _pop(self._read_back, sensor)
+        if entry is not None:
             return entry
         if sensor in self._reading or self._spilling.get(sensor):
             return None
@@ -525,13 +526,7 @@ class Forwarder:
             if sensor not in to_read:
                 to_read.append(sensor)
             return None
-        queue = self._memory.get(sensor)
-        if queue:
-            entry = queue.popleft()
-            if not queue:
-                del self._memory[sensor]
-            return entry
-        return None
+        return _pop(self._memory, sensor)
 
     async def _read(self, sensors: list[str]) -> None:
         limit = max(1, min(PER_SENSOR_READ, 2000 // len(sensors)))
@@ -555,6 +550,12 @@ class Forwarder:
                 self._on_disk.pop(sensor, None)
             self._turns[sensor] = None
         self._wake_feed.set()
+
+    def _read_done(self, task: asyncio.Task[None]) -> None:
+        self._reads.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("spool: reading back from the spill store failed: %s", task.exception())
+            self._wake_feed.set()  # the sensors are no longer marked as being read: tried again
 
     def _take(self, sensors: list[str], limit: int) -> list[tuple[list[Stored], int]]:
         return [(self.store.take(s, limit), self.store.waiting(s)) for s in sensors]
@@ -728,9 +729,15 @@ class Forwarder:
         }
 
 
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("spool: reading back from the spill store failed: %s", task.exception())
+def _pop(queues: dict[str, deque[_Entry]], sensor: str) -> _Entry | None:
+    """The head of a sensor's queue (the queue goes when empty)."""
+    queue = queues.get(sensor)
+    if not queue:
+        return None
+    entry = queue.popleft()
+    if not queue:
+        del queues[sensor]
+    return entry
 
 
 def _rule(section: BatchSection) -> _Rule:
