@@ -198,6 +198,12 @@ async def test_the_memory_bound_spills_the_oldest_at_once(tmp_path: Path) -> Non
         assert 0 in acks.got and fwd.summary()["inMemoryBytes"] <= 65536
         cloud.ack()
         await _until(lambda: len(acks.got) == 100)
+        for n in range(100, 240):  # over twice memory_bytes at once: sensors' sockets are not read...
+            fwd.forward("s1", "gw/sensors/s1/t", b"%04d" % n + b"." * 1020, 1, False, acks.callback(n))
+        assert not fwd.accepting and fwd.summary()["readPauses"] == 1
+        cloud.ack()  # ...until AWS IoT's acknowledgements or the store bring it under memory_bytes
+        await _until(lambda: fwd.accepting)
+        await _until(lambda: bool(cloud.ack() or True) and len(acks.got) == 240)  # AWS IoT answers all
 
 
 @sync

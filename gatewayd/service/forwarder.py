@@ -636,6 +636,8 @@ class Forwarder:
             self._wake_spill.set()
         elif not entry.state & SPILLING:  # a spill under way settles it when it ends
             self._unspilled_bytes -= entry.size  # its place in _unspilled is dropped lazily
+            if not self._accepting.is_set() and self._unspilled_bytes <= self.memory_bytes:
+                self._accepting.set()  # AWS IoT caught up before the store had to
         if not entry.state & SPILLING:
             entry.payload = b""
 
