@@ -36,7 +36,8 @@ from tpm2_pytss.types import (
 )
 
 from gatewayd.core import der
-from gatewayd.core.errors import TPMError, TPMUnavailable
+from gatewayd.core.errors import TPMError as TPMError  # re-exported: callers catch them from here
+from gatewayd.core.errors import TPMUnavailable as TPMUnavailable
 from gatewayd.core.keys import Signature, algorithm_for, hash_for
 
 # The storage key template of the TCG "TSS2 private key" convention (and tpm2-tools' default SRK):
@@ -175,9 +176,6 @@ def persistent_handles(tcti: str) -> list[int]:
         return _persistent(ectx)
 
 
-__all__ = ["TPMError", "TPMUnavailable"]
-
-
 def serve_one(request: dict[str, str]) -> dict[str, str]:
     """One operation for service/tpmproc.py: bytes travel as base64."""
     blob = base64.b64decode(request.get("blob", ""))
@@ -185,7 +183,8 @@ def serve_one(request: dict[str, str]) -> dict[str, str]:
         match request["op"]:
             case "create":
                 out = create_key(request["tcti"], request["keyType"], int(request["parent"]))
-                return {"blob": base64.b64encode(out).decode()}
+                der_ = public_key_der(out)  # asked for right after, by everyone who makes a key
+                return {"blob": base64.b64encode(out).decode(), "der": base64.b64encode(der_).decode()}
             case "public":
                 return {"der": base64.b64encode(public_key_der(blob)).decode()}
             case "sign":

@@ -367,8 +367,10 @@ def _offline_work(config: Config, command: str, body: dict[str, Any]) -> Any:
     store = IdentityStore(state_dir, config.identity.keep_versions)
     with store.locked() as locked:
         locked.recover()
-        if command == "identity":
-            return run_identity_action(Identity(config, locked), body["action"], body)
+        if command == "identity":  # a short-lived process: the TPM library in process, no helper per call
+            from gatewayd.adapters import tpm
+
+            return run_identity_action(Identity(config, locked, tpm), body["action"], body)
         local_ca = LocalCA(state_dir, config.gateway.thing_name)
         local_ca.ensure()
         registry = Registry(state_dir / "registry.db", config.gateway.thing_name)

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -22,7 +22,7 @@ from gatewayd.core import der, messages
 from gatewayd.core.config import Config
 from gatewayd.core.errors import TPMUnavailable
 from gatewayd.core.keys import Signature
-from gatewayd.service import tpmproc as tpm
+from gatewayd.service import tpmproc
 from gatewayd.stores import softkey
 from gatewayd.stores.identity import IdentityError, IdentityStore, StoredKey, Version
 from gatewayd.stores.x509util import (
@@ -59,11 +59,24 @@ class Ready:
     summary: CertSummary
 
 
+class TPMOperations(Protocol):
+    """What the identity needs of the TPM: gatewayd.service.tpmproc (a helper process per operation, for the
+    long-running daemon) or gatewayd.adapters.tpm itself (in process, for the short-lived gatewayctl)."""
+
+    def create_key(self, tcti: str, key_type: str, parent_handle: int) -> bytes: ...
+
+    def public_key_der(self, blob: bytes) -> bytes: ...
+
+    def sign(self, tcti: str, blob: bytes, data: bytes, key_type: str) -> Signature: ...
+
+    def check_loadable(self, tcti: str, blob: bytes) -> None: ...
+
+
 class Identity:
-    def __init__(self, config: Config, store: IdentityStore) -> None:
+    def __init__(self, config: Config, store: IdentityStore, tpm_ops: TPMOperations | None = None) -> None:
         self.config = config
         self.store = store
-        self._public_keys: dict[bytes, bytes] = {}
+        self.tpm: TPMOperations = tpm_ops if tpm_ops is not None else tpmproc
 
     # ------------------------------------------------------------------ keys
 
@@ -74,22 +87,18 @@ class Identity:
     def _public_key_der(self, blob: bytes) -> bytes:
         if self.backend != "tpm":
             return softkey.public_key_der(blob)
-        digest = hashlib.sha256(blob).digest()
-        der_ = self._public_keys.get(digest)
-        if der_ is None:  # a blob's public key never changes: one TPM helper run per key, not per check
-            der_ = self._public_keys[digest] = tpm.public_key_der(blob)
-        return der_
+        return self.tpm.public_key_der(blob)
 
     def _sign(self, key: StoredKey, data: bytes) -> Signature:
         key_type = key.meta["keyType"]
         if key.meta["backend"] == "tpm":
-            return tpm.sign(self.config.identity.tcti, key.blob, data, key_type)
+            return self.tpm.sign(self.config.identity.tcti, key.blob, data, key_type)
         return softkey.sign(key.blob, data, key_type)
 
     def create_key(self) -> StoredKey:
         ident = self.config.identity
         if ident.key_backend == "tpm":
-            blob = tpm.create_key(ident.tcti, ident.key_type, ident.parent_handle)
+            blob = self.tpm.create_key(ident.tcti, ident.key_type, ident.parent_handle)
         else:
             blob = softkey.create_key(ident.key_type)
         spki = self._public_key_der(blob)
@@ -275,7 +284,7 @@ class Identity:
             absent = tpm_absent()
             if absent is not None:
                 raise TPMUnavailable(absent)
-            tpm.check_loadable(self.config.identity.tcti, key.blob)
+            self.tpm.check_loadable(self.config.identity.tcti, key.blob)
         return Ready(live, key, summary)
 
     def _matches(self, cert: x509.Certificate, key: StoredKey) -> bool:

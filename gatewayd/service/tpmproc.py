@@ -6,6 +6,7 @@ connection attempts and renewals only. Same signatures and errors as gatewayd.ad
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import subprocess
 import sys
@@ -40,13 +41,21 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+_public: dict[bytes, bytes] = {}  # blob hash -> its public key (never changes): one helper run per key
+
+
 def create_key(tcti: str, key_type: str, parent_handle: int) -> bytes:
     answer = _run({"op": "create", "tcti": tcti, "keyType": key_type, "parent": str(parent_handle)})
-    return base64.b64decode(answer["blob"])
+    blob = base64.b64decode(answer["blob"])
+    _public[hashlib.sha256(blob).digest()] = base64.b64decode(answer["der"])
+    return blob
 
 
 def public_key_der(blob: bytes) -> bytes:
-    return base64.b64decode(_run({"op": "public", "blob": _b64(blob)})["der"])
+    digest = hashlib.sha256(blob).digest()
+    if digest not in _public:
+        _public[digest] = base64.b64decode(_run({"op": "public", "blob": _b64(blob)})["der"])
+    return _public[digest]
 
 
 def sign(tcti: str, blob: bytes, data: bytes, key_type: str) -> Signature:
