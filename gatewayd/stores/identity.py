@@ -22,17 +22,19 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 
 from gatewayd.core.errors import GatewaydError
 from gatewayd.stores import atomic
 from gatewayd.stores.x509util import load_pem_certificates
+
+T = TypeVar("T")
 
 _NUMBER = re.compile(r"[0-9]+")
 
@@ -161,10 +163,19 @@ class IdentityStore:
         return self.key(number) if number is not None else None
 
     def versions(self) -> list[Version]:
-        return [self.version(n) for n in self._numbers(self.archive_dir)]
+        """Every version on disk; one pruned between the listing and its reading is left out (a renewal
+        prunes in a worker thread while `identity show` may be reading)."""
+        return [v for n in self._numbers(self.archive_dir) if (v := self._if_present(self.version, n))]
 
     def stored_keys(self) -> list[StoredKey]:
-        return [self.key(n) for n in self._numbers(self.keys_dir)]
+        return [k for n in self._numbers(self.keys_dir) if (k := self._if_present(self.key, n))]
+
+    @staticmethod
+    def _if_present(read: Callable[[int], T], number: int) -> T | None:
+        try:
+            return read(number)
+        except FileNotFoundError:
+            return None
 
     # ------------------------------------------------------------------ writing
 
