@@ -56,8 +56,10 @@ class Renewing:
     def reconfigure(self, **renewal: Any) -> None:
         self.tables["renewal"].update(renewal)
         write_config(self.config, self.tables)
+        # this reload's own line: lastReload.applied is already true from any earlier reload
+        before = self.daemon.log().count("configuration reloaded")
         self.daemon.signal(1)
-        wait_until(lambda: (self.status()["lastReload"] or {}).get("applied"), 10, "reload")
+        wait_until(lambda: self.daemon.log().count("configuration reloaded") > before, 10, "reload")
 
     def files(self) -> tuple[list[str], list[str]]:
         ident = self.workdir / "state" / "identity"
