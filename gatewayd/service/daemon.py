@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gatewayd import __version__
+from gatewayd.adapters.heap import release_free_memory
 from gatewayd.adapters.systemd import Notifier, watchdog_interval
 from gatewayd.core import messages
 from gatewayd.core.config import Config, diff, with_live_changes
@@ -48,6 +49,7 @@ from gatewayd.stores.statedir import ensure_state_dir
 
 STATUS_REFRESH = 5.0  # seconds
 BACKLOG_LOG_EVERY = 60.0  # seconds
+HEAP_TRIM_EVERY = 30.0  # seconds between handing the C heap's free pages back (adapters/heap.py)
 
 log = logging.getLogger("gatewayd.daemon")
 
@@ -239,6 +241,7 @@ class Daemon:
         tasks = [
             asyncio.create_task(self._reload_loop(), name="reload"),
             asyncio.create_task(self._refresh_status(), name="status"),
+            asyncio.create_task(self._release_memory(), name="heap-trim"),
         ]
         interval = watchdog_interval(self.environ)
         if interval is not None:
@@ -265,6 +268,13 @@ class Daemon:
             due = now - last_backlog_log >= BACKLOG_LOG_EVERY
             if due and self.forwarder is not None and self.forwarder.log_backlog():
                 last_backlog_log = now
+
+    async def _release_memory(self) -> None:
+        """After a burst (many sensors connecting, a flood of readings), what the C heap freed stays in the
+        process until it is handed back; a trim costs a few milliseconds (docs/performance.md)."""
+        while True:
+            await asyncio.sleep(HEAP_TRIM_EVERY)
+            release_free_memory()
 
     async def _watchdog(self, interval: float) -> None:
         # Runs on the event loop: if anything blocks the loop, the pings stop and systemd acts.
