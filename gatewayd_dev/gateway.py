@@ -192,6 +192,9 @@ def standin_config(
         },
         "status": {"interval": 5},
         "downstream": {"listener": [loopback_listener()]},
+        # the stand-in dates its certificates by this host's clock: here that clock is the reference, whatever
+        # NTP says of it (tests of an unsynchronized clock use a flag file, tests/test_clock_daemon.py)
+        "time": {"synchronized": "always"},
     }
     for name, values in sections.items():
         tables.setdefault(name, {}).update(values)

@@ -23,7 +23,7 @@ from .conftest import REPO
 
 
 def _r(sensor: str, n: int, qos: int = 1, size: int = 10, at: float = 100.0) -> tuple[Reading, bool]:
-    return Reading(sensor, f"sensors/{sensor}/t", str(n).encode().ljust(size, b"."), qos, False, at), True
+    return Reading(sensor, f"sensors/{sensor}/t", str(n).encode().ljust(size, b"."), qos, False, at, at), True
 
 
 def _numbers(store: SpillStore, sensor: str) -> list[int]:
@@ -37,7 +37,7 @@ def test_groups_keep_order_per_sensor_and_survive_reopening(tmp_path: Path) -> N
     seqs, dropped = store.append([_r("a", 0), _r("b", 0), _r("a", 1)])
     assert dropped == [] and seqs == [1, 2, 3]
     store.append([_r("b", 1), _r("a", 2, at=101.0)])
-    (segment,) = d.iterdir()
+    (segment,) = d.glob("*.seg")
     assert stat.S_IMODE(segment.stat().st_mode) == 0o600 and segment.name == f"{1:016x}.seg"
     store.close()
     store = SpillStore(d, 1_000_000)
@@ -72,8 +72,10 @@ def test_done_records_and_whole_segment_deletion(tmp_path: Path) -> None:
     store = SpillStore(d, 10**6, segment_bytes=1000)
     for i in range(0, 100, 2):
         store.append([_r("a", i), _r("b", i + 1)])
-    assert store.stats().segments == 5  # 100 readings of about 50 bytes, 1000-byte segments
-    files_before = {p.name: p.stat().st_size for p in d.iterdir()}
+    assert (
+        store.stats().segments == 6
+    )  # 100 readings of 62 bytes (9 header, 31 fields, 22 data); 1000 per file
+    files_before = {p.name: p.stat().st_size for p in d.glob("*.seg")}
     first_a = store.take("a", 10)
     assert store.done(g.seq for g in first_a) == 10
     assert store.done(g.seq for g in first_a) == 0  # twice is once
@@ -95,7 +97,7 @@ def test_done_records_and_whole_segment_deletion(tmp_path: Path) -> None:
     assert store.stats().segments < len(files_before)  # the oldest segments, all done, are gone
     store.done(everything)
     store.close()
-    assert list(d.iterdir()) == []
+    assert list(d.glob("*.seg")) == []
     store = SpillStore(d, 10**6, segment_bytes=1000)
     assert store.stats().messages == 0 and store.sensors() == []
 
@@ -130,7 +132,7 @@ def test_a_torn_tail_is_cut_and_what_came_before_is_kept(tmp_path: Path, cut: in
     store = SpillStore(d, 10**6)
     store.append([_r("a", i) for i in range(5)])
     store.close()
-    (segment,) = d.iterdir()
+    (segment,) = d.glob("*.seg")
     good = segment.stat().st_size
     store = SpillStore(d, 10**6)
     store.append([_r("a", 5, size=40)])
@@ -153,7 +155,7 @@ def test_a_segment_cut_while_being_created_is_removed(tmp_path: Path) -> None:
     d.mkdir()
     (d / f"{7:016x}.seg").write_bytes(MAGIC[:3])
     store = SpillStore(d, 10**6)
-    assert store.stats().segments == 0 and list(d.iterdir()) == []
+    assert store.stats().segments == 0 and list(d.glob("*.seg")) == []
     (d / f"{7:016x}.seg").write_bytes(b"something else entirely")
     with pytest.raises(SpillError, match="not a gatewayd spill segment"):
         SpillStore(d, 10**6)

@@ -48,6 +48,11 @@ def test_unit_is_hardened_as_the_issue_requires() -> None:
     after = " ".join(re.findall(r"(?m)^After=(.*)$", text)).split()
     for module in ("usbserial", "cdc_acm"):
         assert f"modprobe@{module}.service" in wants and f"modprobe@{module}.service" in after
+    # issue 16: after the clock is restored, never waiting for it to be synchronized or for the network
+    assert "time-sync.target" in after and "network.target" in after
+    assert "time-sync.target" not in wants  # ordered after it, never pulling in what makes it wait
+    for waits in ("systemd-time-wait-sync.service", "network-online.target"):
+        assert waits not in wants and waits not in after, waits
     assert service["DevicePolicy"] == "closed"
     assert service["CapabilityBoundingSet"] == ""
     assert service["AmbientCapabilities"] == ""

@@ -663,6 +663,25 @@ class StatusSection:
     interval: int = opt(60, "Seconds between status messages; 0 turns them off.", live=True, minimum=0)
 
 
+def check_sync_source(value: str) -> str | None:
+    if value in ("auto", "always") or value.startswith("/"):
+        return None
+    return 'must be "auto", "always" or the absolute path of a flag file'
+
+
+@dataclass(frozen=True)
+class TimeSection:
+    synchronized: str = opt(
+        "auto",
+        "How the gateway knows its wall clock is right: \"auto\" (systemd-timesyncd's flag, or the kernel's "
+        'NTP state as chrony and ntpd set it), "always" (a real-time clock) or the absolute path of a file '
+        "that exists while the clock is synchronized. Until it is, no renewal starts from the clock alone "
+        "and TLS date failures are reported as a clock problem.",
+        live=True,
+        check=check_sync_source,
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     gateway: GatewaySection
@@ -673,6 +692,7 @@ class Config:
     spool: SpoolSection = field(default_factory=SpoolSection)
     renewal: RenewalSection = field(default_factory=RenewalSection)
     status: StatusSection = field(default_factory=StatusSection)
+    time: TimeSection = field(default_factory=TimeSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
 

@@ -352,6 +352,53 @@ SPOOL_FULL = Message(
     "Restore the uplink, or raise spool.max_bytes.",
     fields="GATEWAYD_SPOOL_BYTES, GATEWAYD_SPOOL_MESSAGES",
 )
+CLOCK_UNSYNCHRONIZED = Message(
+    "CLOCK_UNSYNCHRONIZED",
+    "3f2546e1af7c4e27bd2ce66c37247e18",
+    Priority.WARNING,
+    "The wall clock is not known to be synchronized (a Raspberry Pi has no battery-backed clock: until NTP "
+    "sets it, it is where the last shutdown left it). Until it is: no certificate renewal starts from the "
+    "clock alone, the gateway's own certificate's dates do not stop the uplink, the local CA issues listener "
+    "certificates valid from 30 days back, and readings' ages are measured without the wall clock.",
+    "Nothing if NTP will reach its servers soon. Otherwise check the time service (`timedatectl "
+    "timesync-status`), the network and UDP port 123; `[time] synchronized` names the source used.",
+    fields="GATEWAYD_SOURCE, GATEWAYD_WALL_CLOCK",
+)
+
+CLOCK_SYNCHRONIZED = Message(
+    "CLOCK_SYNCHRONIZED",
+    "0da649487ce3427f9fcf6dd523237c5f",
+    Priority.INFO,
+    "The wall clock is synchronized (again): renewals due by the clock go ahead and a connection that "
+    "failed for certificate dates is tried again at once.",
+    "",
+    fields="GATEWAYD_SOURCE, GATEWAYD_WALL_CLOCK",
+)
+
+CLOCK_JUMPED = Message(
+    "CLOCK_JUMPED",
+    "024585a9b01245d9878eb538e08eb614",
+    Priority.NOTICE,
+    "The wall clock jumped (NTP set a stale clock, or someone set the time): logged once per jump, with its "
+    "size and direction. Readings' ages and the daemon's timers do not follow the wall clock, so nothing is "
+    "dropped or fired by it; a listener certificate issued before a jump of over an hour is issued again.",
+    "Nothing for one jump after boot. Repeated jumps: two time sources disagree (an RTC HAT and NTP, or two "
+    "NTP clients); keep one.",
+    fields="GATEWAYD_JUMP_SECONDS, GATEWAYD_WALL_CLOCK",
+)
+
+CLOCK_SUSPECT = Message(
+    "CLOCK_SUSPECT",
+    "c54066cc3b044a4aa7f2d9e25e56a744",
+    Priority.WARNING,
+    "A certificate was refused for its dates (not yet valid, or expired) while the wall clock is not known "
+    "to be synchronized: most likely the clock is wrong, not the certificate. The uplink tries again as soon "
+    "as the clock is synchronized.",
+    "Get the clock synchronized (see CLOCK_UNSYNCHRONIZED). If it is right, the certificate's dates are "
+    "the problem: renew or replace it.",
+    fields="GATEWAYD_WALL_CLOCK, GATEWAYD_REASON",
+)
+
 SPOOL_REPAIRED = Message(
     "SPOOL_REPAIRED",
     "d95d426a6b5b4d4fbcf20990055425fa",
@@ -426,10 +473,11 @@ LISTENER_CERT_REISSUED = Message(
     "LISTENER_CERT_REISSUED",
     "8366a86238474d6f8830a14eb63555ec",
     Priority.NOTICE,
-    "The gateway's addresses changed, so the local CA issued the sensor listener a new server certificate "
-    "naming them; new connections get it, connected sensors stay connected.",
+    "The local CA issued the sensor listener a new server certificate: the gateway's addresses changed (it "
+    "names them), or the wall clock was set (a jump of over an hour, or synchronized after the certificate "
+    "was made by an unsynchronized clock). New connections get it, connected sensors stay connected.",
     "",
-    fields="GATEWAYD_ADDRESSES",
+    fields="GATEWAYD_ADDRESSES, GATEWAYD_REASON",
 )
 HARDWARE_EVENTS_UNAVAILABLE = Message(
     "HARDWARE_EVENTS_UNAVAILABLE",
@@ -520,6 +568,10 @@ ALL: tuple[Message, ...] = (
     SPOOL_REPAIRED,
     SPOOL_MIGRATED,
     UPLINK_THROTTLED,
+    CLOCK_UNSYNCHRONIZED,
+    CLOCK_SYNCHRONIZED,
+    CLOCK_JUMPED,
+    CLOCK_SUSPECT,
     TPM_ARRIVED,
     TPM_REMOVED,
     NETWORK_CHANGED,

@@ -31,6 +31,7 @@ from gatewayd.core.config import Config, diff, with_live_changes
 from gatewayd.core.errors import ConfigError, ControlError
 from gatewayd.core.topics import expand
 from gatewayd.service.broker import Broker, Peer
+from gatewayd.service.clock import ClockChange, ClockWatch
 from gatewayd.service.control import ControlServer
 from gatewayd.service.downstream import Downstream
 from gatewayd.service.forwarder import Forwarder
@@ -77,6 +78,8 @@ class Daemon:
         self.registry: RegistryService | None = None
         self.serial: SerialSensors | None = None
         self.hardware: Hardware | None = None
+        self.clock = ClockWatch(config.time.synchronized)
+        self.clock.listeners.append(self._clock_changed)
         self._last_status = ""
 
     # ------------------------------------------------------------------ status
@@ -93,9 +96,18 @@ class Daemon:
             line = self.upstream.status_line()
             if self.forwarder is not None:
                 line += self.forwarder.status_words()
+        if not self.clock.synchronized:
+            line += "; clock not synchronized"
         if self.last_reload and not self.last_reload["applied"]:
             line += f"; last reload refused ({self.last_reload['problems']} problems)"
         return line
+
+    def _clock_changed(self, change: ClockChange) -> None:
+        if self.upstream is not None:
+            self.upstream.clock_changed(change.synchronized)
+        if self.downstream is not None:
+            self.downstream.clock_changed(change.jump, change.synchronized)
+        self._status_changed()
 
     def _status_changed(self) -> None:
         line = self.status_line()
@@ -124,6 +136,7 @@ class Daemon:
             "upstreamSubscriptions": self.broker.upstream_refs if self.broker is not None else {},
             "droppedForSensors": self.broker.dropped if self.broker is not None else 0,
             "registry": self.registry.summary() if self.registry is not None else None,
+            "clock": self.clock.summary(),
         }
 
     # ------------------------------------------------------------------ main
@@ -136,6 +149,7 @@ class Daemon:
         self.notifier.status("Starting")
         state_dir = Path(self.config.gateway.state_dir)
         ensure_state_dir(state_dir)
+        self.clock.announce()
         handlers = {
             "status": self._cmd_status,
             "identity": self._cmd_identity,
@@ -167,13 +181,19 @@ class Daemon:
                     on_message=self._from_upstream,
                     hold_at=self._renewal_holds(),
                     tpm_absent=hardware.tpm_absent,
+                    clock_trusted=lambda: self.clock.synchronized,
                 )
                 await components.enter_async_context(self.upstream)
                 spill = await asyncio.to_thread(self._open_spool, state_dir)
                 self.forwarder = Forwarder(self.config, spill, self.upstream.uplink)
                 await components.enter_async_context(self.forwarder)  # closes the spool
                 self.broker = Broker(self.config, self.forwarder, admit=self._admit)
-                self.downstream = Downstream(self.config, self.broker, anchors=self._trust_anchors)
+                self.downstream = Downstream(
+                    self.config,
+                    self.broker,
+                    anchors=self._trust_anchors,
+                    clock_trusted=lambda: self.clock.synchronized,
+                )
                 self.downstream.ca.ensure()
                 registry = Registry(state_dir / "registry.db", self.config.gateway.thing_name)
                 components.callback(registry.close)
@@ -242,6 +262,7 @@ class Daemon:
             asyncio.create_task(self._reload_loop(), name="reload"),
             asyncio.create_task(self._refresh_status(), name="status"),
             asyncio.create_task(self._release_memory(), name="heap-trim"),
+            asyncio.create_task(self.clock.run(), name="clock"),
         ]
         interval = watchdog_interval(self.environ)
         if interval is not None:
@@ -318,6 +339,8 @@ class Daemon:
                 )
         self.config = with_live_changes(self.config, new)
         apply_level(self.config.logging.level)
+        if self.clock.source != self.config.time.synchronized:
+            self.clock.set_source(self.config.time.synchronized)
         if self.broker is not None:
             self.broker.reconfigure(self.config)
         if self.registry is not None:

@@ -27,6 +27,11 @@ log = logging.getLogger("gatewayd.downstream")
 # so 17 KiB costs nothing but a second read now and then (measured: 100 sensor connections took 30 MB with
 # 256 KiB; 1,000 idle ones take 15 MB less with 17 KiB than with 32 KiB).
 TLS_READ_BUFFER = 17 * 1024
+LARGE_JUMP = 3600.0  # seconds of wall-clock jump after which the listener certificate is made again
+# OpenSSL's X509_V_FLAG_NO_CHECK_TIME: a sensor's certificate chain is verified without its dates. Set while
+# the gateway's clock is not synchronized: a Pi that boots weeks behind would refuse every certificate made
+# since; the registry's statuses (revoked, inactive) still decide at CONNECT.
+NO_CHECK_TIME = 0x200000
 if getattr(sslproto.SSLProtocol, "max_size", 0) > TLS_READ_BUFFER:
     sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
 
@@ -60,10 +65,18 @@ def listener_name(lst: ListenerSection) -> str:
 
 
 class Downstream:
-    def __init__(self, config: Config, broker: Broker, anchors: Callable[[], list[str]] = lambda: []) -> None:
+    def __init__(
+        self,
+        config: Config,
+        broker: Broker,
+        anchors: Callable[[], list[str]] = lambda: [],
+        clock_trusted: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.config = config
         self.broker = broker
         self.anchors = anchors
+        self.clock_trusted = clock_trusted  # the wall clock is synchronized (service/clock.py)
+        self._issued_trusted = True  # the listener certificate was made while the clock was synchronized
         self.ca = LocalCA(Path(config.gateway.state_dir), config.gateway.thing_name)
         self._contexts: list[ssl.SSLContext] = []
         self._trusted: set[str] = set()
@@ -76,7 +89,10 @@ class Downstream:
         d = self.config.downstream
         if self.ca.ensure():
             log.info("created the gateway's local CA in %s", self.ca.dir)
-        server = self.ca.server_identity(*self._names_and_addresses(interface_addresses()))
+        self._issued_trusted = self.clock_trusted()
+        server = self.ca.server_identity(
+            *self._names_and_addresses(interface_addresses()), clock_trusted=self._issued_trusted
+        )
         self.server = server
         try:
             for lst in d.listener:
@@ -129,6 +145,7 @@ class Downstream:
                 )
             raise GatewaydError(f"cannot open the sensor listener: {exc}{hint}") from exc
         self.refresh_trust()
+        self._time_checks()
         self._sweeper = asyncio.create_task(self._sweep(), name="session-expiry")
         return self
 
@@ -148,14 +165,41 @@ class Downstream:
             self.server.addresses,
         ):
             return False
-        server = self.ca.server_identity(names, addresses)
+        self._reissue(names, addresses, "the host's addresses changed")
+        return True
+
+    def _reissue(self, names: list[str], addresses: list[str], why: str) -> None:
+        self._issued_trusted = self.clock_trusted()
+        server = self.ca.server_identity(names, addresses, self._issued_trusted, reissue=True)
         for ctx in self._contexts:
             ctx.load_cert_chain(str(server.cert_file), str(server.key_file))
         self.server = server
         log.info(
-            "listener certificate re-issued for %s", ", ".join(addresses),
-            extra=messages.extra(messages.LISTENER_CERT_REISSUED, addresses=",".join(addresses)),
+            "listener certificate re-issued for %s (%s)", ", ".join(addresses), why,
+            extra=messages.extra(messages.LISTENER_CERT_REISSUED, addresses=",".join(addresses), reason=why),
         )  # fmt: skip
+
+    def _time_checks(self) -> None:
+        """Sensors' certificate dates are checked only by a synchronized clock (NO_CHECK_TIME)."""
+        trusted = self.clock_trusted()
+        for ctx in self._contexts:
+            ctx.verify_flags = (
+                ctx.verify_flags & ~NO_CHECK_TIME if trusted else ctx.verify_flags | NO_CHECK_TIME
+            )
+
+    def clock_changed(self, jump: float, synchronized: bool) -> bool:
+        """Sensors' certificate dates are checked again once the clock is synchronized (and not while it is
+        not). After a wall-clock jump of over an hour (either way), or once the clock is synchronized if the
+        certificate was made while it was not, the listener certificate is made again: its dates were taken
+        from a clock that was wrong. Connected sensors keep their connections. True when it was."""
+        self._time_checks()
+        if self.server is None:
+            return False
+        big_jump = abs(jump) > LARGE_JUMP
+        if not big_jump and not (synchronized and not self._issued_trusted):
+            return False
+        why = "the clock jumped" if big_jump else "the clock is now synchronized"
+        self._reissue(list(self.server.names), list(self.server.addresses), why)
         return True
 
     def refresh_trust(self) -> int:

@@ -348,8 +348,12 @@ class Forwarder:
                 if not queue:
                     del self._memory[entry.sensor]
                 self._spilling[entry.sensor] += 1
+        to_age = self.store.clock.now() - self.monotonic()  # the age clock's reading of `since`
         items = [
-            (Reading(e.sensor, e.topic, e.payload, e.qos, False, e.received), not e.state & HANDED)
+            (
+                Reading(e.sensor, e.topic, e.payload, e.qos, False, e.received, e.since + to_age),
+                not e.state & HANDED,
+            )
             for e in group
         ]
         done, self._done_seqs = self._done_seqs, []
@@ -646,7 +650,7 @@ class Forwarder:
     async def _expirer(self) -> None:
         while not self._stopping:
             await asyncio.sleep(self.expire_every)
-            old = await self._run(self._expire, self.now() - self.max_age)
+            old = await self._run(self._expire, self.store.clock.now() - self.max_age)
             if old:
                 self._dropped("droppedExpired", old)
 
@@ -688,7 +692,7 @@ class Forwarder:
         s = self._stats
         if not s.messages:
             return False
-        age = round(self.now() - s.oldest) if s.oldest is not None else 0
+        age = round(self.store.clock.now() - s.oldest) if s.oldest is not None else 0
         rate, throttled = round(self.uplink.publish_rate(), 1), self.uplink.status.throttled
         log.info(
             "spool: %d messages (%d bytes, the oldest %d s old) waiting; uplink publishing %g/s%s",
@@ -707,7 +711,7 @@ class Forwarder:
             return ""
         words = f"; spool {s.messages} messages, {s.bytes} bytes"
         if s.oldest is not None:
-            words += f", oldest {self.now() - s.oldest:.0f} s"
+            words += f", oldest {self.store.clock.now() - s.oldest:.0f} s"
         if self._full:
             words += ", FULL (holding back QoS 1)"
         if self.uplink.status.throttled:
@@ -720,7 +724,7 @@ class Forwarder:
             "messages": s.messages,
             "bytes": s.bytes,
             "maxBytes": self.store.max_bytes,
-            "oldestAgeSeconds": round(self.now() - s.oldest, 1) if s.oldest is not None else None,
+            "oldestAgeSeconds": round(self.store.clock.now() - s.oldest, 1) if s.oldest is not None else None,
             "full": self._full,
             "segments": s.segments,
             "diskBytes": s.disk_bytes,

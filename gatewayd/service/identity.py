@@ -57,6 +57,7 @@ class Ready:
     version: Version
     key: StoredKey
     summary: CertSummary
+    date_problem: str = ""  # the certificate's dates look wrong by a clock not known to be right
 
 
 class TPMOperations(Protocol):
@@ -253,10 +254,14 @@ class Identity:
 
     # ------------------------------------------------------------------ the uplink's check
 
-    def check_live(self, tpm_absent: Callable[[], str | None] = lambda: None) -> Ready:
+    def check_live(
+        self, tpm_absent: Callable[[], str | None] = lambda: None, clock_trusted: bool = True
+    ) -> Ready:
         """The live identity, fully checked; IdentityError / TPMError say why the gateway cannot use it.
         `tpm_absent` says why the TPM cannot be used now (its device is not there), checked last, so that
-        problems a person must fix (no certificate, expired) are reported first."""
+        problems a person must fix (no certificate, expired) are reported first. While the wall clock is not
+        known to be right (`clock_trusted` False), the certificate's dates do not stop the uplink: AWS IoT
+        judges them by its own clock; the problem is returned in Ready.date_problem to be reported."""
         live = self.store.live()
         if live is None:
             raise IdentityError(
@@ -266,13 +271,16 @@ class Identity:
         cert = live.certificate()
         summary = CertSummary.of(cert)
         now = _now()
+        date_problem = ""
         if summary.not_after <= now:
-            raise IdentityError(
+            date_problem = (
                 f"certificate {summary.certificate_id} expired at {_iso(summary.not_after)}; "
                 "install a new one"
             )
-        if summary.not_before > now:
-            raise IdentityError(f"certificate not valid before {_iso(summary.not_before)}")
+        elif summary.not_before > now:
+            date_problem = f"certificate not valid before {_iso(summary.not_before)}"
+        if date_problem and clock_trusted:
+            raise IdentityError(date_problem)
         key = self.store.key(live.key_number)
         if key.meta["backend"] != self.backend:
             raise IdentityError(
@@ -285,7 +293,7 @@ class Identity:
             if absent is not None:
                 raise TPMUnavailable(absent)
             self.tpm.check_loadable(self.config.identity.tcti, key.blob)
-        return Ready(live, key, summary)
+        return Ready(live, key, summary, date_problem)
 
     def _matches(self, cert: x509.Certificate, key: StoredKey) -> bool:
         """The certificate is for this key: by the public key's hash recorded when the key was made (no TPM

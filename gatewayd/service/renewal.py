@@ -128,9 +128,12 @@ class Renewer:
         now: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
         hold_at: frozenset[str] = frozenset(),
+        clock_trusted: Callable[[], bool] = lambda: True,
     ) -> None:
         self.store = store
         self.states = state
+        self.clock_trusted = clock_trusted  # the wall clock is synchronized (service/clock.py)
+        self._waiting_for_clock = False
         self.uplink = uplink
         self.routes = routes
         self.spec_for = spec_for
@@ -187,6 +190,19 @@ class Renewer:
             return None
         return max(due, self.retry_at) if self.retry_at is not None else due
 
+    def _note_clock_wait(self, due: float) -> None:
+        if not self._waiting_for_clock:
+            self._waiting_for_clock = True
+            log.warning(
+                "renewal due at %s by the wall clock, which is not synchronized: waiting for it to be "
+                "(`gatewayctl identity renew --now` renews regardless)", _iso(due),
+            )  # fmt: skip
+
+    def clock_changed(self) -> None:
+        """The wall clock was synchronized or jumped: look at the schedule again now."""
+        self._waiting_for_clock = False
+        self._wake.set()
+
     def request(self, force: bool) -> dict[str, Any]:
         """`gatewayctl identity renew [--now]`: check now (renew if due), or renew now regardless."""
         if self.issuer is None:
@@ -205,6 +221,7 @@ class Renewer:
             "step": self.state.step.value,
             "nextRenewal": _iso(nxt) if nxt is not None and self.settings.issuer else None,
             "failedAttempts": self.state.attempt,
+            "waitingForClock": self._waiting_for_clock,
             "finishedSinceStart": self.finished,
             **({"heldAt": self.held} if self.hold_at else {}),
             "last": None
@@ -243,6 +260,12 @@ class Renewer:
             nxt = self.next_attempt()
             if issuer is not None:
                 self._log_schedule(nxt)
+            due_now = not self._force and issuer is not None and nxt is not None and nxt <= self.now()
+            if due_now and nxt is not None and not self.clock_trusted():
+                # due by a clock that may be wrong: wait for it to be set (clock_changed() wakes this loop;
+                # else it looks again after check_interval)
+                self._note_clock_wait(nxt)
+                nxt = None
             wait = parse_duration(self.settings.check_interval)
             if issuer is not None and nxt is not None:
                 wait = min(wait, max(nxt - self.now(), 0.0))

@@ -37,6 +37,8 @@ from gatewayd.stores.truststore import TrustError
 from gatewayd.stores.x509util import CertificateError
 
 log = logging.getLogger("gatewayd.upstream")
+# OpenSSL's words for a certificate refused for its dates by the gateway's own clock (verify errors 9 and 10)
+DATE_FAILURES = ("certificate is not yet valid", "certificate has expired")
 
 
 def _iso(ts: float | dt.datetime) -> str:
@@ -100,8 +102,11 @@ class Upstream:
         on_message: MessageHandler | None = None,
         hold_at: frozenset[str] = frozenset(),
         tpm_absent: Callable[[], str | None] = lambda: None,
+        clock_trusted: Callable[[], bool] = lambda: True,
     ) -> None:
         self.config = config
+        self.clock_trusted = clock_trusted  # the wall clock is synchronized (service/clock.py)
+        self._suspect = ""  # the last clock problem reported (CLOCK_SUSPECT), so each is logged once
         self.store = store
         self.trust = trust
         self.identity = Identity(config, store)
@@ -129,6 +134,7 @@ class Upstream:
             self.connected_certificate,
             on_change=on_change,
             hold_at=hold_at,
+            clock_trusted=clock_trusted,
         )
         self._tasks: list[asyncio.Task[None]] = []
         self.tpm_absent = tpm_absent  # why the TPM device cannot be used now (gatewayd.service.hardware)
@@ -199,7 +205,7 @@ class Upstream:
 
     async def _prepare(self) -> ChildSpec | Blocked:
         try:
-            ready = await asyncio.to_thread(self.identity.check_live, self.tpm_absent)
+            ready = await asyncio.to_thread(self.identity.check_live, self.tpm_absent, self.clock_trusted())
         except TPMUnavailable as exc:
             self.ready = None
             return Blocked(f"waiting for TPM: {exc}", "waiting-for-tpm")
@@ -207,7 +213,29 @@ class Upstream:
             self.ready = None
             return Blocked(str(exc))
         self.ready = ready
+        if ready.date_problem:
+            self._clock_suspect(f"the gateway's own {ready.date_problem} (connecting anyway: AWS IoT judges)")
         return self.spec_for(ready.version, self.config.gateway.thing_name)
+
+    def _clock_suspect(self, reason: str) -> None:
+        """A certificate refused (or doubtful) for its dates while the clock is not known to be right."""
+        if reason == self._suspect:
+            return
+        self._suspect = reason
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        log.warning(
+            "certificate dates and an unsynchronized clock (it says %s): %s; most likely the clock is wrong; "
+            "trying again as soon as it is synchronized", now, reason,
+            extra=messages.extra(messages.CLOCK_SUSPECT, wall_clock=now, reason=reason),
+        )  # fmt: skip
+
+    def clock_changed(self, synchronized: bool) -> None:
+        """The wall clock was synchronized or jumped: renewal looks at its schedule again, and an uplink that
+        is not connected tries again now (a failure for certificate dates may be gone)."""
+        self._suspect = ""
+        self.renewer.clock_changed()
+        if not self.uplink.connected:
+            self.uplink.kick()
 
     def connected_certificate(self) -> str | None:
         """The certificate id the uplink is connected with now, if it is connected."""
@@ -245,6 +273,12 @@ class Upstream:
         return ChildSpec(config, env)
 
     def _on_uplink_state(self, status: UplinkStatus) -> None:
+        if (
+            status.last_error
+            and not self.clock_trusted()
+            and any(words in status.last_error for words in DATE_FAILURES)
+        ):
+            self._clock_suspect(status.last_error)
         self.on_change()
 
     def _dispatch(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:

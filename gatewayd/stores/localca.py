@@ -17,11 +17,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gatewayd.stores import atomic
-from gatewayd.stores.x509util import load_pem_certificates, not_after, same_public_key
+from gatewayd.stores.x509util import load_pem_certificates, not_after, not_before, same_public_key
 
 CA_YEARS = 25  # outlives the 2049-12-31 default expiry of the certificates it issues (as AWS IoT's)
 SERVER_DAYS = 397  # the CA/Browser Forum's limit, which sensor TLS stacks may also enforce
 RENEW_WITHIN = dt.timedelta(days=30)
+# How far back certificates are valid from, for sensors whose clock differs from the gateway's: a listener
+# certificate made while the gateway's clock is synchronized tolerates an hour's difference, one made while
+# it is not tolerates a month (a Pi's clock at boot is where its last shutdown left it) and is made again
+# once the clock is set (service/downstream.py); the CA itself, never made again, tolerates a year.
+SLACK_SYNCHRONIZED = dt.timedelta(hours=1)
+SLACK_UNSYNCHRONIZED = dt.timedelta(days=30)
+CA_SLACK = dt.timedelta(days=366)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -78,7 +85,7 @@ class LocalCA:
             .issuer_name(name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_before(now - CA_SLACK)
             .not_valid_after(now + dt.timedelta(days=365 * CA_YEARS))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
@@ -97,14 +104,19 @@ class LocalCA:
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         return cert, key
 
-    def server_identity(self, names: list[str], addresses: list[str]) -> ServerIdentity:
-        """The listener's certificate: reused while it covers `names`/`addresses` and is not near expiry."""
+    def server_identity(
+        self, names: list[str], addresses: list[str], clock_trusted: bool = True, reissue: bool = False
+    ) -> ServerIdentity:
+        """The listener's certificate: reused while it covers `names`/`addresses`, is valid now and not near
+        expiry (`reissue`: made again regardless). Its validity starts SLACK_SYNCHRONIZED or, while the clock
+        is not known to be right (`clock_trusted` False), SLACK_UNSYNCHRONIZED back."""
         cert_file, key_file = self.dir / "server.pem", self.dir / "server.key"
         wanted = (tuple(names), tuple(addresses))
-        if cert_file.exists() and key_file.exists():
+        if cert_file.exists() and key_file.exists() and not reissue:
             current = load_pem_certificates(cert_file.read_bytes(), str(cert_file))[0]
             key_now = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
-            fresh = not_after(current) - dt.datetime.now(dt.UTC) > RENEW_WITHIN
+            now = dt.datetime.now(dt.UTC)
+            fresh = not_after(current) - now > RENEW_WITHIN and not_before(current) <= now
             # A power cut between writing the new key and its certificate leaves a mismatched pair: reissue.
             if (
                 _sans(current) == wanted
@@ -115,6 +127,7 @@ class LocalCA:
         ca_cert, ca_key = self.ca()
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
+        slack = SLACK_SYNCHRONIZED if clock_trusted else SLACK_UNSYNCHRONIZED
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
         sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
         cert = (
@@ -125,8 +138,8 @@ class LocalCA:
             .issuer_name(ca_cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=SERVER_DAYS))
+            .not_valid_before(now - slack)
+            .not_valid_after(now - slack + dt.timedelta(days=SERVER_DAYS))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

@@ -18,12 +18,18 @@ plane"):
   "drop-oldest" drops the oldest whatever their QoS; if that does not make room the group is refused
   (SpillFull, nothing written). Expiry by age: `expire()`.
 
-Memory: an in-memory index of 4 + 4 + 8 + 1 bytes per live reading (offset, payload length, enqueue time,
+- **Ages that do not jump**: a reading's age (`expire()`, the oldest's age) is measured on the age clock
+  (stores/ageclock.py: time since boot plus a base kept across reboots), never on the wall clock, which a
+  gateway without a real-time clock sees jump by days when NTP sets it.
+
+Memory: an in-memory index of 4 + 4 + 8 + 1 bytes per live reading (offset, payload length, age-clock stamp,
 flags) plus 8 per reading not handed to the uplink yet, in arrays, never a Python object per reading.
 
 Record layout (little endian): kind (1 byte: M reading, D done), body length (4), CRC-32 of kind + body (4),
-then the body. M: seq (8), enqueued (8, float seconds), flags (1: QoS in bits 0-1, retain in bit 2), sensor
-length (2), topic length (2), sensor, topic, payload. D: (first seq (8), count (4)) ranges.
+then the body. M: seq (8), received (8, float seconds, wall clock: for batches' timestamps), age-clock stamp
+(8, float seconds), flags (1: QoS in bits 0-1, retain in bit 2), sensor length (2), topic length (2), sensor,
+topic, payload. D: (first seq (8), count (4)) ranges. Segments of earlier versions (`GWSPILL1`: no age-clock
+stamp) are read, never appended to; their readings' ages count from the start that first read them.
 Used from one thread at a time.
 """
 
@@ -41,10 +47,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gatewayd.core.errors import GatewaydError
+from gatewayd.stores.ageclock import AgeClock
 
-MAGIC = b"GWSPILL1"
+MAGIC = b"GWSPILL2"
+MAGIC_V1 = b"GWSPILL1"  # earlier versions' segments: read, never appended to
 HEADER = struct.Struct("<BII")  # kind, body length, crc32
-READING = struct.Struct("<QdBHH")  # seq, enqueued, flags, sensor length, topic length
+READING = struct.Struct("<QddBHH")  # seq, received (wall clock), age-clock stamp, flags, sensor/topic length
+READING_V1 = struct.Struct("<QdBHH")  # seq, received (wall clock), flags, sensor length, topic length
 RANGE = struct.Struct("<QI")
 KIND_READING = ord("M")
 KIND_DONE = ord("D")
@@ -75,7 +84,8 @@ class Reading:
     payload: bytes
     qos: int
     retain: bool
-    enqueued: float  # seconds (wall clock) when the gateway received it
+    enqueued: float  # seconds (wall clock) when the gateway received it: for batches' timestamps only
+    aged: float | None = None  # its age-clock stamp (stores/ageclock.py); None: now, when it is appended
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +98,7 @@ class Stored:
 class Stats:
     messages: int
     bytes: int
-    oldest: float | None  # enqueue time of the oldest live reading
+    oldest: float | None  # the age-clock stamp of the oldest live reading (its age: clock.now() - oldest)
     segments: int
     disk_bytes: int  # the segment files' sizes
 
@@ -127,15 +137,16 @@ class _Seqs:
 
 
 class _Segment:
-    __slots__ = ("enqueued", "first", "flags", "lengths", "live", "offsets", "path", "rfd", "size")
+    __slots__ = ("aged", "first", "flags", "lengths", "live", "offsets", "path", "rfd", "size", "version")
 
-    def __init__(self, first: int, path: Path, size: int) -> None:
+    def __init__(self, first: int, path: Path, size: int, version: int = 2) -> None:
         self.first = first
+        self.version = version
         self.path = path
         self.size = size
         self.offsets = array("I")
         self.lengths = array("I")  # payload bytes
-        self.enqueued = array("d")
+        self.aged = array("d")  # age-clock stamps
         self.flags = bytearray()
         self.live = 0
         self.rfd = -1  # opened for reading back on first use
@@ -157,6 +168,7 @@ class SpillStore:
         max_bytes: int,
         when_full: str = "drop-qos0",
         segment_bytes: int = SEGMENT_BYTES,
+        clock: AgeClock | None = None,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
@@ -177,6 +189,10 @@ class SpillStore:
         self._done_ranges: list[tuple[int, int]] = []  # done records not written yet
         self._drop_at = 0  # sequence number below which nothing droppable is live (drops go oldest first)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.clock = clock if clock is not None else AgeClock(directory)
+        self._v1: list[
+            _Segment
+        ] = []  # earlier versions' segments: their readings are stamped once the clock is
         self.recovered = self._recover()
 
     # ------------------------------------------------------------------ opening
@@ -198,19 +214,26 @@ class SpillStore:
         self._delete_finished()
         if self._segments:
             self._next = max(self._next, self._segments[-1].end())
+        stamps = [max(seg.aged) for seg in self._segments if seg.version == 2 and seg.aged]
+        self.clock.open(max(stamps) if stamps else None)
+        now = self.clock.now()
+        for seg in self._v1:  # no stamp of their own: their age counts from now
+            seg.aged = array("d", [now]) * len(seg.offsets)
+        self._v1.clear()
         return Recovered(len(names), self._count, torn)
 
     def _load(self, path: Path, first: int, torn: list[str], sensors: list[tuple[int, str]]) -> None:
         data = path.read_bytes()
-        seg = _Segment(first, path, len(data))
-        if not data.startswith(MAGIC):
-            if len(data) > len(MAGIC) or not MAGIC.startswith(data):
+        version = 1 if data.startswith(MAGIC_V1) else 2
+        seg = _Segment(first, path, len(data), version)
+        if not data.startswith(MAGIC) and version == 2:
+            if len(data) > len(MAGIC) or not (MAGIC.startswith(data) or MAGIC_V1.startswith(data)):
                 raise SpillError(f"{path} is not a gatewayd spill segment")
             data = b""  # cut while being created
         pos = len(MAGIC)
         done: list[tuple[int, int]] = []
         while pos < len(data):
-            record = self._parse(data, pos)
+            record = self._parse(data, pos, version)
             if record is None or (record[0] == KIND_READING and record[2] != seg.end()):
                 torn.append(
                     f"{path.name}: {len(data) - pos} bytes at offset {pos} cut (torn or corrupt record)"
@@ -218,12 +241,12 @@ class SpillStore:
                 break
             kind, end, seq, header = record
             if kind == KIND_READING:
-                _, enqueued, flags, sensor_len, _ = header
-                at = pos + HEADER.size + READING.size
+                _, aged, flags, sensor_len, topic_len, size = header
+                at = pos + HEADER.size + size
                 sensors.append((seq, sys.intern(data[at : at + sensor_len].decode())))
                 seg.offsets.append(pos)
-                seg.lengths.append(end - pos - HEADER.size - READING.size - header[3] - header[4])
-                seg.enqueued.append(enqueued)
+                seg.lengths.append(end - at - sensor_len - topic_len)
+                seg.aged.append(aged)
                 seg.flags.append(LIVE | (QOS if flags & 3 else 0))
                 seg.live += 1
             else:
@@ -237,6 +260,8 @@ class SpillStore:
             return
         self._segments.append(seg)
         self._firsts.append(first)
+        if version == 1:
+            self._v1.append(seg)
         self._count += seg.live
         self._bytes += sum(seg.lengths)
         self._qos0_bytes += sum(n for n, f in zip(seg.lengths, seg.flags, strict=True) if not f & QOS)
@@ -245,8 +270,11 @@ class SpillStore:
             self._mark_done(start, count)
 
     @staticmethod
-    def _parse(data: bytes, pos: int) -> tuple[int, int, int, tuple[int, float, int, int, int]] | None:
-        """(kind, end offset, seq, reading header) of the record at `pos`, or None when it is torn."""
+    def _parse(
+        data: bytes, pos: int, version: int = 2
+    ) -> tuple[int, int, int, tuple[int, float, int, int, int, int]] | None:
+        """(kind, end offset, seq, reading header) of the record at `pos`, or None when it is torn. The
+        header: seq, age-clock stamp (0 in a version 1 segment), flags, sensor and topic length, its size."""
         if pos + HEADER.size > len(data):
             return None
         kind, length, crc = HEADER.unpack_from(data, pos)
@@ -257,13 +285,17 @@ class SpillStore:
         if zlib.crc32(body, zlib.crc32(bytes((kind,)))) != crc:
             return None
         if kind == KIND_DONE:
-            return (kind, end, 0, (0, 0.0, 0, 0, 0)) if length % RANGE.size == 0 else None
-        if length < READING.size:
+            return (kind, end, 0, (0, 0.0, 0, 0, 0, 0)) if length % RANGE.size == 0 else None
+        layout = READING if version == 2 else READING_V1
+        if length < layout.size:
             return None
-        header = READING.unpack_from(body)
-        if READING.size + header[3] + header[4] > length:
+        if version == 2:
+            seq, _, aged, flags, sensor_len, topic_len = READING.unpack_from(body)
+        else:
+            (seq, _, flags, sensor_len, topic_len), aged = READING_V1.unpack_from(body), 0.0
+        if layout.size + sensor_len + topic_len > length:
             return None
-        return kind, end, header[0], header
+        return kind, end, seq, (seq, aged, flags, sensor_len, topic_len, layout.size)
 
     @staticmethod
     def _cut(path: Path, size: int) -> None:
@@ -302,13 +334,18 @@ class SpillStore:
 
     def _reading(self, seg: _Segment, ordinal: int) -> Reading:
         body = self._read(seg, ordinal)
-        _, enqueued, flags, sensor_len, topic_len = READING.unpack_from(body)
-        a = READING.size
+        if seg.version == 2:
+            _, enqueued, _, flags, sensor_len, topic_len = READING.unpack_from(body)
+            a = READING.size
+        else:
+            _, enqueued, flags, sensor_len, topic_len = READING_V1.unpack_from(body)
+            a = READING_V1.size
         b = a + sensor_len
         c = b + topic_len
         return Reading(
-            body[a:b].decode(), body[b:c].decode(), bytes(body[c:]), flags & 3, bool(flags & 4), enqueued
-        )
+            body[a:b].decode(), body[b:c].decode(), bytes(body[c:]), flags & 3, bool(flags & 4), enqueued,
+            seg.aged[ordinal],
+        )  # fmt: skip
 
     def sensors(self) -> list[str]:
         """Sensors with readings not taken yet."""
@@ -363,12 +400,14 @@ class SpillStore:
         pos = seg.size
         seqs: list[int] = []
         new_offsets: list[int] = []
-        for reading, _ in items:
+        now = self.clock.now()
+        stamps = [now if r.aged is None else r.aged for r, _ in items]
+        for (reading, _), aged in zip(items, stamps, strict=True):
             sensor, topic = reading.sensor.encode(), reading.topic.encode()
             flags = reading.qos | (4 if reading.retain else 0)
             body = b"".join(
-                (READING.pack(self._next, reading.enqueued, flags, len(sensor), len(topic)), sensor, topic,
-                 reading.payload)
+                (READING.pack(self._next, reading.enqueued, aged, flags, len(sensor), len(topic)), sensor,
+                 topic, reading.payload)
             )  # fmt: skip
             chunks.append(HEADER.pack(KIND_READING, len(body), zlib.crc32(body, zlib.crc32(b"M"))))
             chunks.append(body)
@@ -391,10 +430,10 @@ class SpillStore:
             raise
         self._done_ranges.clear()
         seg.size += len(data)
-        for (reading, queued), seq, offset in zip(items, seqs, new_offsets, strict=True):
+        for (reading, queued), seq, offset, aged in zip(items, seqs, new_offsets, stamps, strict=True):
             seg.offsets.append(offset)
             seg.lengths.append(len(reading.payload))
-            seg.enqueued.append(reading.enqueued)
+            seg.aged.append(aged)
             seg.flags.append(LIVE | (QOS if reading.qos else 0))
             if queued:
                 self._queue(reading.sensor).append(seq)
@@ -406,10 +445,11 @@ class SpillStore:
         return seqs, dropped
 
     def _head(self, incoming: int) -> _Segment:
-        """The segment to append to: a new one when there is none or the newest is full."""
+        """The segment to append to: a new one when there is none, or the newest is full or of version 1."""
         if self._segments and self._fd >= 0 and self._segments[-1].size < self.segment_bytes:
             return self._segments[-1]
-        if self._segments and self._fd < 0 and self._segments[-1].size < self.segment_bytes:
+        newest = self._segments[-1] if self._segments else None
+        if newest is not None and self._fd < 0 and newest.size < self.segment_bytes and newest.version == 2:
             seg = self._segments[-1]
             self._fd = os.open(seg.path, os.O_WRONLY)
             return seg
@@ -541,13 +581,13 @@ class SpillStore:
         return self.max_bytes - self._bytes + droppable
 
     def expire(self, before: float) -> list[Stored]:
-        """Drop (and return) every live reading enqueued before `before`."""
+        """Drop (and return) every live reading stamped before `before` on the age clock (self.clock)."""
         out: list[Stored] = []
         for seg in self._segments:
             if not seg.live:
                 continue
-            for i, enqueued in enumerate(seg.enqueued):
-                if enqueued < before and seg.flags[i] & LIVE:
+            for i, aged in enumerate(seg.aged):
+                if aged < before and seg.flags[i] & LIVE:
                     out.append(Stored(seg.first + i, self._reading(seg, i)))
         self.done(s.seq for s in out)
         return out
@@ -556,7 +596,7 @@ class SpillStore:
         oldest = None
         for seg in self._segments:
             if seg.live:
-                oldest = next(seg.enqueued[i] for i, f in enumerate(seg.flags) if f & LIVE)
+                oldest = next(seg.aged[i] for i, f in enumerate(seg.flags) if f & LIVE)
                 break
         disk = sum(seg.size for seg in self._segments)
         return Stats(self._count, self._bytes, oldest, len(self._segments), disk)
