@@ -156,6 +156,9 @@ def test_one_drop_in_a_certificate_and_systemctl_start(target: Target) -> None:
     status = ctl(t, "status")
     assert status["thingName"] == THING
     assert status["uplink"]["certificateId"] == installed["certificateId"]
+    # The clock's state is read inside the unit's sandbox (ProtectClock=yes refuses even a read-only
+    # adjtimex: the daemon falls back to timedated over D-Bus) without the daemon being harmed by it
+    assert status["clock"]["source"] == "auto" and isinstance(status["clock"]["synchronized"], bool)
     STATE[t.name] = {"certificateId": installed["certificateId"]}
 
 

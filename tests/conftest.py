@@ -49,6 +49,8 @@ def base_config(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, dict[st
         },
         "upstream": {"endpoint": "standin-ats.iot.local.gatewayd.test", "port": 8883},
         "downstream": {"listener": [listener]},
+        # whatever the test machine's NTP state: tests of an unsynchronized clock say so themselves
+        "time": {"synchronized": "always"},
     }
     for name, values in sections.items():
         tables.setdefault(name, {}).update(values)

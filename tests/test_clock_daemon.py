@@ -107,7 +107,8 @@ def test_a_gateway_booted_behind_loses_nothing_and_renews_nothing_by_a_wrong_clo
     # and the stand-in's server certificate (made today too) fails verification: both reported as a likely
     # clock problem, not a certificate problem
     gw.wait_logged(messages.CLOCK_SUSPECT, containing="own certificate")
-    gw.wait_logged(messages.CLOCK_SUSPECT, containing="certificate is not yet valid")
+    suspect = gw.wait_logged(messages.CLOCK_SUSPECT, containing="certificate is not yet valid")
+    assert "the server's certificate is valid from" in suspect and "this gateway's clock says 2026-" in suspect
     assert gw.status()["uplink"]["state"] != "connected"
 
     # Readings while offline: each acknowledged, on disk

@@ -135,6 +135,20 @@ def test_register_without_ca_and_input_checks(svc: RegistryService) -> None:
         svc.update_certificate(cid, "PENDING_TRANSFER")
 
 
+def test_date_refusals_name_an_unsynchronized_clock(svc: RegistryService) -> None:
+    """Issue 16: a certificate refused for its dates by a clock not known to be right says so."""
+    root = pki.make_root("r", "ecc")
+    later = pki.make_client(
+        root, "later", validity=pki.Validity.days(30, dt.datetime.now(dt.UTC) + dt.timedelta(days=2))
+    )
+    with pytest.raises(RegistryError) as plain:
+        svc.register_certificate_without_ca(later.cert_pem().decode())
+    assert "not valid before" in str(plain.value) and "synchronized" not in str(plain.value)
+    svc.clock_trusted = lambda: False
+    with pytest.raises(RegistryError, match="not valid before .* which is not synchronized and may be wrong"):
+        svc.register_certificate_without_ca(later.cert_pem().decode())
+
+
 def test_delete_and_list(svc: RegistryService) -> None:
     ids = [
         svc.create_keys_and_certificate(f"s{i}", set_as_active=i % 2 == 0)["certificateId"] for i in range(3)

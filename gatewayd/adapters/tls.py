@@ -7,6 +7,7 @@ mode built. ALPN `x-amzn-mqtt-ca` is how AWS IoT Core accepts MQTT with client c
 
 from __future__ import annotations
 
+import socket
 import ssl
 from pathlib import Path
 
@@ -32,6 +33,24 @@ def client_context(ca_bundle: Path, cert_file: Path, key_file: Path, alpn: list[
     if alpn:
         ctx.set_alpn_protocols(alpn)
     return ctx
+
+
+def peer_certificate(
+    ca_bundle: Path, cert_file: Path, key_file: Path, alpn: list[str], host: str, port: int, address: str = ""
+) -> bytes | None:
+    """The server's certificate (DER), fetched without verifying it, or None: only to say in a message why
+    verification failed (its dates against this gateway's clock). Nothing is sent over this connection."""
+    ctx = client_context(ca_bundle, cert_file, key_file, alpn)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((address or host, port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname=host) as tls_sock,
+        ):
+            return tls_sock.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError):
+        return None
 
 
 OPENSSL_TPM2_CONF = """\

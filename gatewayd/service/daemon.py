@@ -197,7 +197,12 @@ class Daemon:
                 self.downstream.ca.ensure()
                 registry = Registry(state_dir / "registry.db", self.config.gateway.thing_name)
                 components.callback(registry.close)
-                self.registry = RegistryService(registry, self.downstream.ca, self.config.gateway.thing_name)
+                self.registry = RegistryService(
+                    registry,
+                    self.downstream.ca,
+                    self.config.gateway.thing_name,
+                    clock_trusted=lambda: self.clock.synchronized,
+                )
                 self.registry.configure(self.config)
                 await components.enter_async_context(self.downstream)
                 if self.config.downstream.serial:

@@ -74,11 +74,13 @@ class RegistryService:
         local_ca: LocalCA,
         thing_name: str,
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        clock_trusted: Callable[[], bool] = lambda: True,
     ) -> None:
         self.registry = registry
         self.local_ca = local_ca
         self.thing = thing_name
         self.now = now
+        self.clock_trusted = clock_trusted  # the wall clock is synchronized (service/clock.py)
         self.settings = DownstreamSection()
         self._parsed_cas: dict[str, x509.Certificate] = {}  # by certificate id (a hash: never stale)
 
@@ -404,10 +406,13 @@ class RegistryService:
         except ValueError as exc:
             raise RegistryError(f"the transfer bundle's dates are malformed: {exc}") from None
         if expires <= now:
-            raise RegistryError(f"the transfer bundle is stale: it expired at {_iso(expires)}")
+            raise RegistryError(
+                f"the transfer bundle is stale: it expired at {_iso(expires)}{self._clock_hint()}"
+            )
         if dated > now + CLOCK_SKEW:
             raise RegistryError(
                 f"the transfer bundle is dated in the future ({_iso(dated)}): check the clocks"
+                f"{self._clock_hint()}"
             )
         cert = self._device_certificate(transfer.field(doc, "certificatePem", "transfer bundle"))
         if certificate_id(cert) != transfer.field(doc, "certificateId", "transfer bundle"):
@@ -565,9 +570,19 @@ class RegistryService:
     def _valid_now(self, cert: x509.Certificate, what: str) -> None:
         now = self.now()
         if not_after(cert) <= now:
-            raise RegistryError(f"the {what} expired at {_iso(not_after(cert))}")
+            raise RegistryError(f"the {what} expired at {_iso(not_after(cert))}{self._clock_hint()}")
         if not_before(cert) > now:
-            raise RegistryError(f"the {what} is not valid before {_iso(not_before(cert))}")
+            raise RegistryError(
+                f"the {what} is not valid before {_iso(not_before(cert))}{self._clock_hint()}"
+            )
+
+    def _clock_hint(self) -> str:
+        if self.clock_trusted():
+            return ""
+        return (
+            f" by the gateway's clock ({_iso(self.now())}), which is not synchronized and may be wrong "
+            "(`gatewayctl status` shows `clock`)"
+        )
 
     def _find_ca(self, cid: str) -> CaRow | None:
         try:

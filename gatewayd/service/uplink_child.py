@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime as dt
 import os
 import random
 import select
@@ -28,6 +29,7 @@ from gatewayd.adapters import tls
 from gatewayd.adapters.mqtt import Event, UpstreamClient
 from gatewayd.core import ipc
 from gatewayd.core.backoff import Backoff
+from gatewayd.core.der import certificate_validity as der_validity
 
 EXIT_BAD_SETUP = 3  # the TLS context could not be built (bad certificate/key/bundle): restarting cannot help
 READ_PACKETS = 128  # MQTT packets read per pass (a burst of PUBACKs is one pass, not one pass each)
@@ -46,6 +48,7 @@ class Child:
         self.sub_mids: dict[int, list[Any]] = {}
         self.stopping = False
         self.retry_now = False  # the network changed: the next attempt need not wait for the backoff
+        self._server_dates: tuple[dt.datetime, ...] | None = None  # fetched after a refusal for them
 
     # ---------------------------------------------------------------- IPC
 
@@ -259,9 +262,31 @@ class Child:
             self.client.connect(cfg["endpoint"], int(cfg["port"]), int(cfg["keepalive"]))
         except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
             self.client = None
-            self.state("failed", error=describe(exc))
+            self.state("failed", error=describe(exc) + self._dates_if_refused_for_them(exc))
             return False
         return True
+
+    def _dates_if_refused_for_them(self, exc: BaseException) -> str:
+        """For a server certificate refused for its dates (verify errors 9 and 10): its dates and this
+        gateway's time, so that a wrong clock can be told from a wrong certificate. The certificate is fetched
+        once per uplink process (a connection that sends nothing)."""
+        if not isinstance(exc, ssl.SSLCertVerificationError) or exc.verify_code not in (9, 10):
+            return ""
+        if self._server_dates is None:
+            cfg = self.config
+            der = tls.peer_certificate(
+                Path(cfg["ca_bundle"]), Path(cfg["cert_file"]), Path(cfg["key_file"]), cfg["alpn"],
+                cfg["endpoint"], int(cfg["port"]), cfg.get("connect_address", ""),
+            )  # fmt: skip
+            try:
+                self._server_dates = der_validity(der) if der else ()
+            except ValueError:
+                self._server_dates = ()
+        now = _iso(dt.datetime.now(dt.UTC))
+        if not self._server_dates:
+            return f" (this gateway's clock says {now})"
+        start, end = (_iso(d) for d in self._server_dates)
+        return f" (the server's certificate is valid from {start} to {end}; this gateway's clock says {now})"
 
     def serve(self) -> bool:
         """Pump until the connection ends; True if it had been accepted (CONNACK 0)."""
@@ -306,6 +331,10 @@ class Child:
                 self.client.loop_write()
             self.drop_connection()
         return accepted
+
+
+def _iso(when: dt.datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def describe(exc: BaseException) -> str:

@@ -174,6 +174,10 @@ class Upstream:
     # ------------------------------------------------------------------ trust
 
     def check_roots(self) -> None:
+        """Warn of trusted roots near expiry, by a synchronized clock only (checked again once it is)."""
+        if not self.clock_trusted():
+            self.root_warnings = []
+            return
         now = dt.datetime.now(dt.UTC)
         found = expiry_warnings(
             truststore.root_expiries(self.trust), now, self.config.upstream.root_expiry_warning_days
@@ -218,10 +222,12 @@ class Upstream:
         return self.spec_for(ready.version, self.config.gateway.thing_name)
 
     def _clock_suspect(self, reason: str) -> None:
-        """A certificate refused (or doubtful) for its dates while the clock is not known to be right."""
-        if reason == self._suspect:
+        """A certificate refused (or doubtful) for its dates while the clock is not known to be right; logged
+        once per problem (the dates and the time in parentheses change at every attempt)."""
+        key = reason.split(" (", 1)[0]
+        if key == self._suspect:
             return
-        self._suspect = reason
+        self._suspect = key
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         log.warning(
             "certificate dates and an unsynchronized clock (it says %s): %s; most likely the clock is wrong; "
@@ -234,6 +240,8 @@ class Upstream:
         is not connected tries again now (a failure for certificate dates may be gone)."""
         self._suspect = ""
         self.renewer.clock_changed()
+        if synchronized:
+            self.check_roots()
         if not self.uplink.connected:
             self.uplink.kick()
 
