@@ -108,7 +108,9 @@ def test_a_gateway_booted_behind_loses_nothing_and_renews_nothing_by_a_wrong_clo
     # clock problem, not a certificate problem
     gw.wait_logged(messages.CLOCK_SUSPECT, containing="own certificate")
     suspect = gw.wait_logged(messages.CLOCK_SUSPECT, containing="certificate is not yet valid")
-    assert "the server's certificate is valid from" in suspect and "this gateway's clock says 2026-" in suspect
+    assert (
+        "the server's certificate is valid from" in suspect and "this gateway's clock says 2026-" in suspect
+    )
     assert gw.status()["uplink"]["state"] != "connected"
 
     # Readings while offline: each acknowledged, on disk
