@@ -8,6 +8,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from gatewayd.core.der import certificate_validity
+from gatewayd.stores.x509util import not_after, not_before
 from gatewayd_dev import pki
 
 
@@ -21,7 +22,7 @@ def test_validity_of_certificates_in_both_time_encodings(kind: str) -> None:
     ):
         leaf = pki.make_client(root, "s", validity=pki.Validity.days(days, start))
         der = leaf.cert.public_bytes(serialization.Encoding.DER)
-        assert certificate_validity(der) == (leaf.cert.not_valid_before_utc, leaf.cert.not_valid_after_utc)
+        assert certificate_validity(der) == (not_before(leaf.cert), not_after(leaf.cert))
 
 
 def test_malformed_input_is_a_value_error() -> None:
