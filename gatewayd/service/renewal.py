@@ -142,7 +142,7 @@ class Renewer:
         self.now = now
         self.rand = rand
         self.state = state.load()
-        self.retry_at: float | None = None
+        self._retry_mono: float | None = None  # monotonic: when a failed renewal may be tried again
         self._scheduled: float | None = None
         self.finished = 0  # renewals ended (renewed, failed or rolled back) since the daemon started
         self._wake = asyncio.Event()
@@ -188,7 +188,15 @@ class Renewer:
         due = self.due()
         if due is None:
             return None
-        return max(due, self.retry_at) if self.retry_at is not None else due
+        retry_at = self.retry_at()
+        return max(due, retry_at) if retry_at is not None else due
+
+    def retry_at(self) -> float | None:
+        """When a failed renewal may be tried again, on the wall clock (counted on the monotonic clock, so a
+        wall-clock jump neither hastens nor delays it)."""
+        if self._retry_mono is None:
+            return None
+        return self.now() + max(self._retry_mono - time.monotonic(), 0.0)
 
     def _note_clock_wait(self, due: float) -> None:
         if not self._waiting_for_clock:
@@ -408,15 +416,19 @@ class Renewer:
         assert self.state.staged_version is not None and self.state.promoted_at is not None
         version = self.store.version(self.state.staged_version)
         cid = str(version.meta.get("certificateId"))
-        deadline = self.state.promoted_at + parse_duration(self.settings.rollback_window)
-        while self.now() < deadline:
+        window = parse_duration(self.settings.rollback_window)
+        # what is left of the window by the (persisted) promotion time, never more than the window (a clock
+        # set back), then counted on the monotonic clock (a jump during the window changes nothing)
+        left = min(max(self.state.promoted_at + window - self.now(), 0.0), window)
+        deadline = time.monotonic() + left
+        while time.monotonic() < deadline:
             if self.uplink.connected and self.connected_id() == cid:
                 self._advance(Event.CONFIRMED, attempt=0, last=Outcome(self.now(), "renewed", "", cid))
-                self.retry_at = None
+                self._retry_mono = None
                 await asyncio.to_thread(self._prune)
                 log.info("connected with certificate %s; renewal complete", cid)
                 return
-            await asyncio.sleep(min(1.0, max(deadline - self.now(), 0.05)))
+            await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
         await self._rollback(f"certificate {cid} did not connect within the rollback window")
 
     async def _rollback(self, reason: str) -> None:
@@ -456,7 +468,7 @@ class Renewer:
             parse_duration(self.settings.retry_max),
             self.rand(),
         )
-        self.retry_at = self.now() + delay
+        self._retry_mono = time.monotonic() + delay
         return delay
 
     def _prune(self) -> None:
