@@ -7,7 +7,13 @@ import os
 import socket
 from pathlib import Path
 
-from gatewayd.adapters.systemd import Notifier, StderrFormatter, under_systemd, watchdog_interval
+from gatewayd.adapters.systemd import (
+    JournalHandler,
+    Notifier,
+    StderrFormatter,
+    under_systemd,
+    watchdog_interval,
+)
 from gatewayd.core import messages
 
 
@@ -81,3 +87,26 @@ def test_notifier_never_blocks_when_nobody_reads(tmp_path: Path) -> None:
             notifier.status(f"state {i}")
         assert time.monotonic() - t0 < 2.0
         notifier.close()
+
+
+def test_a_client_id_cannot_forge_a_log_line() -> None:
+    """Issue 17, item 14: a newline in a client id made a second, forged line. Control characters are escaped
+    in the text (stderr and journald's MESSAGE); the journal fields keep the exact value."""
+    forged = "s1\n12:00:00.000 INFO    broker: sensor valve-1 connected\x1b[2K\u2028"
+    record = logging.LogRecord(
+        "gatewayd.broker", logging.INFO, __file__, 1, "sensor %s connected", (forged,), None
+    )
+    record.__dict__.update(messages.extra(messages.SENSOR_CONNECTED, client_id=forged))
+    line = StderrFormatter().format(record)
+    assert "\n" not in line and "\x1b" not in line and "\u2028" not in line
+    assert (
+        "sensor s1\\n12:00:00.000 INFO    broker: sensor valve-1 connected\\x1b[2K\\u2028 connected" in line
+    )
+    sent: list[tuple[str, dict[str, object]]] = []
+    handler = JournalHandler.__new__(JournalHandler)
+    logging.Handler.__init__(handler)
+    handler._send = lambda message, **fields: sent.append((message, fields))
+    handler.emit(record)
+    ((message, fields),) = sent
+    assert "\n" not in message and "\\n" in message
+    assert fields["GATEWAYD_CLIENT_ID"] == forged  # exact in the structured field

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -86,6 +87,23 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+# Characters that would let a logged value (a sensor's client id, a topic) start a line of its own or hide
+# text: C0 controls, DEL, NEL and the Unicode line and paragraph separators.
+_CONTROLS = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    ch = match.group()
+    return _NAMED.get(ch) or (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character escaped (a newline as backslash-n): a value that came from the
+    network cannot forge a log line. Journal fields (GATEWAYD_*) keep the exact values."""
+    return _CONTROLS.sub(_escape, text)
+
+
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
@@ -104,7 +122,7 @@ class JournalHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            message = record.getMessage()
+            message = printable(record.getMessage())
             if record.exc_info:
                 message += "\n" + "".join(traceback.format_exception(*record.exc_info))
             fields: dict[str, str | int] = {
@@ -139,13 +157,13 @@ class StderrFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = self.formatTime(record, "%H:%M:%S") + f".{int(record.msecs):03d}"
-        text = f"{stamp} {record.levelname:<7} {component_of(record)}: {record.getMessage()}"
+        text = f"{stamp} {record.levelname:<7} {component_of(record)}: {printable(record.getMessage())}"
         extras = dict(getattr(record, "fields", {}))
         message_id = getattr(record, "message_id", None)
         if message_id:
             extras = {"message_id": message_id, **extras}
         if extras:
-            text += " [" + " ".join(f"{k}={v}" for k, v in extras.items()) + "]"
+            text += " [" + " ".join(f"{k}={printable(str(v))}" for k, v in extras.items()) + "]"
         if record.exc_info:
             text += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
         return text

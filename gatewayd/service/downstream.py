@@ -14,6 +14,7 @@ from types import TracebackType
 
 from gatewayd.adapters.netlink import addresses as netlink_addresses
 from gatewayd.adapters.netlink import certificate_addresses
+from gatewayd.adapters.tls import TLS12_CIPHERS
 from gatewayd.core import messages
 from gatewayd.core.config import Config, ListenerSection
 from gatewayd.core.errors import GatewaydError
@@ -43,6 +44,7 @@ def server_context(cert_file: Path, key_file: Path, require_client_cert: bool) -
     CONNECT, not TLS's."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
     ctx.load_cert_chain(str(cert_file), str(key_file))
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
