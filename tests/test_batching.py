@@ -80,3 +80,13 @@ def test_many_readings_become_few_publishes() -> None:
     batches += b.due(2.0)
     print(f"\n10000 readings -> {len(batches)} publishes")
     assert len(batches) <= 10 and sum(len(json.loads(x.encode())["batch"]) for x in batches) == 10_000
+
+
+def test_a_deeply_nested_payload_is_carried_as_base64_not_a_crash() -> None:
+    """Issue 17, item 12: a sensor's 30,000-deep JSON raised RecursionError in the batcher."""
+    deep = b"[" * 30000 + b"]" * 30000
+    b = Batcher(max_bytes=200_000, max_delay=0.5)
+    b.add("gw/sensors/t", "s1", deep, now=1.0)
+    (batch,) = b.due(2.0)
+    (item,) = json.loads(batch.encode())["batch"]
+    assert base64.b64decode(item["payload"]["base64"]) == deep

@@ -52,6 +52,9 @@ def test_protocol(tmp_path: Path) -> None:
                 await call(request, path, "boom")
             assert (await call(raw, path, b"not json\n"))["error"].startswith("malformed request")
             assert (await call(raw, path, b'{"command": 5}\n'))["error"].startswith("malformed request")
+            deep = b'{"command": "echo", "args": {"x": ' + b"[" * 30000 + b"]" * 30000 + b"}}\n"
+            assert len(deep) < 65536  # within the request size: refused for its depth (issue 17, item 12)
+            assert (await call(raw, path, deep))["error"].startswith("malformed request")
             assert (await call(raw, path, b'{"command": "echo"}'))["ok"] is False  # no newline before EOF
             too_big = b'{"command": "echo", "args": {"x": "' + b"a" * 70000 + b'"}}\n'
             assert (await call(raw, path, too_big))["ok"] is False

@@ -17,12 +17,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from gatewayd.core import jsonsafe
+
 OVERHEAD = len('{"batch":[]}')
 
 
 def _item(client_id: str, payload: bytes, received: float) -> bytes:
     try:
-        value = json.loads(payload)
+        value = jsonsafe.loads(payload)
     except (ValueError, UnicodeDecodeError):
         value = {"base64": base64.b64encode(payload).decode()}
     body = {"clientId": client_id, "timestamp": int(received * 1000), "payload": value}

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from gatewayd.core import messages
+from gatewayd.core import jsonsafe, messages
 from gatewayd.core.errors import ControlError, GatewaydError
 
 log = logging.getLogger("gatewayd.control")
@@ -138,7 +138,7 @@ class ControlServer:
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
             return {"ok": False, "error": "request must be one JSON line within 5 s and 64 KiB"}
         try:
-            request = json.loads(line)
+            request = jsonsafe.loads(line)
             command, args = request["command"], request.get("args", {})
             if not isinstance(command, str) or not isinstance(args, dict):
                 raise TypeError

@@ -22,6 +22,7 @@ import signal
 from collections.abc import Callable, MutableMapping
 from typing import Any, Protocol
 
+from gatewayd.core import jsonsafe
 from gatewayd.core.errors import GatewaydError
 from gatewayd.stores.x509util import CertificateError, load_pem_certificates
 
@@ -212,7 +213,7 @@ class FleetProvisioningIssuer:
                 self.routes.pop(reply, None)
                 self.uplink.unsubscribe(reply)
         try:
-            body = json.loads(payload)
+            body = jsonsafe.loads(payload)
             if not isinstance(body, dict):
                 raise ValueError
         except ValueError:

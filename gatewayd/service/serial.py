@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import termios
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gatewayd.adapters.udev import UdevDevice
-from gatewayd.core import messages
+from gatewayd.core import jsonsafe, messages
 from gatewayd.core.config import Config, SerialSection
 
 log = logging.getLogger("gatewayd.serial")
@@ -262,7 +261,7 @@ class SerialSensors:
     def _record(self, port: Port, record: bytes) -> None:
         if port.rule.format == "json":
             try:
-                json.loads(record)
+                jsonsafe.loads(record)
             except ValueError as exc:
                 self._drop(port, f"not JSON ({exc})")
                 return

@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gatewayd.core import jsonsafe
 from gatewayd.stores.registry import RegistryError
 from gatewayd.stores.x509util import certificate_id, pem
 
@@ -50,7 +51,7 @@ def parse(text: str, fmt: str, what: str, expect_signer: str | None = None) -> d
     if len(text.encode()) > MAX_FILE:
         raise RegistryError(f"the {what} is larger than {MAX_FILE} bytes: not a transfer file")
     try:
-        doc = json.loads(text)
+        doc = jsonsafe.loads(text)
     except ValueError:
         raise RegistryError(f"the {what} is not JSON: not a transfer file") from None
     if not isinstance(doc, dict) or doc.get("format") != fmt:
