@@ -267,7 +267,9 @@ def test_list_certificates_pages(gw: Gw) -> None:
 
 
 @pytest.mark.parametrize("how", ["deactivate", "revoke", "ca"])
-def test_live_revocation_disconnects_a_third_party_client_within_a_second(gw: Gw, how: str) -> None:
+def test_live_revocation_disconnects_a_third_party_client_within_a_second(
+    gw: Gw, how: str, devstack: DevStack
+) -> None:
     ca = pki.make_root(f"Live CA {how}", "ecc")
     ca_id = register_ca(gw.config, ca)
     name = f"live-{how}"
@@ -295,11 +297,18 @@ def test_live_revocation_disconnects_a_third_party_client_within_a_second(gw: Gw
             f"commands/{name}/#",
             "-V",
             "mqttv311",
+            "--will-topic",
+            f"sensors/{name}/will",
+            "--will-payload",
+            "gone",
+            "--will-qos",
+            "1",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    wills = Observer(devstack, f"gw-reg-a/sensors/{name}/will", gw.workdir / f"wills-{name}.txt")
     try:
         wait_until(
             lambda: name in [c["clientId"] for c in gw.request("list-connections")["connections"]],
@@ -320,12 +329,15 @@ def test_live_revocation_disconnects_a_third_party_client_within_a_second(gw: Gw
         print(f"\n{how}: connection closed {gone * 1000:.0f} ms after the command was sent")
         assert gone < 1.0
         assert f"disconnecting sensor {name}:" in gw.daemon.log()  # type: ignore[union-attr]
+        time.sleep(1.0)  # a will would be upstream well within this (issue 17, item 11: none is)
+        assert wills.lines() == []
         paho5 = gw.sensor(name)  # the same certificate over MQTT 5.0
         try:
             assert paho5.connect() == 0x87
         finally:
             paho5.stop()
     finally:
+        wills.stop()
         if sub.poll() is None:
             sub.kill()
             sub.wait()

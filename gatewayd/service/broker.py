@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import ssl
@@ -649,7 +650,8 @@ class Broker:
                 extra=messages.extra(messages.SENSOR_ADMISSION_REVOKED, client_id=client.client_id,
                                      certificate_id=client.peer.certificate_id, reason=refusal[1]),
             )  # fmt: skip
-            self.disconnect(client.client_id, refusal[0], refusal[1])
+            # its will is not published: the certificate no longer speaks for anyone (issue 17, item 11)
+            self.disconnect(client.client_id, refusal[0], refusal[1], with_will=False)
             closed += 1
         return closed
 
@@ -658,11 +660,15 @@ class Broker:
         client_id: str,
         reason: int = Reason.ADMINISTRATIVE_ACTION,
         why: str = "disconnected by the administrator",
+        with_will: bool = True,
     ) -> bool:
         client = self.clients.get(client_id)
         if client is None:
             return False
-        self._end(client, client.conn.disconnect(reason, why))
+        closed = client.conn.disconnect(reason, why)
+        if not with_will and closed is not None and closed.will is not None:
+            closed = dataclasses.replace(closed, will=None)
+        self._end(client, closed)
         self._flush(client.conn, client.writer)
         client.writer.close()
         return True
