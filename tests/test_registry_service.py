@@ -4,6 +4,7 @@ deactivate, revoke, list, delete), with every input check."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import re
@@ -109,6 +110,42 @@ def test_admission_follows_status_and_ca_status(svc: RegistryService) -> None:
     sid = hashlib.sha256(_der(stranger)).hexdigest()
     assert svc.admission(_der(stranger)) == Admission(False, 0x87, f"certificate {sid} is not registered")
     assert svc.admission(None) == Admission(True)
+
+
+def test_a_revocation_outlives_the_deletion_of_the_certificate(svc: RegistryService, tmp_path: Path) -> None:
+    """Issue 17, item 9: with auto-registration and auto_activate, a deleted REVOKED certificate came back
+    ACTIVE at its next connection."""
+    svc.settings = dataclasses.replace(svc.settings, auto_activate=True)
+    fleet_ca = pki.make_root("Fleet CA", "ecc")
+    code = svc.get_registration_code()["registrationCode"]
+    svc.register_ca_certificate(
+        fleet_ca.cert_pem().decode(), pki.make_client(fleet_ca, code).cert_pem().decode(),
+        set_as_active=True, allow_auto_registration=True,
+    )  # fmt: skip
+    dev = pki.make_client(fleet_ca, "dev")
+    der = _der(dev.cert_pem().decode())
+    cid = hashlib.sha256(der).hexdigest()
+    assert svc.admission(der).admitted  # registered just in time, ACTIVE
+    svc.update_certificate(cid, "REVOKED")
+    svc.delete_certificate(cid)
+    refused = Admission(False, 0x87, f"certificate {cid} was revoked (and deleted since)")
+    assert svc.admission(der) == refused
+    assert svc.registry.find(cid) is None  # not auto-registered again
+    reopened = RegistryService(Registry(tmp_path / "registry.db", "gw-1"), svc.local_ca, "gw-1")
+    reopened.settings = svc.settings
+    assert reopened.admission(der) == refused  # remembered on disk
+    reopened.register_certificate(dev.cert_pem().decode(), status="ACTIVE")  # an operator's explicit act
+    assert reopened.admission(der).admitted
+
+
+def test_a_registry_of_schema_1_gains_the_revoked_table(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "old.db", "gw-1")
+    registry.db.execute("DROP TABLE revoked")
+    registry.db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    registry.close()
+    again = Registry(tmp_path / "old.db", "gw-1")
+    assert again.was_revoked("0" * 64) is False
+    assert again.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
 
 
 def test_register_without_ca_and_input_checks(svc: RegistryService) -> None:

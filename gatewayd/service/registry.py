@@ -294,6 +294,10 @@ class RegistryService:
         row = self.registry.find(cid)
         event = None
         if row is None:
+            if self.registry.was_revoked(cid):  # deleted while revoked: never auto-registered again
+                return Admission(
+                    False, Reason.NOT_AUTHORIZED, f"certificate {cid} was revoked (and deleted since)"
+                )
             auto = self._auto_register(der_, cid, client_id)
             if auto is None:
                 return Admission(False, Reason.NOT_AUTHORIZED, f"certificate {cid} is not registered")

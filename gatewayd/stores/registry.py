@@ -22,7 +22,7 @@ from gatewayd.core.errors import GatewaydError
 from gatewayd.core.registry import Action, AutoRegistration, CaStatus, Status, deletable, transition
 from gatewayd.stores.x509util import certificate_id, not_after, not_before, pem
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the revoked table
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,6 +55,12 @@ CREATE TABLE certificates (
 );
 CREATE INDEX certificates_by_ca ON certificates(ca_certificate_id);
 CREATE INDEX certificates_by_creation ON certificates(creation_date, certificate_id);
+"""
+
+# Certificates deleted while REVOKED: a revocation outlives the record, so auto-registration never brings
+# the certificate back (an operator's explicit registration does, and clears it).
+_REVOKED = """
+CREATE TABLE IF NOT EXISTS revoked (certificate_id TEXT PRIMARY KEY, revoked_at TEXT NOT NULL)
 """
 
 
@@ -120,7 +126,7 @@ class Registry:
                 "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
             ).fetchone()
             if not has_meta:
-                for statement in filter(str.strip, _SCHEMA.split(";")):
+                for statement in filter(str.strip, (_SCHEMA + ";" + _REVOKED).split(";")):
                     self.db.execute(statement)  # not executescript(): it would commit the open transaction
                 self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                 return
@@ -129,6 +135,9 @@ class Registry:
                 raise RegistryError(
                     f"{self.path} has schema version {version}, newer than this gatewayd ({SCHEMA_VERSION})"
                 )
+            if int(version) < 2:
+                self.db.execute(_REVOKED)
+                self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
 
     @contextmanager
     def _write(self) -> Iterator[None]:
@@ -209,6 +218,7 @@ class Registry:
         with self._write():
             if self.db.execute("SELECT 1 FROM certificates WHERE certificate_id=?", (cid,)).fetchone():
                 raise RegistryError(f"certificate {cid} is already registered")
+            self.db.execute("DELETE FROM revoked WHERE certificate_id=?", (cid,))  # registered on purpose
             if ca_id is not None:
                 self.ca(ca_id)
             self.db.execute(
@@ -257,10 +267,17 @@ class Registry:
 
     def delete(self, cid: str) -> None:
         with self._write():
-            reason = deletable(self.get(cid).status)
+            current = self.get(cid)
+            reason = deletable(current.status)
             if reason:
                 raise RegistryError(reason)
+            if current.status is Status.REVOKED:  # the revocation is remembered (see _REVOKED): since when
+                self.db.execute("INSERT OR IGNORE INTO revoked VALUES (?, ?)", (cid, current.last_modified))
             self.db.execute("DELETE FROM certificates WHERE certificate_id=?", (cid,))
+
+    def was_revoked(self, cid: str) -> bool:
+        """Deleted while REVOKED (and not registered again explicitly since)."""
+        return self.db.execute("SELECT 1 FROM revoked WHERE certificate_id=?", (cid,)).fetchone() is not None
 
     def page(
         self,
