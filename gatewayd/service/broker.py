@@ -53,7 +53,15 @@ from gatewayd.core.mqtt.session import (
     SubscribeRequest,
     UnsubscribeRequest,
 )
-from gatewayd.core.mqtt.topics import BoundPolicy, Policy, TopicMap, aws_topic_problem, filter_covers, matches
+from gatewayd.core.mqtt.topics import (
+    BoundPolicy,
+    Policy,
+    TopicMap,
+    aws_topic_problem,
+    filter_covers,
+    identity_problem,
+    matches,
+)
 from gatewayd.core.mqtt.topics import policy_variables as variables
 
 log = logging.getLogger("gatewayd.broker")
@@ -380,6 +388,10 @@ class Broker:
         """Why this CONNECT is refused (reason code, why), or None to accept it."""
         if not client_id:
             return Reason.CLIENT_IDENTIFIER_NOT_VALID, "empty client id and no certificate CN to use"
+        for what, value in (("client id", client_id), ("certificate CN", peer.common_name)):
+            problem = identity_problem(value)  # checked before any session exists (issue 17, items 4-5)
+            if problem is not None:
+                return Reason.CLIENT_IDENTIFIER_NOT_VALID, f"{what} {value!r} {problem}"
         if (
             self.config.downstream.client_id_must_match_cn
             and peer.certificate_id

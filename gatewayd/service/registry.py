@@ -22,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from gatewayd.core import messages
 from gatewayd.core.config import Config, DownstreamSection, check_thing_name, parse_utc
 from gatewayd.core.mqtt.packets import Reason
+from gatewayd.core.mqtt.topics import identity_problem
 from gatewayd.core.registry import Action, AutoRegistration, CaStatus, Status, admits, update_action
 from gatewayd.stores import transfer
 from gatewayd.stores.localca import LocalCA
@@ -197,6 +198,9 @@ class RegistryService:
         (client_id_must_match_cn)."""
         if common_name_ and (len(common_name_) > 64 or not common_name_.isprintable()):
             raise RegistryError("--common-name must be 1-64 printable characters")
+        problem = identity_problem(common_name_)  # a CN the listener would refuse at CONNECT
+        if problem is not None:
+            raise RegistryError(f"--common-name {problem}")
         common_name_ = common_name_ or f"sensor-{secrets.token_hex(6)}"
         if not_after_ is None:
             not_after_ = parse_utc(self.settings.certificate_not_after)

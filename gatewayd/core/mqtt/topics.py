@@ -7,6 +7,7 @@ starting with '$' (section 4.7.2).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -55,6 +56,25 @@ def filter_covers(outer: str, inner: str) -> bool:
     return len(olevels) == len(ilevels)
 
 
+# What a client id or a certificate's CN may not contain, since either becomes part of topic filters through
+# the policy variables: wildcards and '/' (they would widen a filter or add levels), "${" (a variable in a
+# variable), control characters. At most AWS IoT's 128 bytes of client id.
+MAX_IDENTITY_BYTES = 128
+_BAD_IDENTITY = re.compile("[+#/\x00-\x1f\x7f\x85\u2028\u2029]|\\$\\{")
+_VARIABLE_NAME = re.compile(r"\$\{([^}]*)\}")
+
+
+def identity_problem(value: str) -> str | None:
+    """Why `value` (a client id, a certificate CN) cannot stand in a policy variable, or None."""
+    if len(value.encode()) > MAX_IDENTITY_BYTES:
+        return f"is longer than {MAX_IDENTITY_BYTES} bytes"
+    bad = _BAD_IDENTITY.search(value)
+    if bad is not None:
+        shown = bad.group() if bad.group() in ("+", "#", "/", "${") else f"\\x{ord(bad.group()):02x}"
+        return f"contains {shown!r} (refused: it would become part of the policy's topic filters)"
+    return None
+
+
 def policy_variables(client_id: str, common_name: str, thing_name: str) -> dict[str, str]:
     return {
         "iot:ClientId": client_id,
@@ -73,17 +93,26 @@ class Policy:
     deny_subscribe: tuple[str, ...] = ()
 
     def bind(self, variables: Mapping[str, str]) -> BoundPolicy:
-        def each(filters: tuple[str, ...]) -> tuple[str, ...]:
+        """Expand the variables. A rule using a variable whose value cannot stand in a filter (see
+        identity_problem; the broker refuses such identities at CONNECT, this is the second line) is dropped
+        when it allows and becomes "#" when it denies: it fails closed, never open."""
+        unusable = {name for name, value in variables.items() if identity_problem(value)}
+
+        def each(filters: tuple[str, ...], deny: bool) -> tuple[str, ...]:
             out = []
             for f in filters:
-                value = variables.get("iot:ClientId", "")
-                if any(c in value for c in "+#/") and "${iot:ClientId}" in f:
-                    continue  # a client id with wildcards or '/' must not widen a filter: drop the rule
+                if unusable & set(_VARIABLE_NAME.findall(f)):
+                    if deny:
+                        out.append("#")
+                    continue
                 out.append(expand(f, variables))
             return tuple(out)
 
         return BoundPolicy(
-            each(self.publish), each(self.subscribe), each(self.deny_publish), each(self.deny_subscribe)
+            each(self.publish, False),
+            each(self.subscribe, False),
+            each(self.deny_publish, True),
+            each(self.deny_subscribe, True),
         )
 
 
