@@ -204,7 +204,7 @@ def test_delete_and_list(svc: RegistryService) -> None:
 
 
 def test_a_common_name_the_listener_would_refuse_is_refused_at_creation(svc: RegistryService) -> None:
-    """Issue 17, item 4: create-keys-and-certificate accepted a CN with "${" (then TemplateError at CONNECT)."""
+    """Issue 17, item 4: create-keys-and-certificate accepted a CN with "${" (TemplateError at CONNECT)."""
     for cn in ("${iot:ClientId}", "a/b", "+", "#"):
         with pytest.raises(RegistryError, match="--common-name contains"):
             svc.create_keys_and_certificate(cn)
