@@ -4,13 +4,22 @@ live daemon's hostile-client suite grows beside it as the issue's items are done
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
+import resource
+import time
 from pathlib import Path
 
 import pytest
 
+from gatewayd.core import messages
+from gatewayd.core.mqtt.codec import encode
 from gatewayd.core.mqtt.packets import MQTT_5, MQTT_311, Connack, Connect
 from gatewayd.core.mqtt.topics import Policy, identity_problem, policy_variables
 from gatewayd.service.broker import Broker
+from gatewayd.service.daemon import file_descriptors
+from gatewayd.service.downstream import PendingGate
+from gatewayd.service.logsetup import RateLimit
 
 from .test_broker_failures import RawSensor, _config, _serve
 
@@ -66,3 +75,86 @@ def test_deny_rules_fail_closed_and_allow_rules_drop() -> None:
     fine = policy.bind(policy_variables("s1", "s1", "gw"))
     assert fine.may_publish("sensors/s1/t") and not fine.may_publish("sensors/s1/config")
     assert fine.may_subscribe("commands/s1/status") and not fine.may_subscribe("commands/s1/secret")
+
+
+def test_a_slow_sender_gets_no_more_time_than_connect_timeout(tmp_path: Path) -> None:
+    """Item 2: one byte every 0.8 s kept a connection that never completed CONNECT open for 75 s and more
+    (each byte reset the read timeout that enforced connect_timeout)."""
+    config = _config(tmp_path)
+    config = dataclasses.replace(config, downstream=dataclasses.replace(config.downstream, connect_timeout=2))
+    broker = Broker(config, None)
+
+    async def body(port: int) -> None:
+        sensor = await asyncio.to_thread(RawSensor, port, MQTT_311)
+        started = time.monotonic()
+        data = encode(Connect("slow", MQTT_311), MQTT_311)
+        closed_after = None
+        for byte in data[:-1]:  # never the whole CONNECT
+            try:
+                sensor.sock.sendall(bytes([byte]))
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+            await asyncio.sleep(0.4)
+            if time.monotonic() - started > 8:
+                break
+        if closed_after is None:
+            sensor.sock.settimeout(3)
+            assert await asyncio.to_thread(sensor.read_until, 1) == [] and sensor.closed
+            closed_after = time.monotonic() - started
+        assert closed_after < 2 + 1.5, closed_after
+        sensor.close()
+
+    asyncio.run(_serve(broker, body))
+
+
+def test_pending_gate_bounds_in_all_and_per_address(caplog: pytest.LogCaptureFixture) -> None:
+    """Item 1: connections before CONNECT were unbounded (1,200 bare TCP connections took every fd)."""
+    caplog.set_level(logging.WARNING, logger="gatewayd.downstream")
+    gate = PendingGate(total=5, per_address=2)
+    assert gate.enter("192.0.2.1") and gate.enter("192.0.2.1")
+    assert not gate.enter("192.0.2.1")  # a third from one address
+    assert (
+        gate.enter("::1") and gate.enter("127.0.0.2") and gate.enter("127.0.0.2")
+    )  # loopback: no per-address cap
+    assert not gate.enter("198.51.100.7")  # 5 pending in all
+    assert gate.refused == 2
+    gate.leave("192.0.2.1")
+    assert gate.enter("198.51.100.7")
+    assert gate.pending == 5 and gate.by_address == {
+        "192.0.2.1": 1,
+        "::1": 1,
+        "127.0.0.2": 2,
+        "198.51.100.7": 1,
+    }
+    limited = [r for r in caplog.records if getattr(r, "message_id", "") == messages.CONNECTIONS_LIMITED.id]
+    assert len(limited) == 1  # the second refusal within 10 s is counted, not logged
+
+
+def test_asyncio_records_are_rate_limited() -> None:
+    """Item 1: asyncio's accept retries wrote 122,000 log lines in 10 s; one of a kind per 10 s now."""
+    now = [0.0]
+    limit = RateLimit(clock=lambda: now[0])
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)
+
+    passed = [limit.filter(record("socket.accept() out of system resource")) for _ in range(1000)]
+    assert passed.count(True) == 1
+    assert limit.filter(record("another kind"))
+    now[0] = 10.5
+    again = record("socket.accept() out of system resource")
+    assert limit.filter(again) and "999 more like this held back" in again.getMessage()
+
+
+def test_the_open_files_limit_is_raised_and_checked(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    config = _config(tmp_path)
+    assert file_descriptors(config) == hard  # the soft limit raised to the hard one
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+    caplog.set_level(logging.WARNING, logger="gatewayd.daemon")
+    huge = dataclasses.replace(
+        config, downstream=dataclasses.replace(config.downstream, max_connections=hard)
+    )
+    file_descriptors(huge)
+    assert "raise LimitNOFILE=" in caplog.text

@@ -448,7 +448,23 @@ class DownstreamSection:
     client_id_must_match_cn: bool = opt(
         True, "A sensor's MQTT client id must equal its certificate's CN.", live=True
     )
-    connect_timeout: int = opt(10, "Seconds a new connection has to send CONNECT.", minimum=1)
+    connect_timeout: int = opt(
+        10,
+        "Seconds from a new connection's accept to its CONNECT, TLS handshake included; then it is closed.",
+        minimum=1,
+    )
+    max_pending_connections: int = opt(
+        256,
+        "Connections accepted that have not completed their CONNECT yet (TLS handshake included); more are "
+        "closed at once.",
+        minimum=1,
+    )
+    max_pending_per_address: int = opt(
+        32,
+        "Of those, from one source address (loopback addresses excepted: local processes); more are closed "
+        "at once.",
+        minimum=1,
+    )
     max_connections: int = opt(1000, "Connections at once; more are refused at once.", minimum=1)
     max_packet_size: int = opt(
         131072, "Largest packet accepted from a sensor (bytes).", minimum=128, maximum=268435460

@@ -352,6 +352,19 @@ SPOOL_FULL = Message(
     "Restore the uplink, or raise spool.max_bytes.",
     fields="GATEWAYD_SPOOL_BYTES, GATEWAYD_SPOOL_MESSAGES",
 )
+CONNECTIONS_LIMITED = Message(
+    "CONNECTIONS_LIMITED",
+    "be287c52a40844188f8034b9257662ac",
+    Priority.WARNING,
+    "New connections to the sensor listener were closed at once, before any MQTT exchange: too many were "
+    "pending (accepted, TLS handshake or CONNECT not complete) in all (downstream.max_pending_connections) "
+    "or from one address (downstream.max_pending_per_address). Logged at most every 10 s with the count. "
+    "Sensors see their connection closed and try again.",
+    "A connection flood or a scan from the LAN: find the address in GATEWAYD_ADDRESS and block it. A fleet "
+    "reconnecting at once behind one NAT address: raise max_pending_per_address.",
+    fields="GATEWAYD_REFUSED, GATEWAYD_PENDING, GATEWAYD_ADDRESS",
+)
+
 CLOCK_UNSYNCHRONIZED = Message(
     "CLOCK_UNSYNCHRONIZED",
     "3f2546e1af7c4e27bd2ce66c37247e18",
@@ -568,6 +581,7 @@ ALL: tuple[Message, ...] = (
     SPOOL_REPAIRED,
     SPOOL_MIGRATED,
     UPLINK_THROTTLED,
+    CONNECTIONS_LIMITED,
     CLOCK_UNSYNCHRONIZED,
     CLOCK_SYNCHRONIZED,
     CLOCK_JUMPED,

@@ -172,9 +172,18 @@ class Broker:
 
     # ------------------------------------------------------------------ one connection
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener: str) -> None:
+    async def serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        listener: str,
+        accepted_at: float | None = None,
+        connected: Callable[[], None] = lambda: None,
+    ) -> None:
         """Run one sensor connection to its end. Nothing escapes but cancellation: a failure of ours (a bug)
-        closes this connection only (SENSOR_CONNECTION_FAILED), never the listener or another sensor."""
+        closes this connection only (SENSOR_CONNECTION_FAILED), never the listener or another sensor.
+        `accepted_at` (monotonic): when the connection was accepted, from which connect_timeout counts;
+        `connected` is called once its CONNECT is accepted."""
         try:
             peer = _peer(writer, listener)
         except Exception as exc:  # nothing else can be said of this connection: log it and close it
@@ -185,7 +194,7 @@ class Broker:
             )  # fmt: skip
             writer.close()
             return
-        conn = ServerConnection(time.monotonic(), self.limits)
+        conn = ServerConnection(time.monotonic() if accepted_at is None else accepted_at, self.limits)
         wake = asyncio.Event()  # set when an acknowledgement lets held packets go on (conn.waiting)
         client: Client | None = None
         try:
@@ -194,6 +203,8 @@ class Broker:
                 while events:  # then what waited behind them (packets after a CONNECT, a full window)
                     for event in events:
                         client = self._on_event(conn, writer, peer, client, event, wake) or client
+                    if client is not None:
+                        connected()
                     events = conn.resume(time.monotonic())
                 self._flush(conn, writer)
                 if (

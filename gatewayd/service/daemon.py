@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Mapping
@@ -57,6 +58,29 @@ log = logging.getLogger("gatewayd.daemon")
 SHUTDOWN_BUDGET = 8.0  # seconds; systemd's TimeoutStopSec must be larger (the unit uses 10 s or more)
 HOLD_ENV = "GATEWAYD_DEBUG_RENEWAL_HOLD"  # with DEBUG_ENV: checkpoints where renewals pause (tests)
 DEBUG_ENV = "GATEWAYD_DEBUG_COMMANDS"  # "1" enables debug-only control commands (tests, never in production)
+
+
+FD_RESERVE = 128  # file descriptors besides sensor connections: state files, the uplink, journald, helpers
+
+
+def file_descriptors(config: Config) -> int:
+    """Raise the soft limit on open files to the hard one (systemd's LimitNOFILE=, or the shell's), and warn
+    when even that cannot hold max_connections + max_pending_connections + FD_RESERVE: past it, accept()
+    fails and a real sensor is locked out. Returns the soft limit in force."""
+    d = config.downstream
+    needed = d.max_connections + d.max_pending_connections + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "open files limited to %d, fewer than downstream.max_connections + max_pending_connections + "
+            "%d = %d: raise LimitNOFILE= in a drop-in for the unit (`systemctl edit gatewayd`) or lower them",
+            soft, FD_RESERVE, needed,
+        )  # fmt: skip
+    return int(soft)
 
 
 class Daemon:
@@ -150,6 +174,7 @@ class Daemon:
         state_dir = Path(self.config.gateway.state_dir)
         ensure_state_dir(state_dir)
         self.clock.announce()
+        file_descriptors(self.config)
         handlers = {
             "status": self._cmd_status,
             "identity": self._cmd_identity,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import ssl
 import time
@@ -62,6 +63,69 @@ def interface_addresses() -> list[str] | None:
         return None
 
 
+class PendingGate:
+    """Connections between accept and an accepted CONNECT (TLS handshake included), counted in all and per
+    source address: beyond `downstream.max_pending_connections` or `max_pending_per_address` (loopback
+    excepted) a new one is closed at once, so strangers cannot take the file descriptors and memory that
+    sensors need. What is refused is logged at most once per LOG_EVERY seconds, with the counts."""
+
+    LOG_EVERY = 10.0
+
+    def __init__(self, total: int, per_address: int) -> None:
+        self.total, self.per_address = total, per_address
+        self.pending = 0
+        self.by_address: dict[str, int] = {}
+        self.refused = 0  # since the daemon started
+        self._unlogged = 0
+        self._logged_at = -self.LOG_EVERY
+
+    def enter(self, address: str) -> bool:
+        count = self.by_address.get(address, 0)
+        limited = address and not _loopback(address) and count >= self.per_address
+        if self.pending >= self.total or limited:
+            self.refused += 1
+            self._unlogged += 1
+            self._log(address, "per address" if limited else "in all")
+            return False
+        self.pending += 1
+        self.by_address[address] = count + 1
+        return True
+
+    def leave(self, address: str) -> None:
+        self.pending -= 1
+        left = self.by_address[address] - 1
+        if left:
+            self.by_address[address] = left
+        else:
+            del self.by_address[address]
+
+    def _log(self, address: str, which: str) -> None:
+        now = time.monotonic()
+        if now - self._logged_at < self.LOG_EVERY:
+            return
+        self._logged_at = now
+        log.warning(
+            "closed %d new connection(s) before CONNECT: too many pending (%d %s, limit %d in all and %d per "
+            "address); the last from %s", self._unlogged, self.pending, which, self.total, self.per_address,
+            address or "a local socket",
+            extra=messages.extra(messages.CONNECTIONS_LIMITED, refused=self._unlogged, pending=self.pending,
+                                 address=address),
+        )  # fmt: skip
+        self._unlogged = 0
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _address(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+
 def listener_name(lst: ListenerSection) -> str:
     return lst.address if lst.address.startswith("unix:") else f"{lst.address}:{lst.port}"
 
@@ -86,6 +150,8 @@ class Downstream:
         self._connections: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.server: ServerIdentity | None = None
+        d = config.downstream
+        self.pending = PendingGate(d.max_pending_connections, d.max_pending_per_address)
 
     async def __aenter__(self) -> Downstream:
         d = self.config.downstream
@@ -108,25 +174,22 @@ class Downstream:
                     self._contexts.append(ctx)
                 name = listener_name(lst)
 
-                async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter, name: str = name) -> None:
-                    task = asyncio.current_task()
-                    assert task is not None
-                    self._connections.add(task)
-                    try:
-                        await self.broker.serve(r, w, name)
-                    finally:
-                        self._connections.discard(task)
+                async def handle(
+                    r: asyncio.StreamReader,
+                    w: asyncio.StreamWriter,
+                    name: str = name,
+                    ctx: ssl.SSLContext | None = ctx,
+                ) -> None:
+                    await self._handle(r, w, name, ctx)
 
                 if lst.address.startswith("unix:"):
                     path = Path(lst.address[5:])
                     if path.is_socket():
                         path.unlink()  # left by a previous run (the state-dir lock proves none is running)
-                    srv = await asyncio.start_unix_server(handle, path=str(path), ssl=ctx)
+                    srv = await asyncio.start_unix_server(handle, path=str(path))
                     path.chmod(0o660)  # local processes of this user and group only
                 else:
-                    srv = await asyncio.start_server(
-                        handle, lst.address, lst.port, ssl=ctx, reuse_address=True
-                    )
+                    srv = await asyncio.start_server(handle, lst.address, lst.port, reuse_address=True)
                 self._servers.append(srv)
                 mode = (
                     "TLS, client certificates required"
@@ -150,6 +213,41 @@ class Downstream:
         self._time_checks()
         self._sweeper = asyncio.create_task(self._sweep(), name="session-expiry")
         return self
+
+    async def _handle(
+        self, r: asyncio.StreamReader, w: asyncio.StreamWriter, name: str, ctx: ssl.SSLContext | None
+    ) -> None:
+        """One accepted connection: admitted by the pending gate, then TLS (started here, not by the server,
+        so that the gate and the CONNECT deadline count from the accept), then the broker."""
+        accepted = time.monotonic()
+        address = _address(w)
+        if not self.pending.enter(address):
+            w.transport.abort()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        left = False
+
+        def connected() -> None:  # CONNECT accepted (or the connection ended): no longer pending
+            nonlocal left
+            if not left:
+                left = True
+                self.pending.leave(address)
+
+        try:
+            if ctx is not None:
+                timeout = max(accepted + self.config.downstream.connect_timeout - time.monotonic(), 0.1)
+                try:
+                    await w.start_tls(ctx, ssl_handshake_timeout=timeout)
+                except (OSError, ssl.SSLError, TimeoutError) as exc:
+                    log.debug("TLS handshake with %s on %s failed: %s", address or "a local peer", name, exc)
+                    w.transport.abort()
+                    return
+            await self.broker.serve(r, w, name, accepted_at=accepted, connected=connected)
+        finally:
+            connected()
+            self._connections.discard(task)
 
     def _names_and_addresses(self, interfaces: list[str] | None) -> tuple[list[str], list[str]]:
         listeners = [

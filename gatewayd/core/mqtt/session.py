@@ -189,6 +189,10 @@ class ServerConnection:
     def receive(self, data: bytes, now: float) -> list[Event]:
         if self.state is State.CLOSED:
             return []
+        if self._connect_overdue(now):  # a client sending slowly does not get more time (issue 17, item 2)
+            return [
+                self._close(Reason.MAXIMUM_CONNECT_TIME, "no CONNECT in time", with_will=False, send=False)
+            ]
         self.last_seen = now
         self.bytes_in += len(data)
         self.decoder.push(data)
@@ -251,13 +255,21 @@ class ServerConnection:
         if self.waiting:
             self.last_seen = now  # the client is not silent: we hold back what it sent (flow control)
             return []
-        if self.state is State.AWAIT_CONNECT and now - self.created > self.limits.connect_timeout:
+        if self._connect_overdue(now):
             return [
                 self._close(Reason.MAXIMUM_CONNECT_TIME, "no CONNECT in time", with_will=False, send=False)
             ]
         if self.state is State.CONNECTED and self.keepalive and now - self.last_seen > 1.5 * self.keepalive:
             return [self._close(Reason.KEEP_ALIVE_TIMEOUT, "keepalive timeout", with_will=True)]
         return []
+
+    def _connect_overdue(self, now: float) -> bool:
+        """No CONNECT within connect_timeout of the connection's creation (its accept)."""
+        return (
+            self.state is State.AWAIT_CONNECT
+            and not self._deciding
+            and now - self.created > self.limits.connect_timeout
+        )
 
     def _handle(self, packet: Packet, now: float) -> list[Event]:
         if self.state is State.AWAIT_CONNECT:
