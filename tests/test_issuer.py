@@ -85,3 +85,51 @@ def test_oversized_output_is_refused(tmp_path: Path) -> None:
     script.chmod(0o755)
     with pytest.raises(IssuerError, match="printed more than 262144 bytes"):
         asyncio.run(CommandIssuer((str(script),), 10).issue(b"csr"))
+
+
+def test_a_chatty_issuer_is_not_blocked_by_its_stderr(ca: tuple[Path, Path], tmp_path: Path) -> None:
+    """Issue 17, item 13: stderr was read up to 64 KiB and then no more; a valid issuer writing more blocked
+    on the full pipe until killed. All of it is read now; the last line still explains a failure."""
+    script = tmp_path / "chatty"
+    script.write_text(
+        "#!/bin/sh\n"
+        "head -c 1000000 /dev/zero | tr '\\\\0' 'x' >&2\n"
+        f"exec {sys.executable} -m gatewayd_dev.issue_cmd --ca-cert {ca[0]} --ca-key {ca[1]}\n"
+    )
+    script.chmod(0o755)
+    t0 = time.monotonic()
+    chain = asyncio.run(CommandIssuer((str(script),), 20, env={"PYTHONPATH": str(REPO)}).issue(_csr()[0]))
+    assert len(load_pem_certificates(chain)) == 2 and time.monotonic() - t0 < 10
+    failing = tmp_path / "failing"
+    failing.write_text(
+        "#!/bin/sh\nhead -c 300000 /dev/zero | tr '\\\\0' 'y' >&2\n"
+        "echo >&2\necho 'no quota left' >&2\nexit 4\n"
+    )
+    failing.chmod(0o755)
+    with pytest.raises(IssuerError, match="exited with status 4: no quota left"):
+        asyncio.run(CommandIssuer((str(failing),), 20).issue(b"csr"))
+
+
+def test_a_child_that_escapes_with_setsid_is_killed_and_does_not_stall_renewal(
+    ca: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Issue 17, item 13: a grandchild calling setsid escaped killpg and, holding stdout open, made the
+    renewal wait for its timeout. Its output is used as soon as it exits, and the grandchild is killed."""
+    pidfile = tmp_path / "escapee.pid"
+    script = tmp_path / "escaping"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 300' &\n"
+        f"exec {sys.executable} -m gatewayd_dev.issue_cmd --ca-cert {ca[0]} --ca-key {ca[1]}\n"
+    )
+    script.chmod(0o755)
+    t0 = time.monotonic()
+    chain = asyncio.run(CommandIssuer((str(script),), 30, env={"PYTHONPATH": str(REPO)}).issue(_csr()[0]))
+    took = time.monotonic() - t0
+    assert len(load_pem_certificates(chain)) == 2 and took < 10, took
+    escapee = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{escapee}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stat = Path(f"/proc/{escapee}/stat")
+    assert not stat.exists() or stat.read_text().split()[2] == "Z", "the setsid child survived"

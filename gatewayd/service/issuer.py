@@ -22,11 +22,14 @@ import signal
 from collections.abc import Callable, MutableMapping
 from typing import Any, Protocol
 
+from gatewayd.adapters import proctree
 from gatewayd.core import jsonsafe
 from gatewayd.core.errors import GatewaydError
 from gatewayd.stores.x509util import CertificateError, load_pem_certificates
 
 MAX_OUTPUT = 256 * 1024  # a certificate chain is a few KiB; more is garbage
+MAX_STDERR = 64 * 1024  # of a command's stderr, the last this many bytes are kept (all of it is read)
+PIPE_GRACE = 1.0  # seconds a command's pipes may stay open after it exited (a child it left holds them)
 
 
 class IssuerError(GatewaydError):
@@ -42,6 +45,17 @@ class Issuer(Protocol):
 def _last_line(data: bytes) -> str:
     lines = [line.strip() for line in data.decode(errors="replace").splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
+
+
+async def _tail(stream: asyncio.StreamReader, keep: int) -> bytes:
+    """Everything until end of file, read and thrown away but for the last `keep` bytes: a chatty command
+    never blocks on a full pipe."""
+    data = bytearray()
+    while chunk := await stream.read(65536):
+        data += chunk
+        if len(data) > 2 * keep:
+            del data[:-keep]
+    return bytes(data[-keep:])
 
 
 async def _read(stream: asyncio.StreamReader, limit: int) -> bytes:
@@ -66,6 +80,9 @@ class CommandIssuer:
         self.env = env or {}
 
     async def issue(self, csr_pem: bytes) -> bytes:
+        """Run the command once. Whatever it started is killed when it is done (its process group, and
+        every process carrying its mark, which children keep even after setsid)."""
+        mark = proctree.new_mark()
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.argv,
@@ -73,11 +90,19 @@ class CommandIssuer:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # its own process group: a timeout ends everything it started
-                env=self._environment(),
+                env={**self._environment(), proctree.MARK: mark},
             )
         except OSError as exc:
             raise IssuerError(f"cannot run {self.what}: {exc.strerror or exc}") from exc
-        collect = asyncio.ensure_future(self._collect(proc, csr_pem))
+        try:
+            return await self._run(proc, csr_pem, mark)
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await asyncio.to_thread(proctree.kill_marked, mark)
+
+    async def _run(self, proc: asyncio.subprocess.Process, csr_pem: bytes, mark: str) -> bytes:
+        collect = asyncio.ensure_future(self._collect(proc, csr_pem, mark))
         try:
             out, err = await asyncio.wait_for(asyncio.shield(collect), self.timeout)
         except TimeoutError:
@@ -85,6 +110,7 @@ class CommandIssuer:
                 os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(TimeoutError):  # its pipes close with it: read them to the end
                 await asyncio.wait_for(collect, 5)
+            collect.cancel()
             raise IssuerError(f"{self.what} did not finish within {self.timeout:g} s; killed") from None
         if len(out) > MAX_OUTPUT:
             raise IssuerError(f"{self.what} printed more than {MAX_OUTPUT} bytes: not a certificate chain")
@@ -105,7 +131,9 @@ class CommandIssuer:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
         return {**env, **self.env}
 
-    async def _collect(self, proc: asyncio.subprocess.Process, csr_pem: bytes) -> tuple[bytes, bytes]:
+    async def _collect(
+        self, proc: asyncio.subprocess.Process, csr_pem: bytes, mark: str
+    ) -> tuple[bytes, bytes]:
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it may not read its stdin
             proc.stdin.write(csr_pem)
@@ -122,7 +150,18 @@ class CommandIssuer:
                     pass
             return data
 
-        out, err = await asyncio.gather(stdout(), _read(proc.stderr, 64 * 1024))
+        pipes = asyncio.ensure_future(asyncio.gather(stdout(), _tail(proc.stderr, MAX_STDERR)))
+        # Until the command exits or its pipes close. Not proc.wait(): before Python 3.12 it returns only
+        # once every pipe is closed, which a child left behind can prevent for ever.
+        while proc.returncode is None and not pipes.done():
+            await asyncio.wait([pipes], timeout=0.05)
+        try:  # a child it left behind may hold the pipes open: it is killed, and what was printed is used
+            out, err = await asyncio.wait_for(asyncio.shield(pipes), PIPE_GRACE)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await asyncio.to_thread(proctree.kill_marked, mark)
+            out, err = await asyncio.wait_for(pipes, 5)
         await proc.wait()
         return out, err
 
