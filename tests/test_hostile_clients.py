@@ -14,14 +14,14 @@ import pytest
 
 from gatewayd.core import messages
 from gatewayd.core.mqtt.codec import encode
-from gatewayd.core.mqtt.packets import MQTT_5, MQTT_311, Connack, Connect
+from gatewayd.core.mqtt.packets import MQTT_5, MQTT_311, Connack, Connect, Disconnect, Publish
 from gatewayd.core.mqtt.topics import Policy, identity_problem, policy_variables
 from gatewayd.service.broker import Broker
 from gatewayd.service.daemon import file_descriptors
 from gatewayd.service.downstream import PendingGate
 from gatewayd.service.logsetup import RateLimit
 
-from .test_broker_failures import RawSensor, _config, _serve
+from .test_broker_failures import RaisingForwarder, RawSensor, _config, _serve
 
 HOSTILE_IDS = ["s1/x", "+", "#", "sensors/#", "a${iot:ClientId}", "${", "bad\nline", "nul\x00", "x" * 129]
 
@@ -158,3 +158,36 @@ def test_the_open_files_limit_is_raised_and_checked(tmp_path: Path, caplog: pyte
     )
     file_descriptors(huge)
     assert "raise LimitNOFILE=" in caplog.text
+
+
+@pytest.mark.parametrize("version", [MQTT_311, MQTT_5])
+def test_pipelined_hostile_variants(tmp_path: Path, version: int, caplog: pytest.LogCaptureFixture) -> None:
+    """Item 3: CONNECT + CONNECT in one write hit an assertion; a flood behind a refused CONNECT must not be
+    processed. A second CONNECT is a protocol error (3.1.1: closed; 5.0: DISCONNECT 0x82), nothing fails."""
+    caplog.set_level(logging.INFO, logger="gatewayd.broker")
+    forwarder = RaisingForwarder("never")
+    broker = Broker(_config(tmp_path), forwarder)
+
+    async def body(port: int) -> None:
+        twice = await asyncio.to_thread(RawSensor, port, version)
+        twice.send(Connect("c1", version), Connect("c1", version))
+        answers = await asyncio.to_thread(twice.read_until, 3)
+        assert isinstance(answers[0], Connack) and answers[0].reason_code == 0 and twice.closed
+        if version == MQTT_5:
+            assert answers[1:] == [Disconnect(0x82)]
+        twice.close()
+        flood = await asyncio.to_thread(RawSensor, port, version)
+        flood.send(
+            Connect("bad/id", version),
+            *[Publish("sensors/x/t", b"x", 1, packet_id=i + 1) for i in range(300)],
+        )
+        answers = await asyncio.to_thread(flood.read_until, 3)
+        assert len(answers) == 1 and isinstance(answers[0], Connack) and answers[0].reason_code in (2, 0x85)
+        assert flood.closed
+        flood.close()
+        assert forwarder.forwarded == [] and "bad/id" not in broker.sessions
+
+    asyncio.run(_serve(broker, body))
+    assert not [
+        r for r in caplog.records if getattr(r, "message_id", "") == messages.SENSOR_CONNECTION_FAILED.id
+    ]
