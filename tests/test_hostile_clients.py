@@ -14,7 +14,17 @@ import pytest
 
 from gatewayd.core import messages
 from gatewayd.core.mqtt.codec import encode
-from gatewayd.core.mqtt.packets import MQTT_5, MQTT_311, Connack, Connect, Disconnect, Publish
+from gatewayd.core.mqtt.packets import (
+    MQTT_5,
+    MQTT_311,
+    Connack,
+    Connect,
+    Disconnect,
+    Publish,
+    Suback,
+    Subscribe,
+    Subscription,
+)
 from gatewayd.core.mqtt.topics import Policy, identity_problem, policy_variables
 from gatewayd.service.broker import Broker
 from gatewayd.service.daemon import file_descriptors
@@ -191,3 +201,37 @@ def test_pipelined_hostile_variants(tmp_path: Path, version: int, caplog: pytest
     assert not [
         r for r in caplog.records if getattr(r, "message_id", "") == messages.SENSOR_CONNECTION_FAILED.id
     ]
+
+
+@pytest.mark.parametrize("version", [MQTT_311, MQTT_5])
+def test_subscriptions_are_bounded_per_sensor(tmp_path: Path, version: int) -> None:
+    """Items 6 and 7: one sensor could take all of the gateway's upstream subscriptions (and keep them in a
+    persistent session), and hold 100,000 local ones. Bounded per sensor now; a filter AWS IoT would refuse
+    upstream is refused."""
+    config = _config(tmp_path)
+    policy = dataclasses.replace(config.downstream.policy, subscribe=("commands/#", "local/#"))
+    down = dataclasses.replace(config.downstream, max_subscriptions_per_sensor=20, policy=policy)
+    broker = Broker(dataclasses.replace(config, downstream=down), None)
+    refused = 0x80 if version == MQTT_311 else 0x97
+
+    async def body(port: int) -> None:
+        sensor = await asyncio.to_thread(RawSensor, port, version)
+        sensor.send(Connect("greedy", version))
+        await asyncio.to_thread(sensor.read_until, 1)
+        upstream = [Subscription(f"commands/greedy/u{i}", 1) for i in range(10)]  # forwarded upstream
+        sensor.send(Subscribe(1, tuple(upstream)))
+        (suback,) = [p for p in await asyncio.to_thread(sensor.read_until, 2) if isinstance(p, Suback)]
+        assert list(suback.reason_codes) == [1] * 8 + [refused] * 2  # max_upstream_subscriptions_per_sensor
+        assert len(broker.upstream_refs) == 8
+        deep = "commands/" + "/".join("x" * 8)  # 8 slashes upstream: AWS IoT allows 7
+        sensor.send(Subscribe(2, (Subscription(deep, 1),)))
+        packets = await asyncio.to_thread(sensor.read_until, 3)
+        assert packets[-1].reason_codes == ((0x80 if version == MQTT_311 else 0x8F),)  # type: ignore[union-attr]
+        local = [Subscription(f"local/greedy/{i}", 0) for i in range(30)]  # not forwarded
+        sensor.send(Subscribe(3, tuple(local)))
+        packets = await asyncio.to_thread(sensor.read_until, 4)
+        assert list(packets[-1].reason_codes) == [0] * 12 + [refused] * 18  # type: ignore[union-attr]
+        assert len(broker.sessions["greedy"].state.subscriptions) == 20
+        sensor.close()
+
+    asyncio.run(_serve(broker, body))

@@ -483,6 +483,18 @@ class DownstreamSection:
         1048576, "Payload bytes waiting for a sensor; more are dropped.", minimum=1024
     )
     max_retained_messages: int = opt(1000, "Retained messages kept for local subscribers.", minimum=0)
+    max_subscriptions_per_sensor: int = opt(
+        50,
+        "Subscriptions one sensor's session may hold (AWS IoT allows 50 per connection).",
+        live=True,
+        minimum=1,
+    )
+    max_upstream_subscriptions_per_sensor: int = opt(
+        8,
+        "Of those, subscriptions forwarded to AWS IoT (upstream.quota.max_subscriptions are shared by all).",
+        live=True,
+        minimum=0,
+    )
     session_expiry_max: int = opt(
         3600, "Longest time a persistent session outlives its connection (s).", minimum=0
     )

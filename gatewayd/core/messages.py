@@ -365,6 +365,19 @@ CONNECTIONS_LIMITED = Message(
     fields="GATEWAYD_REFUSED, GATEWAYD_PENDING, GATEWAYD_ADDRESS",
 )
 
+SUBSCRIPTION_REFUSED = Message(
+    "SUBSCRIPTION_REFUSED",
+    "d1d932112d1742448e4012ee3eb17908",
+    Priority.WARNING,
+    "A sensor's subscription was refused for a bound: its session already holds "
+    "downstream.max_subscriptions_per_sensor subscriptions, or max_upstream_subscriptions_per_sensor of "
+    "those forwarded to AWS IoT (SUBACK 0x97 Quota exceeded; 3.1.1: 0x80), or the filter sent upstream "
+    "breaks AWS IoT's topic rules (0x8F Topic filter invalid; 3.1.1: 0x80). A policy refusal is logged "
+    "without this id.",
+    "A sensor subscribing to ever more filters is misbehaving; if it needs them, raise the bound.",
+    fields="GATEWAYD_CLIENT_ID, GATEWAYD_TOPIC_FILTER, GATEWAYD_REASON",
+)
+
 CLOCK_UNSYNCHRONIZED = Message(
     "CLOCK_UNSYNCHRONIZED",
     "3f2546e1af7c4e27bd2ce66c37247e18",
@@ -582,6 +595,7 @@ ALL: tuple[Message, ...] = (
     SPOOL_MIGRATED,
     UPLINK_THROTTLED,
     CONNECTIONS_LIMITED,
+    SUBSCRIPTION_REFUSED,
     CLOCK_UNSYNCHRONIZED,
     CLOCK_SYNCHRONIZED,
     CLOCK_JUMPED,

@@ -53,6 +53,7 @@ from gatewayd.core.mqtt.session import (
     SubscribeRequest,
     UnsubscribeRequest,
 )
+from gatewayd.core.mqtt.subindex import FilterIndex
 from gatewayd.core.mqtt.topics import (
     BoundPolicy,
     Policy,
@@ -142,7 +143,7 @@ class Broker:
         self.sessions: dict[str, StoredSession] = {}
         self.retained: dict[str, Publish] = {}
         self.upstream_refs: dict[str, int] = {}
-        self._subscribers: list[tuple[str, StoredSession]] | None = None  # sessions with subscriptions
+        self._index: FilterIndex[Subscription] = FilterIndex()  # every session's subscriptions, for fan-out
         self.dropped = 0
         # publish_as(): (client id, common name, topic) -> route, as Client.routes; cleared on reconfigure
         self._local_routes: dict[tuple[str, str, str], tuple[int | None, str]] = {}
@@ -383,7 +384,7 @@ class Broker:
             if stored is not None:
                 self._drop_session(client_id)
             self.sessions[client_id] = StoredSession(state)
-        self._subscribers = None
+        self._reindex(client_id)
         client = Client(conn, writer, peer, client_id, policy, wake)
         self.clients[client_id] = client
         log.info(
@@ -499,11 +500,13 @@ class Broker:
         self, topic: str, payload: bytes, qos: int, retain: bool, props: Properties, sender: str | None
     ) -> None:
         now = time.monotonic()
-        if self._subscribers is None:  # rebuilt after any change to sessions or subscriptions
-            self._subscribers = [(c, s) for c, s in self.sessions.items() if s.state.subscriptions]
-        for client_id, stored in self._subscribers:
-            sub = _best_match(stored.state.subscriptions, topic)
-            if sub is None or (sub.no_local and client_id == sender):
+        best: dict[str, Subscription] = {}  # the matching subscription with the highest QoS, per session
+        for client_id, s in self._index.match(topic):
+            if client_id not in best or s.qos > best[client_id].qos:
+                best[client_id] = s
+        for client_id, sub in best.items():
+            stored = self.sessions.get(client_id)
+            if stored is None or (sub.no_local and client_id == sender):
                 continue
             client = self.clients.get(client_id)
             if client is not None and not client.policy.may_subscribe(sub.topic_filter):
@@ -538,10 +541,18 @@ class Broker:
         stored = self.sessions[client.client_id]
         existed = s.topic_filter in stored.state.subscriptions
         forwarded = filter_covers(self.config.forwarding.command_filter, s.topic_filter)
+        refusal = None if existed else self._subscription_refusal(client, stored, s.topic_filter, forwarded)
+        if refusal is not None:
+            log.warning(
+                "sensor %s may not subscribe to %s: %s", client.client_id, s.topic_filter, refusal[1],
+                extra=messages.extra(messages.SUBSCRIPTION_REFUSED, client_id=client.client_id,
+                                     topic_filter=s.topic_filter, reason=refusal[1]),
+            )  # fmt: skip
+            return refusal[0]
         if not existed and forwarded and not self._ref_upstream(s.topic_filter):
             return Reason.QUOTA_EXCEEDED
         stored.state.subscriptions[s.topic_filter] = s
-        self._subscribers = None
+        self._index.add(client.client_id, s.topic_filter, s)
         if s.retain_handling == 0 or (s.retain_handling == 1 and not existed):  # section 3.3.1.3
             now = time.monotonic()
             for topic, p in self.retained.items():
@@ -551,12 +562,43 @@ class Broker:
 
     def _unsubscribe(self, client_id: str, topic_filter: str) -> int:
         stored = self.sessions.get(client_id)
-        self._subscribers = None
+        self._index.remove(client_id, topic_filter)
         if stored is None or stored.state.subscriptions.pop(topic_filter, None) is None:
             return Reason.NO_SUBSCRIPTION_EXISTED
         if filter_covers(self.config.forwarding.command_filter, topic_filter):
             self._unref_upstream(topic_filter)
         return Reason.SUCCESS
+
+    def _reindex(self, client_id: str) -> None:
+        """The index holds exactly this client's session's subscriptions (after its CONNECT)."""
+        self._index.remove_owner(client_id)
+        stored = self.sessions.get(client_id)
+        if stored is not None:
+            for sub in stored.state.subscriptions.values():
+                self._index.add(client_id, sub.topic_filter, sub)
+
+    def _subscription_refusal(
+        self, client: Client, stored: StoredSession, topic_filter: str, forwarded: bool
+    ) -> tuple[int, str] | None:
+        """Per-sensor bounds on a new subscription (issue 17, items 6 and 7): its session's subscriptions
+        (downstream.max_subscriptions_per_sensor), the upstream ones it holds (max_upstream_subscriptions_per_
+        sensor, of AWS IoT's 50 per connection), and AWS IoT's topic rules for the filter sent upstream."""
+        d = self.config.downstream
+        subs = stored.state.subscriptions
+        if len(subs) >= d.max_subscriptions_per_sensor:
+            return Reason.QUOTA_EXCEEDED, f"it has {len(subs)} subscriptions (max_subscriptions_per_sensor)"
+        if not forwarded:
+            return None
+        problem = aws_topic_problem(self.topic_map.upstream(topic_filter))
+        if problem is not None:
+            return Reason.TOPIC_FILTER_INVALID, f"AWS IoT would refuse it upstream: {problem}"
+        command_filter = self.config.forwarding.command_filter
+        upstream = sum(1 for f in subs if filter_covers(command_filter, f))
+        if upstream >= d.max_upstream_subscriptions_per_sensor:
+            return Reason.QUOTA_EXCEEDED, (
+                f"it holds {upstream} upstream subscriptions (max_upstream_subscriptions_per_sensor)"
+            )
+        return None
 
     def _ref_upstream(self, topic_filter: str) -> bool:
         """Share one upstream subscription among sensors; AWS IoT allows 50 per connection
@@ -625,7 +667,7 @@ class Broker:
 
     def _drop_session(self, client_id: str) -> None:
         stored = self.sessions.pop(client_id, None)
-        self._subscribers = None
+        self._index.remove_owner(client_id)
         if stored is None:
             return
         for topic_filter in list(stored.state.subscriptions):
@@ -695,15 +737,6 @@ class Broker:
         self._flush(client.conn, client.writer)
         client.writer.close()
         return True
-
-
-def _best_match(subscriptions: dict[str, Subscription], topic: str) -> Subscription | None:
-    """The matching subscription with the highest QoS (one delivery per session, section 3.3.4)."""
-    best = None
-    for sub in subscriptions.values():
-        if matches(sub.topic_filter, topic) and (best is None or sub.qos > best.qos):
-            best = sub
-    return best
 
 
 def _queue_offline(
