@@ -4,6 +4,7 @@ live daemon's hostile-client suite grows beside it as the issue's items are done
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import resource
@@ -20,6 +21,8 @@ from gatewayd.core.mqtt.packets import (
     Connack,
     Connect,
     Disconnect,
+    Prop,
+    Properties,
     Publish,
     Suback,
     Subscribe,
@@ -233,5 +236,57 @@ def test_subscriptions_are_bounded_per_sensor(tmp_path: Path, version: int) -> N
         assert list(packets[-1].reason_codes) == [0] * 12 + [refused] * 18  # type: ignore[union-attr]
         assert len(broker.sessions["greedy"].state.subscriptions) == 20
         sensor.close()
+
+    asyncio.run(_serve(broker, body))
+
+
+def test_retained_messages_are_bounded_in_bytes_and_expire(tmp_path: Path) -> None:
+    """Item 8: retained messages were bounded by count only (one sensor parked 125 MiB, never expiring)."""
+    config = _config(tmp_path)
+    policy = dataclasses.replace(config.downstream.policy, subscribe=("sensors/#",))
+    down = dataclasses.replace(
+        config.downstream, policy=policy, max_retained_bytes=500_000, max_retained_bytes_per_sensor=250_000
+    )
+    broker = Broker(dataclasses.replace(config, downstream=down), None)
+    big = b"r" * 100_000
+
+    async def body(port: int) -> None:
+        hog = await asyncio.to_thread(RawSensor, port, MQTT_5)
+        hog.send(Connect("hog", MQTT_5))
+        await asyncio.to_thread(hog.read_until, 1)
+        for _ in range(10):  # the same topic again and again: counted once
+            hog.send(Publish("sensors/hog/same", big, 0, retain=True))
+        for i in range(5):
+            hog.send(Publish(f"sensors/hog/t{i}", big, 0, retain=True))
+        other = await asyncio.to_thread(RawSensor, port, MQTT_5)
+        other.send(Connect("other", MQTT_5))
+        await asyncio.to_thread(other.read_until, 1)
+        for i in range(5):
+            other.send(Publish(f"sensors/other/t{i}", big, 0, retain=True))
+        props = Properties(((Prop.MESSAGE_EXPIRY_INTERVAL, 3),))
+        other.send(Publish("sensors/other/brief", b"soon gone", 0, retain=True, properties=props))
+        await asyncio.sleep(0.5)
+        assert broker._retained_by_owner["hog"] <= 250_000 and broker._retained_bytes <= 500_000
+        assert "sensors/hog/same" in broker.retained and broker.retained_refused >= 4
+        await asyncio.sleep(1.0)  # the brief one has waited 1.5 s: 2 s of its 3 are left, rounded up
+        reader = await asyncio.to_thread(RawSensor, port, MQTT_5)
+        reader.send(Connect("reader", MQTT_5), Subscribe(1, (Subscription("sensors/#", 0),)))
+        await asyncio.sleep(0.5)
+        reader.sock.settimeout(1.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.to_thread(reader.read_until, 100)
+        got = [p for p in reader.packets if isinstance(p, Publish)]
+        assert [p.topic for p in got if p.topic.startswith("sensors/hog/")] == [
+            "sensors/hog/same",
+            "sensors/hog/t0",
+        ]
+        brief = [p for p in got if p.topic == "sensors/other/brief"]
+        assert brief and brief[0].properties.get(Prop.MESSAGE_EXPIRY_INTERVAL) in (1, 2)  # 3 less the wait
+        assert sum(len(p.payload) + len(p.topic) for p in got) <= 500_000
+        await asyncio.sleep(1.2)
+        broker.expire_retained(time.monotonic())
+        assert "sensors/other/brief" not in broker.retained
+        for s in (hog, other, reader):
+            s.close()
 
     asyncio.run(_serve(broker, body))

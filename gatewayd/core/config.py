@@ -483,6 +483,12 @@ class DownstreamSection:
         1048576, "Payload bytes waiting for a sensor; more are dropped.", minimum=1024
     )
     max_retained_messages: int = opt(1000, "Retained messages kept for local subscribers.", minimum=0)
+    max_retained_bytes: int = opt(
+        4194304, "Bytes of retained messages (topic + payload) kept in all.", live=True, minimum=0
+    )
+    max_retained_bytes_per_sensor: int = opt(
+        262144, "Bytes of retained messages one sensor may have kept.", live=True, minimum=0
+    )
     max_subscriptions_per_sensor: int = opt(
         50,
         "Subscriptions one sensor's session may hold (AWS IoT allows 50 per connection).",

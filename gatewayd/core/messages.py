@@ -378,6 +378,17 @@ SUBSCRIPTION_REFUSED = Message(
     fields="GATEWAYD_CLIENT_ID, GATEWAYD_TOPIC_FILTER, GATEWAYD_REASON",
 )
 
+RETAINED_LIMITED = Message(
+    "RETAINED_LIMITED",
+    "a9d3b1cdf39a40ce8d9503a70eb50756",
+    Priority.WARNING,
+    "A sensor's retained message was not kept for later subscribers (it was delivered and forwarded all the "
+    "same): downstream.max_retained_messages, max_retained_bytes or max_retained_bytes_per_sensor was "
+    "reached. Logged at most every 10 s; GATEWAYD_REFUSED counts them since the start.",
+    "A sensor retaining ever more topics is misbehaving; if the fleet needs them, raise the bounds.",
+    fields="GATEWAYD_CLIENT_ID, GATEWAYD_TOPIC, GATEWAYD_REASON, GATEWAYD_REFUSED",
+)
+
 CLOCK_UNSYNCHRONIZED = Message(
     "CLOCK_UNSYNCHRONIZED",
     "3f2546e1af7c4e27bd2ce66c37247e18",
@@ -596,6 +607,7 @@ ALL: tuple[Message, ...] = (
     UPLINK_THROTTLED,
     CONNECTIONS_LIMITED,
     SUBSCRIPTION_REFUSED,
+    RETAINED_LIMITED,
     CLOCK_UNSYNCHRONIZED,
     CLOCK_SYNCHRONIZED,
     CLOCK_JUMPED,

@@ -12,8 +12,9 @@ Bounds and what happens when they are hit (documented in README, "Sensors"):
   packets behind a CONNECT wait for its decision; messages for it beyond max_queued_messages /
   max_queued_bytes are dropped and counted; a sensor that stops reading while its socket buffer holds more
   than max_queued_bytes is disconnected.
-- retained messages: max_retained_messages; a new topic beyond that is not retained (the message is still
-  delivered).
+- retained messages: max_retained_messages, max_retained_bytes in all and max_retained_bytes_per_sensor; a
+  message beyond them is not retained (it is still delivered; RETAINED_LIMITED, at most every 10 s), and a
+  retained message's Message Expiry Interval (5.0) is honoured.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import math
 import ssl
 import time
 from collections.abc import Callable
@@ -142,6 +144,12 @@ class Broker:
         self.clients: dict[str, Client] = {}
         self.sessions: dict[str, StoredSession] = {}
         self.retained: dict[str, Publish] = {}
+        # per retained topic: who retained it, its size (topic + payload), when (monotonic), its expiry (s)
+        self._retained_meta: dict[str, tuple[str, int, float, int | None]] = {}
+        self._retained_bytes = 0
+        self._retained_by_owner: dict[str, int] = {}
+        self.retained_refused = 0
+        self._retained_logged_at = -10.0
         self.upstream_refs: dict[str, int] = {}
         self._index: FilterIndex[Subscription] = FilterIndex()  # every session's subscriptions, for fan-out
         self.dropped = 0
@@ -440,7 +448,7 @@ class Broker:
             reason = self.upstream.forward(client.client_id, upstream_topic, p.payload, p.qos, False, durable)
             if reason is not None and reason >= 0x80:
                 return reason  # refused (too large for AWS IoT): not delivered locally either
-        self._retain(p)
+        self._retain(p, client.client_id)
         self._fan_out(p.topic, p.payload, p.qos, p.retain, p.properties, sender=client.client_id)
         return reason
 
@@ -488,13 +496,81 @@ class Broker:
             return Reason.TOPIC_NAME_INVALID, f"published to {topic}: {problem}; dropped"
         return None, upstream_topic
 
-    def _retain(self, p: Publish) -> None:
+    def _retain(self, p: Publish, owner: str) -> None:
         if not p.retain:
             return
+        self._unretain(
+            p.topic
+        )  # an empty retained message clears it (section 3.3.1.3); any other replaces it
         if not p.payload:
-            self.retained.pop(p.topic, None)  # an empty retained message clears it (section 3.3.1.3)
-        elif p.topic in self.retained or len(self.retained) < self.config.downstream.max_retained_messages:
-            self.retained[p.topic] = p
+            return
+        d = self.config.downstream
+        size = len(p.payload) + len(p.topic)
+        mine = self._retained_by_owner.get(owner, 0)
+        why = (
+            f"{d.max_retained_messages} retained messages" if len(self.retained) >= d.max_retained_messages
+            else f"{self._retained_bytes} of {d.max_retained_bytes} bytes retained"
+            if self._retained_bytes + size > d.max_retained_bytes
+            else f"it retains {mine} of {d.max_retained_bytes_per_sensor} bytes"
+            if mine + size > d.max_retained_bytes_per_sensor
+            else None
+        )  # fmt: skip
+        if why is not None:
+            self._retained_refused(owner, p.topic, why)
+            return
+        expiry = p.properties.get(Prop.MESSAGE_EXPIRY_INTERVAL) if p.properties else None
+        self.retained[p.topic] = p
+        self._retained_meta[p.topic] = (owner, size, time.monotonic(), expiry)
+        self._retained_bytes += size
+        self._retained_by_owner[owner] = mine + size
+
+    def _unretain(self, topic: str) -> None:
+        if self.retained.pop(topic, None) is None:
+            return
+        owner, size, _, _ = self._retained_meta.pop(topic)
+        self._retained_bytes -= size
+        left = self._retained_by_owner.get(owner, 0) - size
+        if left > 0:
+            self._retained_by_owner[owner] = left
+        else:
+            self._retained_by_owner.pop(owner, None)
+
+    def _retained_refused(self, owner: str, topic: str, why: str) -> None:
+        now = time.monotonic()
+        self.retained_refused += 1
+        if now - self._retained_logged_at < 10.0:
+            return
+        self._retained_logged_at = now
+        log.warning(
+            "retained message of %s on %s not kept (delivered all the same): %s", owner, topic, why,
+            extra=messages.extra(messages.RETAINED_LIMITED, client_id=owner, topic=topic, reason=why,
+                                 refused=self.retained_refused),
+        )  # fmt: skip
+
+    def _retained_for(self, topic_filter: str, now: float) -> list[tuple[str, Publish]]:
+        """The retained messages matching a new subscription, each with its remaining Message Expiry
+        Interval; the expired ones are dropped."""
+        out = []
+        for topic, p in list(self.retained.items()):
+            if not matches(topic_filter, topic):
+                continue
+            _, _, since, expiry = self._retained_meta[topic]
+            if expiry is not None:
+                left = math.ceil(expiry - (now - since))
+                if left <= 0:
+                    self._unretain(topic)
+                    continue
+                others = tuple((k, v) for k, v in p.properties.items if k != Prop.MESSAGE_EXPIRY_INTERVAL)
+                p = dataclasses.replace(
+                    p, properties=Properties(((Prop.MESSAGE_EXPIRY_INTERVAL, left), *others))
+                )
+            out.append((topic, p))
+        return out
+
+    def expire_retained(self, now: float) -> None:
+        for topic, (_, _, since, expiry) in list(self._retained_meta.items()):
+            if expiry is not None and now - since >= expiry:
+                self._unretain(topic)
 
     def _fan_out(
         self, topic: str, payload: bytes, qos: int, retain: bool, props: Properties, sender: str | None
@@ -555,9 +631,8 @@ class Broker:
         self._index.add(client.client_id, s.topic_filter, s)
         if s.retain_handling == 0 or (s.retain_handling == 1 and not existed):  # section 3.3.1.3
             now = time.monotonic()
-            for topic, p in self.retained.items():
-                if matches(s.topic_filter, topic):
-                    client.conn.deliver(topic, p.payload, min(p.qos, s.qos), True, p.properties, now)
+            for topic, p in self._retained_for(s.topic_filter, now):
+                client.conn.deliver(topic, p.payload, min(p.qos, s.qos), True, p.properties, now)
         return s.qos
 
     def _unsubscribe(self, client_id: str, topic_filter: str) -> int:
@@ -675,9 +750,11 @@ class Broker:
                 self._unref_upstream(topic_filter)
 
     def expire_sessions(self, now: float) -> None:
+        """Sessions whose expiry passed, and retained messages whose Message Expiry Interval did."""
         for client_id, stored in list(self.sessions.items()):
             if client_id not in self.clients and stored.expires_at is not None and stored.expires_at <= now:
                 self._drop_session(client_id)
+        self.expire_retained(now)
 
     # ------------------------------------------------------------------ administration
 
