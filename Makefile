@@ -21,7 +21,7 @@ APT_PACKAGES := \
 
 PYTEST_ARGS ?=
 
-.PHONY: deps apt venv test test-venv test-debian test-system test-arm64 deb lint typecheck demo bench clean
+.PHONY: deps apt venv test test-venv test-debian test-system test-arm64 deb lint typecheck demo bench fuzz clean
 
 deps: apt venv
 
@@ -89,6 +89,11 @@ demo: deps
 # BENCH_ARGS="--large" adds the 1000-sensor runs; --help lists the rest.
 bench: deps
 	$(VPY) -m gatewayd_dev.bench $(BENCH_ARGS)
+
+# The codec and session fuzz target for longer than `make test` runs it (FUZZ_EXAMPLES per case).
+FUZZ_EXAMPLES ?= 20000
+fuzz: deps
+	GATEWAYD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VPY) -m pytest -q tests/test_fuzz_session.py
 
 # The Debian package, built from a copy of the work tree (so uncommitted changes are in it and dpkg-buildpackage
 # writes nothing next to the repository): dist/gatewayd_VERSION_all.deb, checked by lintian (errors and
