@@ -485,20 +485,17 @@ def test_transfer_between_two_gateways(gw: Gw, devstack: DevStack, tmp_path: Pat
         assert _status(gw, cid) == "PENDING_TRANSFER"
         gw.ctl("cancel-certificate-transfer", "--certificate-id", cid)
         assert _status(gw, cid) == "INACTIVE"
-        # 2. rejected
+        # 2. rejected; transfer files are taken only from pinned peers (or with --expect-signer)
+        source_ca = gw.ctl("describe-endpoint")["caCertificateId"]
+        target_ca = b.ctl("describe-endpoint")["caCertificateId"]
         gw.ctl(*transfer, str(bundle), "--transfer-message", "for the barn")
         reply = tmp_path / "reply.json"
-        rejected = b.ctl(
-            "reject-certificate-transfer",
-            "--bundle",
-            str(bundle),
-            "--reject-reason",
-            "not ours",
-            "--reply-outfile",
-            str(reply),
-        )
+        reject = ["reject-certificate-transfer", "--bundle", str(bundle), "--reject-reason", "not ours"]
+        assert "not a pinned peer gateway" in b.fails(*reject, "--reply-outfile", str(reply))
+        rejected = b.ctl(*reject, "--expect-signer", source_ca, "--reply-outfile", str(reply))
         assert rejected["replyFile"] == str(reply) and reply.exists()
-        assert gw.ctl("complete-certificate-transfer", "--reply", str(reply))["status"] == "INACTIVE"
+        complete = ["complete-certificate-transfer", "--reply", str(reply), "--expect-signer", target_ca]
+        assert gw.ctl(*complete)["status"] == "INACTIVE"
         desc = gw.ctl("describe-certificate", "--certificate-id", cid)["certificateDescription"]
         assert desc["status"] == "INACTIVE" and desc["transferData"]["rejectReason"] == "not ours"
         # 3. tampered bundle, then accepted
@@ -510,9 +507,9 @@ def test_transfer_between_two_gateways(gw: Gw, devstack: DevStack, tmp_path: Pat
             "accept-certificate-transfer", "--bundle", str(tampered), "--reply-outfile", str(reply)
         )
         assert "meant for gateway gw-reg-b, this is gw-reg-a" in gw.fails(
-            "accept-certificate-transfer", "--bundle", str(bundle), "--reply-outfile", str(reply)
-        )
-        source_ca = gw.ctl("describe-endpoint")["caCertificateId"]
+            "accept-certificate-transfer", "--bundle", str(bundle), "--expect-signer", source_ca,
+            "--reply-outfile", str(reply),
+        )  # fmt: skip
         accepted = b.ctl(
             "accept-certificate-transfer",
             "--bundle",
@@ -524,7 +521,7 @@ def test_transfer_between_two_gateways(gw: Gw, devstack: DevStack, tmp_path: Pat
             str(reply),
         )
         assert accepted["status"] == "ACTIVE" and accepted["previousOwnedBy"] == "gw-reg-a"
-        done = gw.ctl("complete-certificate-transfer", "--reply", str(reply))
+        done = gw.ctl(*complete)
         assert done == {"certificateId": cid, "transferred": True, "ownedBy": "gw-reg-b"}
         assert "no certificate with id" in gw.fails("describe-certificate", "--certificate-id", cid)
         on_b = b.ctl("describe-certificate", "--certificate-id", cid)["certificateDescription"]

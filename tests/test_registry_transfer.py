@@ -6,6 +6,7 @@ Two real registries and local CAs in two state directories; only the clock is fa
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
@@ -50,9 +51,18 @@ def clock() -> Clock:
     return Clock()
 
 
+def _pin(svc: RegistryService, *peers: RegistryService) -> None:
+    """Pin peer gateways by their local CA's id (downstream.transfer_peers), as an operator does."""
+    ids = tuple(p.describe_endpoint()["caCertificateId"] for p in peers)
+    svc.settings = dataclasses.replace(svc.settings, transfer_peers=svc.settings.transfer_peers + ids)
+
+
 @pytest.fixture
 def pair(tmp_path: Path, clock: Clock) -> tuple[RegistryService, RegistryService]:
-    return _service(tmp_path / "a", "gw-a", clock), _service(tmp_path / "b", "gw-b", clock)
+    a, b = _service(tmp_path / "a", "gw-a", clock), _service(tmp_path / "b", "gw-b", clock)
+    _pin(a, b)
+    _pin(b, a)
+    return a, b
 
 
 def _der(pem_text: str) -> bytes:
@@ -96,7 +106,7 @@ def test_accepted_transfer_moves_the_certificate(pair: tuple[RegistryService, Re
         a.describe_certificate(cid)
     with pytest.raises(RegistryError, match="no certificate with id"):  # replaying the reply changes nothing
         a.complete_certificate_transfer(_text(accepted["reply"]))
-    with pytest.raises(RegistryError, match="already registered"):  # nor does replaying the bundle
+    with pytest.raises(RegistryError, match="already answered here"):  # nor does replaying the bundle
         b.accept_certificate_transfer(_text(out["bundle"]))
 
 
@@ -154,6 +164,7 @@ def test_altered_stale_and_misdirected_bundles_are_refused(
 ) -> None:
     a, b = pair
     c = _service(tmp_path / "c", "gw-c", clock)
+    _pin(c, a)
     cid, _ = _inactive(a)
     bundle = a.transfer_certificate(cid, "gw-b")["bundle"]
     for field, value in (
@@ -191,6 +202,7 @@ def test_altered_and_misdirected_replies_are_refused(
 ) -> None:
     a, b = pair
     c = _service(tmp_path / "c", "gw-c", clock)
+    _pin(c, b)
     cid, _ = _inactive(a)
     bundle = a.transfer_certificate(cid, "gw-b")["bundle"]
     reply = b.reject_certificate_transfer(_text(bundle), "no")["reply"]
@@ -202,8 +214,11 @@ def test_altered_and_misdirected_replies_are_refused(
         a.complete_certificate_transfer(_text(bundle))
     with pytest.raises(RegistryError, match="signed by"):
         a.complete_certificate_transfer(_text(reply), expect_signer="0" * 64)
-    # a reply signed by a third gateway, claiming to come from the target: the source sees who signed it
+    # a reply signed by a third gateway, claiming to come from the target: not a pinned peer of the source
     forged = c._reply({**bundle, "signerCertificateId": "x"}, "ACCEPTED")
+    with pytest.raises(RegistryError, match="not a pinned peer gateway"):
+        a.complete_certificate_transfer(_text(forged))
+    _pin(a, c)  # even pinned, it does not answer this transfer
     with pytest.raises(RegistryError, match="comes from gw-c, but the transfer was to gw-b"):
         a.complete_certificate_transfer(_text(forged))
     assert _status(a, cid) == "PENDING_TRANSFER"
@@ -282,3 +297,38 @@ def test_commands_check_their_arguments(pair: tuple[RegistryService, RegistrySer
         run_command(a, "update-certificate", {"certificateId": "0" * 64, "newStatus": "PENDING_TRANSFER"})
     listed = run_command(a, "list-certificates", {"pageSize": 5, "ascendingOrder": True})
     assert listed == {"certificates": []}
+
+
+def test_transfer_files_only_from_pinned_peers_and_only_once(tmp_path: Path, clock: Clock) -> None:
+    """Issue 17, item 10: a bundle signed by an attacker's own key was accepted with --set-as-active and its
+    certificate connected; the same bundle was accepted again after delete (replay)."""
+    a, b = _service(tmp_path / "a", "gw-a", clock), _service(tmp_path / "b", "gw-b", clock)
+    attacker = _service(tmp_path / "evil", "gw-a", clock)  # claims to be gw-a, signs with its own CA
+    cid, _ = _inactive(attacker)
+    forged = attacker.transfer_certificate(cid, "gw-b")["bundle"]
+    with pytest.raises(RegistryError, match="not a pinned peer gateway"):
+        b.accept_certificate_transfer(_text(forged), set_as_active=True)
+    with pytest.raises(RegistryError, match="not a pinned peer gateway"):
+        b.reject_certificate_transfer(_text(forged))
+    _pin(b, a)  # the real gw-a only
+    with pytest.raises(RegistryError, match="not a pinned peer gateway"):
+        b.accept_certificate_transfer(_text(forged), set_as_active=True)
+    assert b.list_certificates()["certificates"] == []
+    real, _ = _inactive(a)
+    bundle = a.transfer_certificate(real, "gw-b")["bundle"]
+    b.accept_certificate_transfer(_text(bundle))
+    b.delete_certificate(real)  # INACTIVE: deletable
+    with pytest.raises(RegistryError, match="already answered here: a bundle is used once"):
+        b.accept_certificate_transfer(_text(bundle))
+    with pytest.raises(RegistryError, match="already answered here"):
+        b.reject_certificate_transfer(_text(bundle))
+    # unpinned, but checked by hand for this one command
+    other = _service(tmp_path / "c", "gw-c", clock)
+    third, _ = _inactive(other)
+    signer = other.describe_endpoint()["caCertificateId"]
+    assert (
+        b.accept_certificate_transfer(
+            _text(other.transfer_certificate(third, "gw-b")["bundle"]), expect_signer=signer
+        )["certificateId"]
+        == third
+    )

@@ -104,6 +104,13 @@ def parse_utc(value: str) -> dt.datetime:
         raise ValueError(f"{value!r} is not a UTC time like 2049-12-31T23:59:59Z") from None
 
 
+def check_certificate_ids(values: tuple[str, ...]) -> str | None:
+    for value in values:
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            return f"{value!r} is not a certificate id (64 lowercase hex digits)"
+    return None
+
+
 def check_topic_template(value: str) -> str | None:
     try:
         expand(value, {"gateway:ThingName": "x"})
@@ -445,6 +452,13 @@ class DownstreamSection:
         7, "Days a certificate transfer bundle can be accepted or rejected.", live=True, minimum=1,
         maximum=365,
     )  # fmt: skip
+    transfer_peers: tuple[str, ...] = opt(
+        (),
+        "Peer gateways certificate transfer files are taken from: their local CAs' certificate ids "
+        "(`gatewayctl describe-endpoint` on the peer, caCertificateId). Others only with --expect-signer.",
+        live=True,
+        check=check_certificate_ids,
+    )
     client_id_must_match_cn: bool = opt(
         True, "A sensor's MQTT client id must equal its certificate's CN.", live=True
     )

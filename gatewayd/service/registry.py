@@ -404,6 +404,7 @@ class RegistryService:
         self, bundle_text: str, expect_signer: str | None
     ) -> tuple[dict[str, Any], x509.Certificate]:
         doc = transfer.parse(bundle_text, transfer.BUNDLE_FORMAT, "transfer bundle", expect_signer)
+        self._pinned(doc, expect_signer, "transfer bundle")
         transfer.addressed_to(doc, "targetGateway", self.thing, "transfer bundle")
         if transfer.field(doc, "sourceGateway", "transfer bundle") == self.thing:
             raise RegistryError("the transfer bundle comes from this gateway itself")
@@ -427,6 +428,19 @@ class RegistryService:
             raise RegistryError("the transfer bundle's certificateId does not match its certificate")
         return doc, cert
 
+    def _pinned(self, doc: dict[str, Any], expect_signer: str | None, what: str) -> None:
+        """Transfer files are taken only from a peer gateway pinned by its local CA's id: in
+        downstream.transfer_peers, or named for this one command with --expect-signer (which parse() has
+        checked). Anyone can sign a well-formed file with a key of their own."""
+        signer = doc["signerCertificateId"]
+        if expect_signer or signer in self.settings.transfer_peers:
+            return
+        raise RegistryError(
+            f"the {what} is signed by {signer}, which is not a pinned peer gateway: add that id to "
+            "downstream.transfer_peers or pass --expect-signer after checking it with the peer's "
+            "`gatewayctl describe-endpoint` (caCertificateId)"
+        )
+
     def _reply(self, doc: dict[str, Any], decision: str, **extra: Any) -> dict[str, Any]:
         body = {
             "format": transfer.REPLY_FORMAT,
@@ -448,8 +462,9 @@ class RegistryService:
         """AcceptCertificateTransfer on the target: the certificate joins this registry (INACTIVE unless
         --set-as-active), owned by this gateway, previously by the source; the reply tells the source."""
         doc, cert = self._incoming(bundle_text, expect_signer)
-        transfer.field(doc, "transferId", "transfer bundle")
         now = self.now()
+        transfer_id = transfer.field(doc, "transferId", "transfer bundle")
+        self.registry.check_unanswered(transfer_id)
         data = {
             "transferMessage": doc.get("transferMessage") or "",
             "transferDate": doc["transferDate"],
@@ -461,6 +476,7 @@ class RegistryService:
             cert, status, self._registered_issuer(cert), now, previous_owner=doc["sourceGateway"],
             transfer_data=data,
         )  # fmt: skip
+        self.registry.record_answer(transfer_id, now)
         return {
             "certificateArn": self.arn(row.certificate_id),
             "certificateId": row.certificate_id,
@@ -477,11 +493,14 @@ class RegistryService:
         if len(reject_reason) > 128:
             raise RegistryError("--reject-reason is longer than 128 characters (AWS IoT's limit)")
         doc, _ = self._incoming(bundle_text, expect_signer)
-        transfer.field(doc, "transferId", "transfer bundle")
+        transfer_id = transfer.field(doc, "transferId", "transfer bundle")
+        self.registry.check_unanswered(transfer_id)
+        reply = self._reply(doc, "REJECTED", rejectReason=reject_reason)
+        self.registry.record_answer(transfer_id, self.now())
         return {
             "certificateId": doc["certificateId"],
             "signerCertificateId": doc["signerCertificateId"],
-            "reply": self._reply(doc, "REJECTED", rejectReason=reject_reason),
+            "reply": reply,
         }
 
     def cancel_certificate_transfer(self, cid: str) -> dict[str, Any]:
@@ -495,6 +514,7 @@ class RegistryService:
         """Apply the target's reply on the source: accepted -> the certificate leaves this registry;
         rejected -> INACTIVE again, with the reason in its transferData (as AWS IoT keeps it)."""
         doc = transfer.parse(reply_text, transfer.REPLY_FORMAT, "transfer reply", expect_signer)
+        self._pinned(doc, expect_signer, "transfer reply")
         transfer.addressed_to(doc, "sourceGateway", self.thing, "transfer reply")
         cid = transfer.field(doc, "certificateId", "transfer reply")
         row = self.registry.get(cid)

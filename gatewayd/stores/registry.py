@@ -62,6 +62,10 @@ CREATE INDEX certificates_by_creation ON certificates(creation_date, certificate
 _REVOKED = """
 CREATE TABLE IF NOT EXISTS revoked (certificate_id TEXT PRIMARY KEY, revoked_at TEXT NOT NULL)
 """
+# Transfer ids this gateway accepted or rejected: a bundle is answered once, never replayed.
+_TRANSFERS = """
+CREATE TABLE IF NOT EXISTS transfers_answered (transfer_id TEXT PRIMARY KEY, answered_at TEXT NOT NULL)
+"""
 
 
 class RegistryError(GatewaydError):
@@ -126,7 +130,7 @@ class Registry:
                 "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
             ).fetchone()
             if not has_meta:
-                for statement in filter(str.strip, (_SCHEMA + ";" + _REVOKED).split(";")):
+                for statement in filter(str.strip, (_SCHEMA + ";" + _REVOKED + ";" + _TRANSFERS).split(";")):
                     self.db.execute(statement)  # not executescript(): it would commit the open transaction
                 self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
                 return
@@ -138,6 +142,7 @@ class Registry:
             if int(version) < 2:
                 self.db.execute(_REVOKED)
                 self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+            self.db.execute(_TRANSFERS)  # schema 2 includes it (added to 2 before any release)
 
     @contextmanager
     def _write(self) -> Iterator[None]:
@@ -274,6 +279,17 @@ class Registry:
             if current.status is Status.REVOKED:  # the revocation is remembered (see _REVOKED): since when
                 self.db.execute("INSERT OR IGNORE INTO revoked VALUES (?, ?)", (cid, current.last_modified))
             self.db.execute("DELETE FROM certificates WHERE certificate_id=?", (cid,))
+
+    def check_unanswered(self, transfer_id: str) -> None:
+        """RegistryError if this gateway accepted or rejected that transfer before (a bundle is used once)."""
+        if self.db.execute("SELECT 1 FROM transfers_answered WHERE transfer_id=?", (transfer_id,)).fetchone():
+            raise RegistryError(f"transfer {transfer_id} was already answered here: a bundle is used once")
+
+    def record_answer(self, transfer_id: str, now: dt.datetime) -> None:
+        with self._write():
+            self.db.execute(
+                "INSERT OR IGNORE INTO transfers_answered VALUES (?, ?)", (transfer_id, _iso(now))
+            )
 
     def was_revoked(self, cid: str) -> bool:
         """Deleted while REVOKED (and not registered again explicitly since)."""
