@@ -108,6 +108,13 @@ class Sensor:
         wait_until(lambda: mid in self.subacks, timeout, f"SUBACK for {topic_filter}")
         return self.subacks[mid]
 
+    def subscribe_many(self, topic_filters: list[str], qos: int = 1, timeout: float = 10) -> list[int]:
+        """One SUBSCRIBE with several filters; the SUBACK's codes."""
+        _rc, mid = self.client.subscribe([(f, qos) for f in topic_filters])
+        assert mid is not None
+        wait_until(lambda: mid in self.subacks, timeout, f"SUBACK for {len(topic_filters)} filters")
+        return self.subacks[mid]
+
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()

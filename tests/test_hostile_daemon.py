@@ -7,9 +7,12 @@ attackers. Every loop is bounded in count and time."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import ssl
 import statistics
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +22,8 @@ from typing import Any
 import pytest
 
 from gatewayd.core import messages
+from gatewayd.core.mqtt.codec import encode
+from gatewayd.core.mqtt.packets import MQTT_311, Connect
 from gatewayd.service.control import request
 from gatewayd_dev import pki
 from gatewayd_dev.gateway import Gateway, gateway_env, provision, register_ca, standin_config, write_config
@@ -43,7 +48,10 @@ class Live:
                 "auto_activate": True,
                 "max_pending_connections": PENDING,
                 "connect_timeout": CONNECT_TIMEOUT,
-                "policy": {"publish": ["sensors/${iot:ClientId}/#"]},
+                "policy": {
+                    "publish": ["sensors/${iot:ClientId}/#", "local/#"],
+                    "subscribe": ["commands/${iot:ClientId}/#", "local/#"],
+                },
             },
         )
         self.config = write_config(workdir / "g.toml", self.tables)
@@ -60,9 +68,10 @@ class Live:
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.daemon.pid}/fd"))
 
-    def sensor(self, name: str) -> Sensor:
+    def sensor(self, name: str, client_id: str | None = None, mqtt5: bool = False) -> Sensor:
         cert, key = pki.write_client(self.ca, self.workdir, name)
-        return Sensor(name, self.port, self.workdir / "state" / "localca" / "ca.pem", cert, key)
+        ca = self.workdir / "state" / "localca" / "ca.pem"
+        return Sensor(client_id or name, self.port, ca, cert, key, mqtt5)
 
 
 @pytest.fixture
@@ -105,8 +114,11 @@ def test_connection_flood_and_slow_loris_while_a_sensor_keeps_publishing(
     observer = Observer(devstack, "gw-hostile/sensors/good/#", live.workdir / "obs.txt")
     good = live.sensor("good")
     assert good.connect() == 0
-    publisher = Publisher(good, count=200)
+    assert good.subscribe("commands/good/#") == [1]
+    publisher = Publisher(good, count=400)
     publisher.start()
+    commander = Commander(devstack.standin.observer_port, count=100)
+    commander.start()
     try:
         time.sleep(1.0)
         fds_before = live.fds()
@@ -150,13 +162,29 @@ def test_connection_flood_and_slow_loris_while_a_sensor_keeps_publishing(
         late = live.sensor("late")
         assert late.connect() == 0
         late.stop()
+        # enrolled sensors misbehaving, while the good one goes on
+        seen = _attack_with_sensors(live)
+        assert seen["identity"] == 2  # 3.1.1: identifier rejected
+        assert seen["oversized"] == 0x95
+        assert seen["subscriptions"].count(0) == 50 and seen["subscriptions"].count(0x80) == 150
+        assert seen["malformed"][:1] == b"\x20"  # its CONNACK, then the connection closed
+        status = live.status()
+        assert status["state"] == "running" and status["uplink"]["state"] == "connected"
         log = live.daemon.log()
         limited = [line for line in log.splitlines() if messages.CONNECTIONS_LIMITED.id in line]
         assert 1 <= len(limited) <= 2, limited  # counted, never one line per refusal
     finally:
         publisher.stop.set()
+        commander.stop.set()
         publisher.join(30)
+        commander.join(30)
+        time.sleep(1.0)  # the last command's way through
         good.stop()
+    commands = [p for t, p, _ in good.received if t == "commands/good/set"]
+    assert len(commands) >= commander.sent - 1 > 5, (
+        len(commands),
+        commander.sent,
+    )  # the last may be in flight
     lines = observer.wait(len(publisher.latencies), timeout=20)
     observer.stop()
     assert not publisher.failures, publisher.failures[:3]
@@ -165,6 +193,67 @@ def test_connection_flood_and_slow_loris_while_a_sensor_keeps_publishing(
     print(f"\n{len(publisher.latencies)} readings during the attack, PUBACK p50 "
           f"{statistics.median(publisher.latencies) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")  # fmt: skip
     assert p99 < 1.0
+
+
+class Commander(threading.Thread):
+    """AWS IoT's side: a command for the good sensor every 200 ms (at most `count`), through the stand-in."""
+
+    def __init__(self, port: int, count: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.count, self.sent = port, count, 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        for n in range(self.count):
+            if self.stop.is_set():
+                return
+            argv = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(self.port), "-q", "1"]
+            argv += ["-t", "gw-hostile/commands/good/set", "-m", f"cmd-{n}"]
+            subprocess.run(argv, check=True, timeout=10)
+            self.sent += 1
+            time.sleep(0.2)
+
+
+def _attack_with_sensors(live: Live) -> dict[str, Any]:
+    """Enrolled (or just well-formed) clients doing what a hostile sensor does; what each got back."""
+    seen: dict[str, Any] = {}
+    # a hostile identity: refused before any session
+    hostile = live.sensor("bad-id", client_id="a/#")
+    seen["identity"] = hostile.connect()
+    hostile.stop()
+    # a packet over max_packet_size: DISCONNECT 0x95 (5.0)
+    big = live.sensor("big", mqtt5=True)
+    assert big.connect() == 0
+    big.client.publish("sensors/big/t", b"x" * 200_000, qos=0)
+    wait_until(lambda: bool(big.disconnects), 10, "the oversized publisher to be disconnected")
+    seen["oversized"] = big.disconnects[0]
+    big.stop()
+    # a subscription flood: 200 filters, only max_subscriptions_per_sensor granted
+    greedy = live.sensor("greedy")
+    assert greedy.connect() == 0
+    codes = []
+    for i in range(0, 200, 8):
+        codes += greedy.subscribe_many([f"local/greedy/{j}" for j in range(i, i + 8)])
+    seen["subscriptions"] = codes
+    # a retained flood: 40 x 100 KB, only max_retained_bytes_per_sensor kept
+    for i in range(40):
+        greedy.client.publish(f"local/greedy/r{i}", b"r" * 100_000, qos=0, retain=True)
+    greedy.stop()
+    # malformed bytes after a valid CONNECT, over TLS: closed, nothing else disturbed
+    cert, key = pki.write_client(live.ca, live.workdir, "junk")
+    ctx = ssl.create_default_context(cafile=str(live.workdir / "state" / "localca" / "ca.pem"))
+    ctx.load_cert_chain(str(cert), str(key))
+    with ctx.wrap_socket(
+        socket.create_connection(("127.0.0.1", live.port), 5), server_hostname="127.0.0.1"
+    ) as s:
+        s.sendall(encode(Connect("junk", MQTT_311), MQTT_311) + b"\xf0\xff\xff\xff\xff" + os.urandom(64))
+        s.settimeout(5)
+        data = b""
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(4096):
+                data += chunk
+        seen["malformed"] = data[:4]
+    return seen
 
 
 def _closed(s: socket.socket) -> bool:
