@@ -164,9 +164,11 @@ def test_connection_flood_and_slow_loris_while_a_sensor_keeps_publishing(
         late.stop()
         # enrolled sensors misbehaving, while the good one goes on
         seen = _attack_with_sensors(live)
-        assert seen["identity"] == 2  # 3.1.1: identifier rejected
-        assert seen["oversized"] == 0x95
-        assert seen["subscriptions"].count(0) == 50 and seen["subscriptions"].count(0x80) == 150
+        assert seen["identity"] in (2, 0x85)  # 3.1.1: identifier rejected (paho 2.x reports it as 0x85)
+        assert seen["oversized"] in (0x95, 7)  # paho 1.6 reports a server's DISCONNECT as a lost connection
+        assert "sensor big disconnected (0x95" in live.daemon.log()
+        codes = seen["subscriptions"]  # granted QoS 1 for the first max_subscriptions_per_sensor, then 0x80
+        assert codes[:50] == [1] * 50 and codes[50:] == [0x80] * 150, codes
         assert seen["malformed"][:1] == b"\x20"  # its CONNACK, then the connection closed
         status = live.status()
         assert status["state"] == "running" and status["uplink"]["state"] == "connected"
