@@ -117,6 +117,8 @@ def test_a_slow_sender_gets_no_more_time_than_connect_timeout(tmp_path: Path) ->
             closed_after = time.monotonic() - started
         assert closed_after < 2 + 1.5, closed_after
         sensor.close()
+        await asyncio.sleep(0.1)
+        assert broker.closed_early == 1  # counted (CLOSED_BEFORE_CONNECT), not a log line each
 
     asyncio.run(_serve(broker, body))
 

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from gatewayd.core import messages
-from gatewayd.core.mqtt.codec import encode
-from gatewayd.core.mqtt.packets import MQTT_311, Connect
+from gatewayd.core.mqtt.codec import Decoder, encode
+from gatewayd.core.mqtt.packets import MQTT_311, Connect, Subscribe, Subscription
 from gatewayd.service.control import request
 from gatewayd_dev import pki
 from gatewayd_dev.gateway import Gateway, gateway_env, provision, register_ca, standin_config, write_config
@@ -170,11 +170,14 @@ def test_connection_flood_and_slow_loris_while_a_sensor_keeps_publishing(
         codes = seen["subscriptions"]  # granted QoS 1 for the first max_subscriptions_per_sensor, then 0x80
         assert codes[:50] == [1] * 50 and codes[50:] == [0x80] * 150, codes
         assert seen["malformed"][:1] == b"\x20"  # its CONNACK, then the connection closed
+        assert seen["pipelined"] == ["Connack", "Suback"]
         status = live.status()
         assert status["state"] == "running" and status["uplink"]["state"] == "connected"
         log = live.daemon.log()
         limited = [line for line in log.splitlines() if messages.CONNECTIONS_LIMITED.id in line]
         assert 1 <= len(limited) <= 2, limited  # counted, never one line per refusal
+        early = [line for line in log.splitlines() if messages.CLOSED_BEFORE_CONNECT.id in line]
+        assert 1 <= len(early) <= 3, early  # 30 timed out and a slow-loris: counted, not a line each
     finally:
         publisher.stop.set()
         commander.stop.set()
@@ -241,6 +244,26 @@ def _attack_with_sensors(live: Live) -> dict[str, Any]:
     for i in range(40):
         greedy.client.publish(f"local/greedy/r{i}", b"r" * 100_000, qos=0, retain=True)
     greedy.stop()
+    # pipelined: CONNECT, SUBSCRIBE and a second CONNECT in one write (a protocol error): CONNACK, SUBACK,
+    # then closed; nothing else disturbed
+    cert, key = pki.write_client(live.ca, live.workdir, "piped")
+    ctx = ssl.create_default_context(cafile=str(live.workdir / "state" / "localca" / "ca.pem"))
+    ctx.load_cert_chain(str(cert), str(key))
+    with ctx.wrap_socket(
+        socket.create_connection(("127.0.0.1", live.port), 5), server_hostname="127.0.0.1"
+    ) as s:
+        piped = [
+            Connect("piped", MQTT_311),
+            Subscribe(1, (Subscription("local/piped", 0),)),
+            Connect("piped", MQTT_311),
+        ]
+        s.sendall(b"".join(encode(p, MQTT_311) for p in piped))
+        s.settimeout(5)
+        data = b""
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(4096):
+                data += chunk
+        seen["pipelined"] = [type(p).__name__ for p in Decoder(MQTT_311).feed(data)]
     # malformed bytes after a valid CONNECT, over TLS: closed, nothing else disturbed
     cert, key = pki.write_client(live.ca, live.workdir, "junk")
     ctx = ssl.create_default_context(cafile=str(live.workdir / "state" / "localca" / "ca.pem"))

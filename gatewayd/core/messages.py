@@ -365,6 +365,19 @@ CONNECTIONS_LIMITED = Message(
     fields="GATEWAYD_REFUSED, GATEWAYD_PENDING, GATEWAYD_ADDRESS",
 )
 
+CLOSED_BEFORE_CONNECT = Message(
+    "CLOSED_BEFORE_CONNECT",
+    "d01d216c3c534b42b22665dc03b720f4",
+    Priority.INFO,
+    "Connections to the sensor listener ended before their CONNECT was accepted: no CONNECT within "
+    "downstream.connect_timeout of the accept (the TLS handshake included), a TLS handshake that failed, or "
+    "a malformed first packet. Logged at most every 10 s with the count (GATEWAYD_COUNT) and the last one's "
+    "address and reason; refused CONNECTs are SENSOR_REFUSED.",
+    "A steady stream from one address is a scan or a slow-loris: block it. From a sensor: check its TLS "
+    "settings (it must trust the gateway's local CA) and that it sends CONNECT at once.",
+    fields="GATEWAYD_COUNT, GATEWAYD_ADDRESS, GATEWAYD_REASON",
+)
+
 SUBSCRIPTION_REFUSED = Message(
     "SUBSCRIPTION_REFUSED",
     "d1d932112d1742448e4012ee3eb17908",
@@ -606,6 +619,7 @@ ALL: tuple[Message, ...] = (
     SPOOL_MIGRATED,
     UPLINK_THROTTLED,
     CONNECTIONS_LIMITED,
+    CLOSED_BEFORE_CONNECT,
     SUBSCRIPTION_REFUSED,
     RETAINED_LIMITED,
     CLOCK_UNSYNCHRONIZED,

@@ -69,6 +69,7 @@ from gatewayd.core.mqtt.topics import policy_variables as variables
 
 log = logging.getLogger("gatewayd.broker")
 
+CLOSED_LOG_EVERY = 10.0  # seconds between two lines about connections closed before CONNECT
 READ_SIZE = 16384  # per read from a sensor: what may still arrive from each one after the spool says stop
 MAX_ROUTES = 256  # cached publish decisions per sensor
 
@@ -143,6 +144,9 @@ class Broker:
         self.admit: Admit = admit or (lambda peer, cid: None)
         self.clients: dict[str, Client] = {}
         self.sessions: dict[str, StoredSession] = {}
+        self.closed_early = 0  # connections ended before their CONNECT was accepted, since the start
+        self._closed_unlogged = 0
+        self._closed_logged_at = -CLOSED_LOG_EVERY
         self.retained: dict[str, Publish] = {}
         # per retained topic: who retained it, its size (topic + payload), when (monotonic), its expiry (s)
         self._retained_meta: dict[str, tuple[str, int, float, int | None]] = {}
@@ -333,8 +337,26 @@ class Broker:
                 if client is not None:
                     self._end(client, closed)
                 elif closed.reason >= 0x80:
-                    log.info("connection from %s closed before CONNECT: %s", peer.address, closed.message)
+                    self.closed_before_connect(peer.address, closed.message)
         return None
+
+    def closed_before_connect(self, address: str, why: str) -> None:
+        """A connection ended before its CONNECT was accepted (no CONNECT within connect_timeout, a TLS
+        handshake that failed or took too long, a malformed first packet): counted, and logged at most every
+        CLOSED_LOG_EVERY seconds with the count, so a slow-loris or a scan never floods the journal."""
+        self.closed_early += 1
+        self._closed_unlogged += 1
+        now = time.monotonic()
+        if now - self._closed_logged_at < CLOSED_LOG_EVERY:
+            return
+        self._closed_logged_at = now
+        log.info(
+            "%d connection(s) closed before CONNECT; the last from %s: %s",
+            self._closed_unlogged, address, why,
+            extra=messages.extra(messages.CLOSED_BEFORE_CONNECT, count=self._closed_unlogged,
+                                 address=address, reason=why),
+        )  # fmt: skip
+        self._closed_unlogged = 0
 
     def _acknowledger(
         self, conn: ServerConnection, writer: asyncio.StreamWriter, peer: Peer, client: Client, token: int

@@ -242,6 +242,7 @@ class Downstream:
                     await w.start_tls(ctx, ssl_handshake_timeout=timeout)
                 except (OSError, ssl.SSLError, TimeoutError) as exc:
                     log.debug("TLS handshake with %s on %s failed: %s", address or "a local peer", name, exc)
+                    self.broker.closed_before_connect(address or name, f"TLS handshake: {exc}")
                     w.transport.abort()
                     return
             await self.broker.serve(r, w, name, accepted_at=accepted, connected=connected)
