@@ -18,7 +18,7 @@ _gatewayctl() {
         esac
     done
     case "$cmd/$action" in
-        "/") words="--help --version --socket --config status identity list-connections disconnect trust create-keys-and-certificate get-registration-code register-ca-certificate update-ca-certificate describe-ca-certificate list-ca-certificates delete-ca-certificate register-certificate register-certificate-without-ca update-certificate describe-certificate list-certificates list-certificates-by-ca delete-certificate transfer-certificate accept-certificate-transfer reject-certificate-transfer cancel-certificate-transfer complete-certificate-transfer describe-endpoint" ;;
+        "/") words="--help --version --socket --config status identity list-connections disconnect trust create-keys-and-certificate create-certificate-from-csr get-registration-code register-ca-certificate update-ca-certificate describe-ca-certificate list-ca-certificates delete-ca-certificate register-certificate register-certificate-without-ca update-certificate describe-certificate list-certificates list-certificates-by-ca delete-certificate transfer-certificate accept-certificate-transfer reject-certificate-transfer cancel-certificate-transfer complete-certificate-transfer describe-endpoint" ;;
         "status/"*) words="--help" ;;
         "identity/") words="--help create-key create-csr install-certificate show renew" ;;
         "identity/create-key"*) words="--help" ;;
@@ -31,6 +31,7 @@ _gatewayctl() {
         "trust/") words="--help update" ;;
         "trust/update"*) words="--help --mode --from-config --ca-file" ;;
         "create-keys-and-certificate/"*) words="--help --set-as-active --common-name --certificate-pem-outfile --public-key-outfile --private-key-outfile" ;;
+        "create-certificate-from-csr/"*) words="--help --certificate-signing-request --set-as-active --certificate-pem-outfile" ;;
         "get-registration-code/"*) words="--help" ;;
         "register-ca-certificate/"*) words="--help --ca-certificate --verification-certificate --set-as-active --allow-auto-registration" ;;
         "update-ca-certificate/"*) words="--help --certificate-id --new-status --new-auto-registration-status" ;;

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from gatewayd.core.mqtt.codec import Decoder, encode
 from gatewayd.core.mqtt.packets import MQTT_311, Connack, Connect
@@ -172,6 +174,43 @@ def test_create_keys_and_certificate_then_connect(gw: Gw) -> None:
         s2.stop()
     assert _raw_311(gw, "made-2") == 5  # 3.1.1: not authorized
     assert f"certificate {inactive['certificateId']} is INACTIVE" in gw.daemon.log()  # type: ignore[union-attr]
+
+
+def test_create_certificate_from_csr_then_connect_with_the_sensors_own_key(gw: Gw) -> None:
+    """Issue 18, point 4: the key stays with the sensor (a secure element); only its CSR travels."""
+    name = "secure-1"
+    cert, key_file = gw.files(name)
+    key = pki.new_key("ecc")
+    pki.write(key_file, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()), 0o600)  # fmt: skip
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+    )  # type: ignore[arg-type]
+    csr_file = gw.workdir / f"{name}.csr"
+    csr_file.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    out = gw.ctl(
+        "create-certificate-from-csr", "--certificate-signing-request", f"file://{csr_file}",
+        "--set-as-active", "--certificate-pem-outfile", str(cert),
+    )  # fmt: skip
+    assert set(out) == {"certificateArn", "certificateId", "certificatePem"}
+    assert cert.read_text() == out["certificatePem"]
+    s = gw.sensor(name)
+    try:
+        assert s.connect() == 0 and s.publish(f"sensors/{name}/t", b"1") == 0
+    finally:
+        s.stop()
+    no_cn = gw.workdir / "no-cn.csr"
+    no_cn.write_bytes(
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(pki.new_key("ecc"), hashes.SHA256())  # type: ignore[arg-type]
+        .public_bytes(serialization.Encoding.PEM)
+    )
+    assert "has no CN" in gw.fails(
+        "create-certificate-from-csr", "--certificate-signing-request", f"file://{no_cn}"
+    )
 
 
 def test_ca_workflow_and_every_input_check(gw: Gw) -> None:

@@ -4,15 +4,18 @@ deactivate, revoke, list, delete), with every input check."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
 import hashlib
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gatewayd.core.errors import GatewaydError
 from gatewayd.core.registry import TransitionRefused
@@ -208,3 +211,43 @@ def test_a_common_name_the_listener_would_refuse_is_refused_at_creation(svc: Reg
     for cn in ("${iot:ClientId}", "a/b", "+", "#"):
         with pytest.raises(RegistryError, match="--common-name contains"):
             svc.create_keys_and_certificate(cn)
+
+
+def _csr(key: Any, cn: str | None) -> str:
+    names = [x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, cn)] if cn is not None else []
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(names)).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_create_certificate_from_csr_keeps_the_key_with_the_sensor(svc: RegistryService) -> None:
+    """Issue 18, point 4 (AWS CreateCertificateFromCsr): the sensor's key never leaves it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    out = svc.create_certificate_from_csr(_csr(key, "secure-1"), set_as_active=True)
+    assert set(out) == {"certificateArn", "certificateId", "certificatePem"}  # AWS's output shape
+    cert = x509.load_pem_x509_certificate(out["certificatePem"].encode())
+    assert cert.public_key().public_numbers() == key.public_key().public_numbers()  # type: ignore[union-attr]
+    assert pki.cn(cert) == "secure-1"
+    assert svc.admission(cert.public_bytes(serialization.Encoding.DER)).admitted
+    inactive = svc.create_certificate_from_csr(_csr(rsa.generate_private_key(65537, 2048), "rsa-1"))
+    assert (
+        svc.describe_certificate(inactive["certificateId"])["certificateDescription"]["status"] == "INACTIVE"
+    )
+    for csr_pem, why in [
+        ("not a csr", "not a PEM certificate signing request"),
+        (_csr(ec.generate_private_key(ec.SECP256R1()), None), "has no CN"),
+        (_csr(ec.generate_private_key(ec.SECP256R1()), "a/b"), "CN contains '/'"),
+        (_csr(rsa.generate_private_key(65537, 1024), "weak"), "1024 bits: 2048 at least"),
+        (_csr(ec.generate_private_key(ec.SECP256K1()), "k1"), "P-256 or P-384 only"),
+    ]:
+        with pytest.raises(RegistryError, match=re.escape(why)):
+            svc.create_certificate_from_csr(csr_pem)
+    good = x509.load_pem_x509_csr(_csr(ec.generate_private_key(ec.SECP256R1()), "forged").encode())
+    der = bytearray(good.public_bytes(serialization.Encoding.DER))
+    der[-5] ^= 0x01  # one bit of the signature: not made with the CSR's key any more
+    broken = (
+        "-----BEGIN CERTIFICATE REQUEST-----\n"
+        + base64.encodebytes(bytes(der)).decode()
+        + "-----END CERTIFICATE REQUEST-----\n"
+    )
+    with pytest.raises(RegistryError, match="signature does not verify"):
+        svc.create_certificate_from_csr(broken)

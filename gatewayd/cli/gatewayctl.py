@@ -110,6 +110,13 @@ def _registry_parsers(sub: Any) -> None:
     p.add_argument("--certificate-pem-outfile", type=Path)
     p.add_argument("--public-key-outfile", type=Path)
     p.add_argument("--private-key-outfile", type=Path, help="written mode 0600")
+    p = cmd(
+        "create-certificate-from-csr",
+        "a certificate from the gateway's local CA for a key the sensor keeps (the CSR's CN: its client id)",
+    )
+    p.add_argument("--certificate-signing-request", type=_file, required=True, metavar="FILE")
+    p.add_argument("--set-as-active", action="store_true")
+    p.add_argument("--certificate-pem-outfile", type=Path)
     cmd("get-registration-code", "the code a CA's verification certificate must carry as its CN")
     p = cmd("register-ca-certificate", "register a sensor CA, with proof of possession of its key")
     p.add_argument("--ca-certificate", type=_file, required=True, metavar="FILE")
@@ -214,6 +221,7 @@ def _registry_body(args: argparse.Namespace) -> dict[str, Any]:
         body["status"] = "ACTIVE"
     elif args.command in (
         "create-keys-and-certificate",
+        "create-certificate-from-csr",
         "register-ca-certificate",
         "accept-certificate-transfer",
     ):
@@ -247,6 +255,8 @@ def _write_outputs(args: argparse.Namespace, result: dict[str, Any]) -> None:
             out("certificate_pem_outfile", result["certificatePem"])
             out("public_key_outfile", result["keyPair"]["PublicKey"])
             out("private_key_outfile", result["keyPair"]["PrivateKey"], 0o600)
+        case "create-certificate-from-csr":
+            out("certificate_pem_outfile", result["certificatePem"])
         case "transfer-certificate":
             out("outfile", json.dumps(result["bundle"], indent=2, sort_keys=True) + "\n")
             del result["bundle"]  # written: only now is it safe to leave it out of the printed result

@@ -16,7 +16,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gatewayd.core import messages
@@ -202,28 +202,8 @@ class RegistryService:
         if problem is not None:
             raise RegistryError(f"--common-name {problem}")
         common_name_ = common_name_ or f"sensor-{secrets.token_hex(6)}"
-        if not_after_ is None:
-            not_after_ = parse_utc(self.settings.certificate_not_after)
-        ca_cert, ca_key = self.local_ca.ca()
-        ca_id = certificate_id(ca_cert)
-        if self._find_ca(ca_id) is None:
-            self.registry.add_ca(ca_cert, CaStatus.ACTIVE, AutoRegistration.DISABLE, self.now())
         key = ec.generate_private_key(ec.SECP256R1())
-        now = self.now()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name_)]))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(min(not_after_, not_after(ca_cert)))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        status = Status.ACTIVE if set_as_active else Status.INACTIVE
-        row = self.registry.add(cert, status, ca_id, now)
+        row = self._issue(common_name_, key.public_key(), set_as_active, not_after_)
         public = key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
@@ -237,6 +217,72 @@ class RegistryService:
             "keyPair": {"PublicKey": public.decode(), "PrivateKey": private.decode()},
             "commonName": common_name_,
         }
+
+    def create_certificate_from_csr(self, csr_pem: str, set_as_active: bool = False) -> dict[str, Any]:
+        """AWS CreateCertificateFromCsr: a certificate from the gateway's local CA for a key the sensor keeps
+        to itself (a secure element, a TPM). The CSR must be PEM, its signature must verify (the sensor holds
+        the key), its key EC P-256/P-384 or RSA of at least 2048 bits, and its CN a usable client id (the
+        listener requires client id = CN by default). The certificate carries the CN only."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem.encode())
+        except ValueError:
+            raise RegistryError(
+                "--certificate-signing-request is not a PEM certificate signing request"
+            ) from None
+        if not csr.is_signature_valid:
+            raise RegistryError("the CSR's signature does not verify: it was not made with its key")
+        key = csr.public_key()
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            if key.curve.name not in ("secp256r1", "secp384r1"):
+                raise RegistryError(f"the CSR's key is on {key.curve.name}: P-256 or P-384 only")
+        elif isinstance(key, rsa.RSAPublicKey):
+            if key.key_size < 2048:
+                raise RegistryError(f"the CSR's RSA key has {key.key_size} bits: 2048 at least")
+        else:
+            raise RegistryError("the CSR's key is neither EC nor RSA")
+        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if not names:
+            raise RegistryError("the CSR has no CN: a sensor's client id must equal its certificate's CN")
+        common_name_ = str(names[0].value)
+        if len(common_name_) > 64 or not common_name_.isprintable():
+            raise RegistryError("the CSR's CN must be 1-64 printable characters")
+        problem = identity_problem(common_name_)
+        if problem is not None:
+            raise RegistryError(f"the CSR's CN {problem}")
+        row = self._issue(common_name_, key, set_as_active)
+        return {"certificateArn": self.arn(row.certificate_id), "certificateId": row.certificate_id,
+                "certificatePem": row.pem}  # fmt: skip
+
+    def _issue(
+        self,
+        common_name_: str,
+        public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+        set_as_active: bool,
+        not_after_: dt.datetime | None = None,
+    ) -> CertificateRow:
+        """A client certificate from the local CA for `public_key`, registered (the CA is registered on
+        first use, ACTIVE, so that the listener admits what it issues)."""
+        if not_after_ is None:
+            not_after_ = parse_utc(self.settings.certificate_not_after)
+        ca_cert, ca_key = self.local_ca.ca()
+        ca_id = certificate_id(ca_cert)
+        if self._find_ca(ca_id) is None:
+            self.registry.add_ca(ca_cert, CaStatus.ACTIVE, AutoRegistration.DISABLE, self.now())
+        now = self.now()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name_)]))
+            .issuer_name(ca_cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(min(not_after_, not_after(ca_cert)))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        status = Status.ACTIVE if set_as_active else Status.INACTIVE
+        return self.registry.add(cert, status, ca_id, now)
 
     def update_certificate(self, cid: str, new_status: str) -> dict[str, Any]:
         self.registry.apply(cid, update_action(new_status), self.now())
@@ -701,6 +747,7 @@ CHANGES = {
     "list-ca-certificates": False,
     "delete-ca-certificate": True,
     "create-keys-and-certificate": True,
+    "create-certificate-from-csr": True,
     "register-certificate": True,
     "register-certificate-without-ca": True,
     "update-certificate": True,
@@ -742,6 +789,10 @@ def _dispatch(s: RegistryService, command: str, a: dict[str, Any]) -> dict[str, 
             return s.delete_ca_certificate(_text(a, "certificateId"))
         case "create-keys-and-certificate":
             return s.create_keys_and_certificate(_text(a, "commonName", False), _bool(a, "setAsActive"))
+        case "create-certificate-from-csr":
+            return s.create_certificate_from_csr(
+                _text(a, "certificateSigningRequest"), _bool(a, "setAsActive")
+            )
         case "register-certificate":
             ca_pem = _text(a, "caCertificatePem", False) or None
             return s.register_certificate(_text(a, "certificatePem"), ca_pem, status)
