@@ -50,7 +50,7 @@ _gatewayctl() {
         "reject-certificate-transfer/"*) words="--help --bundle --reply-outfile --expect-signer --reject-reason" ;;
         "cancel-certificate-transfer/"*) words="--help --certificate-id" ;;
         "complete-certificate-transfer/"*) words="--help --reply --expect-signer" ;;
-        "describe-endpoint/"*) words="--help --ca-certificate-outfile" ;;
+        "describe-endpoint/"*) words="--help --endpoint-type --ca-certificate-outfile" ;;
     esac
     COMPREPLY=($(compgen -W "$words" -- "$cur"))
     if [[ -n $files && $cur != -* ]]; then COMPREPLY+=($(compgen -f -- "$cur")); fi

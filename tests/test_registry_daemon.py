@@ -481,7 +481,16 @@ def test_auto_activate_set_by_reload(gw: Gw) -> None:
 def test_describe_endpoint(gw: Gw) -> None:
     out_file = gw.workdir / "endpoint-ca.pem"
     out = gw.ctl("describe-endpoint", "--ca-certificate-outfile", str(out_file))
-    assert out["endpointAddress"] == f"127.0.0.1:{gw.port}"
+    # issue 18, point 2: a host name sensors can connect to (the listener certificate's first name), no port
+    assert out["endpointAddress"] == socket.gethostname() and ":" not in out["endpointAddress"]
+    for endpoint_type in ("iot:Data-ATS", "iot:Data"):
+        assert (
+            gw.ctl("describe-endpoint", "--endpoint-type", endpoint_type)["endpointAddress"]
+            == socket.gethostname()
+        )
+    assert "serves iot:Data-ATS and iot:Data only" in gw.fails(
+        "describe-endpoint", "--endpoint-type", "iot:CredentialProvider"
+    )
     assert out["endpoints"] == [
         {
             "address": "127.0.0.1",

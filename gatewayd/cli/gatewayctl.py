@@ -172,7 +172,8 @@ def _registry_parsers(sub: Any) -> None:
     p = cmd("complete-certificate-transfer", "on the source: apply the target's reply")
     p.add_argument("--reply", type=_file, required=True, metavar="FILE")
     p.add_argument("--expect-signer", metavar="ID", help="refuse unless the target's local CA has this id")
-    p = cmd("describe-endpoint", "the listeners and the CA certificate sensors must trust")
+    p = cmd("describe-endpoint", "the host name sensors connect to, the listeners and the CA they must trust")
+    p.add_argument("--endpoint-type", help="iot:Data-ATS or iot:Data (the same host name here)")
     p.add_argument("--ca-certificate-outfile", type=Path, help="also write the CA certificate (PEM) here")
 
 

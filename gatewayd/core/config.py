@@ -452,6 +452,12 @@ class DownstreamSection:
         7, "Days a certificate transfer bundle can be accepted or rejected.", live=True, minimum=1,
         maximum=365,
     )  # fmt: skip
+    advertised_name: str = opt(
+        "",
+        "The host name sensors connect to, as describe-endpoint reports it (endpointAddress); empty: the "
+        "host's name as the listener certificate carries it.",
+        live=True,
+    )
     transfer_peers: tuple[str, ...] = opt(
         (),
         "Peer gateways certificate transfer files are taken from: their local CAs' certificate ids "

@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import logging
 import secrets
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,9 @@ def _one(pem_text: str, what: str) -> x509.Certificate:
     except CertificateError as exc:
         raise RegistryError(str(exc)) from exc
     return certs[0]
+
+
+DATA_ENDPOINT_TYPES = ("iot:Data-ATS", "iot:Data")  # describe-endpoint's types that name this gateway
 
 
 class RegistryService:
@@ -600,8 +604,16 @@ class RegistryService:
 
     # ------------------------------------------------------------------ the listeners
 
-    def describe_endpoint(self) -> dict[str, Any]:
-        """The listener addresses and the CA certificate sensors must trust to authenticate the gateway."""
+    def describe_endpoint(self, endpoint_type: str | None = None) -> dict[str, Any]:
+        """AWS DescribeEndpoint: `endpointAddress` is the host name sensors connect to (no port, as AWS
+        returns it): downstream.advertised_name, else the first name the listener certificate carries. The
+        data endpoint types (iot:Data-ATS, the default iot:Data) both answer; AWS's other types have no
+        counterpart here. gatewayd's own fields: the listeners and the CA certificate sensors must trust."""
+        if endpoint_type not in (None, *DATA_ENDPOINT_TYPES):
+            raise RegistryError(
+                f"--endpoint-type {endpoint_type!r}: this gateway serves "
+                f"{' and '.join(DATA_ENDPOINT_TYPES)} only"
+            )
         endpoints = []
         for lst in self.settings.listener:
             unix = lst.address.startswith("unix:")
@@ -614,10 +626,11 @@ class RegistryService:
                     "clientCertificateRequired": lst.require_client_cert,
                 }
             )
-        first = next((e for e in endpoints if e["transport"] == "tcp" and e["tls"]), None)
         ca_cert, _ = self.local_ca.ca()
         return {
-            "endpointAddress": f"{first['address']}:{first['port']}" if first else None,
+            "endpointAddress": self.settings.advertised_name
+            or self.local_ca.server_name()
+            or socket.gethostname(),
             "endpoints": endpoints,
             "caCertificateId": certificate_id(ca_cert),
             "caCertificatePem": pem(ca_cert).decode(),
@@ -820,7 +833,7 @@ def _dispatch(s: RegistryService, command: str, a: dict[str, Any]) -> dict[str, 
         case "complete-certificate-transfer":
             return s.complete_certificate_transfer(_text(a, "reply"), signer)
         case "describe-endpoint":
-            return s.describe_endpoint()
+            return s.describe_endpoint(_text(a, "endpointType", False) or None)
     raise RegistryError(f"unknown registry command {command!r}")
 
 

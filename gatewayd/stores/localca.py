@@ -98,6 +98,11 @@ class LocalCA:
         atomic.write_file(self.cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return True
 
+    def server_name(self) -> str | None:
+        """The name the listener's certificate carries for this host (its FQDN or host name; never
+        localhost), if the certificate exists yet."""
+        return _first_name(self.dir / "server.pem")
+
     def ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         cert = load_pem_certificates(self.cert_file.read_bytes(), str(self.cert_file))[0]
         key = serialization.load_pem_private_key(self.key_file.read_bytes(), password=None)
@@ -151,6 +156,18 @@ class LocalCA:
         atomic.write_file(key_file, _key_pem(key), 0o600)
         atomic.write_file(cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return ServerIdentity(cert_file, key_file, *wanted)
+
+
+def _first_name(cert_file: Path) -> str | None:
+    try:
+        cert = load_pem_certificates(cert_file.read_bytes(), str(cert_file))[0]
+    except (OSError, ValueError):
+        return None
+    names = [n for n in _sans(cert)[0] if n != "localhost"]  # not a name another machine can use
+    for preferred in (socket.getfqdn(), socket.gethostname()):
+        if preferred in names:
+            return preferred
+    return names[0] if names else None
 
 
 def _sans(cert: x509.Certificate) -> tuple[tuple[str, ...], tuple[str, ...]]:
