@@ -2,8 +2,9 @@
 
 docs/messages.md and the journald message catalog systemd/gatewayd.catalog (installed by the package to
 /usr/lib/systemd/catalog/, shown by `journalctl -x`) come from gatewayd.core.messages; the man page
-man/gatewayd.toml.5 comes from the commented reference config/gatewayd.toml, and the bash completion
-completion/gatewayctl.bash from gatewayctl's argument parser. A test fails when a committed file
+man/gatewayd.toml.5 comes from the commented reference config/gatewayd.toml, man/gatewayctl.8's registry
+commands from the command table gatewayd.core.commands, and the bash completion completion/gatewayctl.bash
+from gatewayctl's argument parser (itself made from that table). A test fails when a committed file
 differs.
 """
 
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from gatewayd.core import messages
+from gatewayd.core.commands import COMMANDS, Command, Kind
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -151,6 +153,40 @@ def config_man() -> str:
     return "\n".join(out)
 
 
+def _man_synopsis(command: Command) -> str:
+    parts = []
+    for arg in command.args:
+        if not arg.cli:
+            continue
+        value = {Kind.BOOL: "", Kind.INT: " N", Kind.PEM: " TEXT|file://PATH", Kind.OUTFILE: " PATH"}.get(
+            arg.kind, " " + arg.flag[2:].upper().replace("-", "_")
+        )
+        words = f"{arg.flag}{value}"
+        parts.append(words if arg.required else f"[{words}]")
+    if command.paged:
+        parts += ["[--max-items N]", "[--starting-token TOKEN]", "[--no-paginate]"]
+    return " ".join(parts)
+
+
+def gatewayctl_man() -> str:
+    """gatewayctl(8): man/gatewayctl.8.in, with one entry per registry command of gatewayd.core.commands."""
+    out = []
+    for command in COMMANDS:
+        out += [".TP", f".B {_roff(command.name)}"]
+        if _man_synopsis(command):
+            out += [_roff(_man_synopsis(command)), ".br"]
+        own = "" if command.aws else " (gatewayd's own: AWS moves certificates between accounts differently)"
+        out.append(_roff(f"{command.help[0].upper()}{command.help[1:]}.{own}"))
+        if command.aws:
+            out.append(_roff(f"AWS: {command.operation}."))
+    template = (REPO / "man" / "gatewayctl.8.in").read_text()
+    header = [
+        '.TH GATEWAYCTL 8 "" "gatewayd" "System Administration"',
+        '.\\" Generated from man/gatewayctl.8.in and gatewayd.core.commands by gatewayd_dev.docgen.',
+    ]
+    return "\n".join(header) + "\n" + template.replace("@REGISTRY_COMMANDS@\n", "\n".join(out) + "\n")
+
+
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     """A parser's visible subcommands (those its --help lists), in order."""
     for action in parser._actions:
@@ -226,6 +262,7 @@ def main() -> int:
     (REPO / "systemd" / "gatewayd.catalog").write_text(catalog())
     (REPO / "man" / "gatewayd.toml.5").write_text(config_man())
     (REPO / "completion" / "gatewayctl.bash").write_text(bash_completion())
+    (REPO / "man" / "gatewayctl.8").write_text(gatewayctl_man())
     return 0
 
 

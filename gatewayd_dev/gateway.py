@@ -207,7 +207,8 @@ def gateway_env(stack: DevStack) -> dict[str, str]:
 
 
 def gatewayctl(config: Path, *args: str, env: dict[str, str] | None = None) -> Any:
-    """Run gatewayctl --config CONFIG ARGS...; returns its JSON output, raises with its one-line error."""
+    """Run gatewayctl --config CONFIG ARGS...; returns its JSON output ({} when it printed nothing, as a
+    registry command whose AWS operation returns nothing), raises with its error."""
     result = subprocess.run(
         [sys.executable, "-m", "gatewayd.cli.gatewayctl", "--config", str(config), *args],
         capture_output=True,
@@ -217,7 +218,7 @@ def gatewayctl(config: Path, *args: str, env: dict[str, str] | None = None) -> A
     )
     if result.returncode != 0:
         raise RuntimeError(f"gatewayctl {' '.join(args)} failed: {result.stderr.strip()}")
-    return json.loads(result.stdout)
+    return json.loads(result.stdout) if result.stdout.strip() else {}
 
 
 def provision(stack: DevStack, config: Path, days: float = 365, new_key: bool = True) -> dict[str, Any]:

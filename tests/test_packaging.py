@@ -11,7 +11,7 @@ import re
 import subprocess
 import tomllib
 
-from gatewayd_dev.docgen import bash_completion, config_man
+from gatewayd_dev.docgen import bash_completion, config_man, gatewayctl_man
 
 from .conftest import REPO
 
@@ -20,6 +20,7 @@ DEBIAN = REPO / "debian"
 
 def test_generated_man_page_and_completion_are_current() -> None:
     assert (REPO / "man" / "gatewayd.toml.5").read_text() == config_man(), "run python -m gatewayd_dev.docgen"
+    assert (REPO / "man" / "gatewayctl.8").read_text() == gatewayctl_man(), "run gatewayd_dev.docgen"
     assert (REPO / "completion" / "gatewayctl.bash").read_text() == bash_completion(), (
         "run python -m gatewayd_dev.docgen"
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -28,6 +29,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from gatewayd.core.commands import BY_NAME
 from gatewayd.core.mqtt.codec import Decoder, encode
 from gatewayd.core.mqtt.packets import MQTT_311, Connack, Connect
 from gatewayd.service.control import request
@@ -45,6 +47,15 @@ from gatewayd_dev.observer import Observer
 from gatewayd_dev.sensor import PAHO2, Sensor, wait_until
 from gatewayd_dev.stack import DevStack
 
+# How the AWS CLI prints a service's refusal (awscli's error handler: a blank line, then this).
+AWS_ERROR = re.compile(
+    r"\nAn error occurred \((?P<name>\w+)\) when calling the (?P<operation>\w+) operation: (?P<message>.+)\n"
+)
+
+
+def operation_of(command: str) -> str:
+    return BY_NAME[command].operation
+
 
 @dataclass
 class Gw:
@@ -61,8 +72,10 @@ class Gw:
     def ctl(self, *args: str) -> Any:
         return gatewayctl(self.config, *args)
 
-    def fails(self, *args: str, code: int = 1) -> str:
-        """Run gatewayctl expecting a refusal: exit 1 (2: usage) and one line on stderr, nothing on stdout."""
+    def fails(self, *args: str, code: int = 254) -> str:
+        """Run gatewayctl expecting a refusal, nothing on stdout. A refusal by the registry (exit 254) is
+        printed as the AWS CLI prints a service error; returned as "ExceptionName: message". Otherwise
+        (252: usage) one line on stderr, returned as it is."""
         result = subprocess.run(
             [sys.executable, "-m", "gatewayd.cli.gatewayctl", "--config", str(self.config), *args],
             capture_output=True,
@@ -70,7 +83,12 @@ class Gw:
             timeout=60,
         )
         assert result.returncode == code, result
-        assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+        assert result.stdout == "", result
+        if code == 254:
+            aws = AWS_ERROR.fullmatch(result.stderr)
+            assert aws and aws["operation"] == operation_of(args[0]), result.stderr
+            return f"{aws['name']}: {aws['message']}"
+        assert result.stderr.count("\n") == 1, result.stderr
         return result.stderr.strip()
 
     def request(self, command: str, args: dict[str, Any] | None = None) -> Any:
@@ -159,7 +177,7 @@ def test_create_keys_and_certificate_then_connect(gw: Gw) -> None:
     assert stat.S_IMODE(key.stat().st_mode) == 0o600 and key.read_text() == out["keyPair"]["PrivateKey"]
     assert out["certificateArn"] == f"arn:gatewayd:gw-reg-a:cert/{out['certificateId']}"
     desc = gw.ctl("describe-certificate", "--certificate-id", out["certificateId"])["certificateDescription"]
-    assert desc["status"] == "ACTIVE" and desc["validity"]["notAfter"] == "2049-12-31T23:59:59Z"
+    assert desc["status"] == "ACTIVE" and desc["validity"]["notAfter"] == "2049-12-31T23:59:59+00:00"
     s = gw.sensor("made-1")
     try:
         assert s.connect() == 0 and s.publish("sensors/made-1/t", b"1") == 0
@@ -221,7 +239,7 @@ def test_ca_workflow_and_every_input_check(gw: Gw) -> None:
     impostor = pki.make_root("Plant CA", "ecc")
     forged = pki.write(gw.workdir / "plant-forged.pem", pki.make_client(impostor, code).cert_pem())
     args = ["register-ca-certificate", "--ca-certificate", str(ca_file), "--verification-certificate"]
-    assert "registration code" in gw.fails(*args, str(wrong))
+    assert "RegistrationCodeValidationException: the verification" in gw.fails(*args, str(wrong))
     assert "proof of possession" in gw.fails(*args, str(forged))
     device = _issue(gw, ca, "plant-1")
     assert "not a CA certificate" in gw.fails(
@@ -231,9 +249,9 @@ def test_ca_workflow_and_every_input_check(gw: Gw) -> None:
     junk.write_text("hello\n")
     assert "PEM" in gw.fails(*args[:2], str(junk), args[3], str(device))
     missing = gw.workdir / "missing.pem"
-    assert "cannot read" in gw.fails(*args[:2], str(missing), args[3], str(device), code=2)
+    assert "cannot read" in gw.fails(*args[:2], f"file://{missing}", args[3], str(device), code=252)
     ca_id = register_ca(gw.config, ca, active=False)
-    assert "already registered" in gw.fails(
+    assert "ResourceAlreadyExistsException: CA certificate" in gw.fails(
         "register-ca-certificate",
         "--ca-certificate",
         f"file://{ca_file}",
@@ -244,14 +262,18 @@ def test_ca_workflow_and_every_input_check(gw: Gw) -> None:
     assert described["status"] == "INACTIVE" and described["autoRegistrationStatus"] == "DISABLE"
     assert ca_id in [c["certificateId"] for c in gw.ctl("list-ca-certificates")["certificates"]]
     # a device certificate needs its CA registered and ACTIVE
-    assert "is INACTIVE, not ACTIVE" in gw.fails("register-certificate", "--certificate-pem", str(device))
+    assert "CertificateStateException: CA certificate" in gw.fails(
+        "register-certificate", "--certificate-pem", str(device)
+    )
     gw.ctl("update-ca-certificate", "--certificate-id", ca_id, "--new-status", "ACTIVE")
     stranger = _issue(gw, pki.make_root("Other CA", "ecc"), "stranger")
     assert "CA is not registered" in gw.fails("register-certificate", "--certificate-pem", str(stranger))
     three_days_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
     expired = pki.make_client(ca, "old", validity=pki.Validity.days(1, three_days_ago))
     old = pki.write(gw.workdir / "old.pem", expired.cert_pem())
-    assert "expired at" in gw.fails("register-certificate", "--certificate-pem", str(old))
+    assert "CertificateValidationException: the certificate expired at" in gw.fails(
+        "register-certificate", "--certificate-pem", str(old)
+    )
     cid = gw.ctl(
         "register-certificate",
         "--certificate-pem",
@@ -268,41 +290,64 @@ def test_ca_workflow_and_every_input_check(gw: Gw) -> None:
     by_ca = gw.ctl("list-certificates-by-ca", "--ca-certificate-id", ca_id)["certificates"]
     assert [c["certificateId"] for c in by_ca] == [cid]
     delete_ca = ["delete-ca-certificate", "--certificate-id", ca_id]
-    assert "ACTIVE CA certificate cannot be deleted" in gw.fails(*delete_ca)
+    assert "CertificateStateException: an ACTIVE CA certificate cannot be deleted" in gw.fails(*delete_ca)
     gw.ctl("update-ca-certificate", "--certificate-id", ca_id, "--new-status", "INACTIVE")
     assert "referenced by 1 device certificate" in gw.fails(*delete_ca)
-    assert "ACTIVE certificate cannot be deleted" in gw.fails("delete-certificate", "--certificate-id", cid)
-    assert "no certificate with id" in gw.fails("describe-certificate", "--certificate-id", "0" * 64)
-    assert "not settable" in gw.fails(
+    assert "CertificateStateException: an ACTIVE certificate cannot be deleted" in gw.fails(
+        "delete-certificate", "--certificate-id", cid
+    )
+    assert "ResourceNotFoundException: no certificate with id" in gw.fails(
+        "describe-certificate", "--certificate-id", "0" * 64
+    )
+    assert "InvalidRequestException: --new-status must be one of" in gw.fails(
         "update-certificate", "--certificate-id", cid, "--new-status", "PENDING_TRANSFER"
     )
     gw.ctl("update-certificate", "--certificate-id", cid, "--new-status", "REVOKED")
-    assert "REVOKED, which is final" in gw.fails(
+    assert "CertificateStateException: the certificate is REVOKED, which is final" in gw.fails(
         "update-certificate", "--certificate-id", cid, "--new-status", "ACTIVE"
     )
     assert gw.ctl("delete-certificate", "--certificate-id", cid) == {}
     assert gw.ctl(*delete_ca) == {}
-    assert "no CA certificate with id" in gw.fails("describe-ca-certificate", "--certificate-id", ca_id)
+    assert "ResourceNotFoundException: no CA certificate" in gw.fails(
+        "describe-ca-certificate", "--certificate-id", ca_id
+    )
 
 
 def test_list_certificates_pages(gw: Gw) -> None:
-    for i in range(3):
-        _create(gw, f"paged-{i}")
-    everything: list[str] = []
-    marker: list[str] = []
-    while True:
-        page = gw.ctl("list-certificates", "--page-size", "2", "--ascending-order", *marker)
-        assert len(page["certificates"]) <= 2
-        everything += [c["certificateId"] for c in page["certificates"]]
-        if "nextMarker" not in page:
+    """As `aws iot list-certificates`: every certificate by default (here 27, more than a page of 25),
+    --max-items and NextToken / --starting-token to go on, --no-paginate for one raw page with nextMarker,
+    --page-size only the size of each request."""
+    for i in range(27):  # by the control socket: quicker than 27 gatewayctl processes
+        gw.request("create-keys-and-certificate", {"commonName": f"paged-{i}"})
+    everything = [c["certificateId"] for c in gw.ctl("list-certificates")["certificates"]]
+    assert len(everything) == len(set(everything)) >= 27
+    assert "NextToken" not in gw.ctl("list-certificates")
+    oldest_first = gw.ctl("list-certificates", "--ascending-order", "--page-size", "4")
+    assert [c["certificateId"] for c in oldest_first["certificates"]] == everything[::-1]
+    collected: list[str] = []
+    token: list[str] = []
+    for _ in range(30):  # bounded: 10 at a time
+        part = gw.ctl("list-certificates", "--max-items", "10", *token)
+        assert len(part["certificates"]) <= 10
+        collected += [c["certificateId"] for c in part["certificates"]]
+        if "NextToken" not in part:
             break
-        marker = ["--marker", page["nextMarker"]]
-    assert len(everything) == len(set(everything)) >= 3
-    newest_first = [
-        c["certificateId"] for c in gw.ctl("list-certificates", "--page-size", "250")["certificates"]
-    ]
-    assert newest_first == everything[::-1]
-    assert "--page-size must be between 1 and 250" in gw.fails("list-certificates", "--page-size", "0")
+        token = ["--starting-token", part["NextToken"]]
+    assert collected == everything
+    raw = gw.ctl("list-certificates", "--no-paginate")
+    assert len(raw["certificates"]) == 25 and re.fullmatch(r"[A-Za-z0-9+/]+={0,2}", raw["nextMarker"])
+    rest = gw.ctl("list-certificates", "--no-paginate", "--starting-token", raw["nextMarker"])
+    assert [c["certificateId"] for c in raw["certificates"] + rest["certificates"]] == everything
+    item = raw["certificates"][0]
+    assert set(item) == {"certificateArn", "certificateId", "status", "certificateMode", "creationDate"}
+    assert dt.datetime.fromisoformat(item["creationDate"]).utcoffset() == dt.timedelta(0)
+    assert len(gw.ctl("list-ca-certificates")["certificates"]) >= 1
+    assert "InvalidRequestException: --page-size must be between 1 and 250" in gw.fails(
+        "list-certificates", "--page-size", "0"
+    )
+    assert "invalid --starting-token" in gw.fails("list-certificates", "--starting-token", "no!")
+    assert "--max-items must be at least 1" in gw.fails("list-certificates", "--max-items", "0", code=252)
+    assert "unrecognized arguments: --marker" in gw.fails("list-certificates", "--marker", "x", code=252)
 
 
 @pytest.mark.parametrize("how", ["deactivate", "revoke", "ca"])
@@ -502,7 +547,7 @@ def test_describe_endpoint(gw: Gw) -> None:
     ]
     assert out_file.read_text() == out["caCertificatePem"] == gw.ca_file.read_text()
     assert "is not a directory" in gw.fails(
-        "describe-endpoint", "--ca-certificate-outfile", "/nonexistent/x.pem"
+        "describe-endpoint", "--ca-certificate-outfile", "/nonexistent/x.pem", code=252
     )
 
 

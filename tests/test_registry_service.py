@@ -9,6 +9,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import re
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gatewayd.core.errors import GatewaydError
-from gatewayd.core.registry import TransitionRefused
+from gatewayd.core.registry import Action, TransitionRefused
 from gatewayd.service.registry import Admission, RegistryService
 from gatewayd.stores.localca import LocalCA
 from gatewayd.stores.registry import Registry, RegistryError
@@ -52,7 +53,7 @@ def test_create_keys_and_certificate(svc: RegistryService) -> None:
     assert (
         desc["status"] == "ACTIVE"
         and desc["ownedBy"] == "gw-1"
-        and desc["validity"]["notAfter"] == "2049-12-31T23:59:59Z"
+        and desc["validity"]["notAfter"] == "2049-12-31T23:59:59+00:00"
     )
     assert svc.admission(_der(out["certificatePem"])) == Admission(True)
     assert pki.cn(cert) == out["commonName"] == "sensor-1"
@@ -141,14 +142,41 @@ def test_a_revocation_outlives_the_deletion_of_the_certificate(svc: RegistryServ
     assert reopened.admission(der).admitted
 
 
-def test_a_registry_of_schema_1_gains_the_revoked_table(tmp_path: Path) -> None:
-    registry = Registry(tmp_path / "old.db", "gw-1")
-    registry.db.execute("DROP TABLE revoked")
-    registry.db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
-    registry.close()
+# The tables as schema version 1 had them (gatewayd 0.1's first registry), to migrate from.
+SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE ca_certificates (certificate_id TEXT PRIMARY KEY, pem TEXT NOT NULL, status TEXT NOT NULL,
+    auto_registration TEXT NOT NULL, owner TEXT NOT NULL, subject TEXT NOT NULL, creation_date TEXT NOT NULL,
+    last_modified TEXT NOT NULL, not_before TEXT NOT NULL, not_after TEXT NOT NULL);
+CREATE TABLE certificates (certificate_id TEXT PRIMARY KEY, pem TEXT NOT NULL, status TEXT NOT NULL,
+    owner TEXT NOT NULL, previous_owner TEXT,
+    ca_certificate_id TEXT REFERENCES ca_certificates(certificate_id), subject TEXT NOT NULL,
+    common_name TEXT NOT NULL, creation_date TEXT NOT NULL, last_modified TEXT NOT NULL,
+    not_before TEXT NOT NULL, not_after TEXT NOT NULL, transfer_data TEXT);
+INSERT INTO meta VALUES ('schema_version', '1');
+"""
+
+
+def test_a_registry_of_schema_1_is_migrated(tmp_path: Path) -> None:
+    """Schema 1 -> 3: the revoked table, and customerVersion/generationId for rows already there."""
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.executescript(SCHEMA_1)
+    when = "2026-01-02T03:04:05Z"
+    db.execute(
+        "INSERT INTO certificates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        ("a" * 64, "PEM", "ACTIVE", "gw-1", None, None, "CN=s", "s", when, when, when, when, None),
+    )
+    db.commit()
+    db.close()
     again = Registry(tmp_path / "old.db", "gw-1")
     assert again.was_revoked("0" * 64) is False
-    assert again.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+    assert again.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
+    row = again.get("a" * 64)
+    assert row.customer_version == 1 and len(row.generation_id) == 36 and row.creation_date == when
+    row = again.apply("a" * 64, Action.DEACTIVATE, dt.datetime.now(dt.UTC))
+    assert row is not None and row.customer_version == 2 and len(row.generation_id) == 36
+    again.close()
+    assert Registry(tmp_path / "old.db", "gw-1").get("a" * 64).customer_version == 2  # opened again: as is
 
 
 def test_register_without_ca_and_input_checks(svc: RegistryService) -> None:

@@ -146,7 +146,7 @@ def test_paging_both_ways_and_by_ca(reg: Registry) -> None:
     assert [r.common_name for r in by_ca] == ["s1", "s3", "s5"]
     with pytest.raises(RegistryError, match="page-size"):
         reg.page(page_size=0)
-    with pytest.raises(RegistryError, match="invalid --marker"):
+    with pytest.raises(RegistryError, match="invalid --starting-token"):
         reg.page(marker="garbage")
 
 

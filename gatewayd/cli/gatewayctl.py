@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import pwd
@@ -18,11 +19,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from gatewayd import __version__
+from gatewayd.core.commands import BY_NAME, COMMANDS, Arg, Command, Kind
 from gatewayd.core.config import Config
-from gatewayd.core.errors import ConfigError, GatewaydError
+from gatewayd.core.errors import ConfigError, ControlError, GatewaydError
 from gatewayd.service.control import DaemonUnreachable, request
 from gatewayd.service.identity import Identity
-from gatewayd.service.registry import CHANGES as REGISTRY_COMMANDS
 from gatewayd.stores import atomic
 from gatewayd.stores.configfile import load
 
@@ -33,8 +34,10 @@ DEFAULT_SOCKET = Path("/run/gatewayd/control.sock")
 class _OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line on stderr (exit 2), like every other gatewayctl failure."""
 
+    usage_status = 2  # a registry command's parser: 252, the AWS CLI's
+
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"gatewayctl: {message} (see gatewayctl --help)\n")
+        self.exit(self.usage_status, f"gatewayctl: {message} (see gatewayctl --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,183 +94,122 @@ def _hide(sub: Any, name: str) -> None:
 
 
 def _registry_parsers(sub: Any) -> None:
-    def cmd(name: str, text: str) -> argparse.ArgumentParser:
-        parser: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text)
-        return parser
-
-    def cid(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--certificate-id", required=True, help="64 hex digits (SHA-256 of the DER)")
-
-    def paging(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--page-size", type=int, default=25, help="1-250 (default 25)")
-        parser.add_argument("--marker", help="nextMarker of the previous page")
-        parser.add_argument("--ascending-order", action="store_true", help="oldest first")
-
-    status_help = "ACTIVE or INACTIVE (default INACTIVE, as AWS IoT's)"
-    p = cmd("create-keys-and-certificate", "a new key pair and a certificate from the gateway's local CA")
-    p.add_argument("--set-as-active", action="store_true")
-    p.add_argument("--common-name", help="the certificate's CN = the sensor's client id (default: generated)")
-    p.add_argument("--certificate-pem-outfile", type=Path)
-    p.add_argument("--public-key-outfile", type=Path)
-    p.add_argument("--private-key-outfile", type=Path, help="written mode 0600")
-    p = cmd(
-        "create-certificate-from-csr",
-        "a certificate from the gateway's local CA for a key the sensor keeps (the CSR's CN: its client id)",
-    )
-    p.add_argument("--certificate-signing-request", type=_file, required=True, metavar="FILE")
-    p.add_argument("--set-as-active", action="store_true")
-    p.add_argument("--certificate-pem-outfile", type=Path)
-    cmd("get-registration-code", "the code a CA's verification certificate must carry as its CN")
-    p = cmd("register-ca-certificate", "register a sensor CA, with proof of possession of its key")
-    p.add_argument("--ca-certificate", type=_file, required=True, metavar="FILE")
-    p.add_argument("--verification-certificate", type=_file, required=True, metavar="FILE")
-    p.add_argument("--set-as-active", action="store_true")
-    p.add_argument("--allow-auto-registration", action="store_true")
-    p = cmd("update-ca-certificate", "change a CA certificate's status or auto-registration")
-    cid(p)
-    p.add_argument("--new-status", help="ACTIVE or INACTIVE")
-    p.add_argument("--new-auto-registration-status", help="ENABLE or DISABLE")
-    cid(cmd("describe-ca-certificate", "one CA certificate, with its PEM"))
-    cmd("list-ca-certificates", "the registered CA certificates")
-    cid(cmd("delete-ca-certificate", "remove an INACTIVE CA certificate no device certificate refers to"))
-    p = cmd("register-certificate", "register a device certificate issued by a registered, ACTIVE CA")
-    p.add_argument("--certificate-pem", type=_file, required=True, metavar="FILE")
-    p.add_argument("--ca-certificate-pem", type=_file, metavar="FILE", help="default: found among the CAs")
-    p.add_argument("--status", help=status_help)
-    p.add_argument("--set-as-active", action="store_true", help="the same as --status ACTIVE")
-    p = cmd("register-certificate-without-ca", "register a device certificate whose CA is not registered")
-    p.add_argument("--certificate-pem", type=_file, required=True, metavar="FILE")
-    p.add_argument("--status", help=status_help)
-    p = cmd("update-certificate", "ACTIVE, INACTIVE or REVOKED (final); takes effect at once")
-    cid(p)
-    p.add_argument("--new-status", required=True)
-    cid(cmd("describe-certificate", "one device certificate, with its PEM and transfer data"))
-    paging(cmd("list-certificates", "device certificates, newest first"))
-    p = cmd("list-certificates-by-ca", "device certificates issued by one registered CA")
-    p.add_argument("--ca-certificate-id", required=True)
-    paging(p)
-    cid(cmd("delete-certificate", "remove a device certificate that is not ACTIVE"))
-    p = cmd("transfer-certificate", "start moving an INACTIVE certificate to another gateway")
-    cid(p)
-    p.add_argument("--target-gateway", required=True, help="the target gateway's thing name")
-    p.add_argument("--transfer-message", default="")
-    p.add_argument("--outfile", type=Path, required=True, help="the transfer bundle to carry to the target")
-    for name, text in (("accept", "register a transferred certificate here"), ("reject", "decline it")):
-        p = cmd(f"{name}-certificate-transfer", f"on the target gateway: {text}; writes a reply file")
-        p.add_argument("--bundle", type=_file, required=True, metavar="FILE")
-        p.add_argument("--reply-outfile", type=Path, required=True, help="the reply to carry back")
-        p.add_argument(
-            "--expect-signer", metavar="ID", help="refuse unless the source's local CA has this id"
-        )
-        if name == "accept":
-            p.add_argument("--set-as-active", action="store_true")
-        else:
-            p.add_argument("--reject-reason", default="")
-    cid(
-        cmd(
-            "cancel-certificate-transfer",
-            "on the source: end a pending transfer; the certificate is INACTIVE",
-        )
-    )
-    p = cmd("complete-certificate-transfer", "on the source: apply the target's reply")
-    p.add_argument("--reply", type=_file, required=True, metavar="FILE")
-    p.add_argument("--expect-signer", metavar="ID", help="refuse unless the target's local CA has this id")
-    p = cmd("describe-endpoint", "the host name sensors connect to, the listeners and the CA they must trust")
-    p.add_argument("--endpoint-type", help="iot:Data-ATS or iot:Data (the same host name here)")
-    p.add_argument("--ca-certificate-outfile", type=Path, help="also write the CA certificate (PEM) here")
+    """One subcommand per entry of gatewayd.core.commands.COMMANDS, flags as the AWS CLI's."""
+    for command in COMMANDS:
+        parser = sub.add_parser(command.name, help=command.help, description=command.help)
+        parser.usage_status = USAGE_AWS
+        for arg in command.args:
+            if not arg.cli:
+                continue
+            dest = _dest(arg)
+            if arg.choices:  # listed, not enforced: as the AWS CLI, the service judges the value
+                arg = dataclasses.replace(arg, help=f"{arg.help or 'one of'}: {', '.join(arg.choices)}")
+            match arg.kind:
+                case Kind.BOOL:
+                    parser.add_argument(arg.flag, dest=dest, action=argparse.BooleanOptionalAction,
+                                        default=None, help=arg.help)  # fmt: skip
+                case Kind.INT:
+                    parser.add_argument(arg.flag, dest=dest, type=int, help=arg.help, metavar="N")
+                case Kind.PEM:
+                    parser.add_argument(arg.flag, dest=dest, type=_inline_or_file, required=arg.required,
+                                        metavar="TEXT|file://PATH", help=arg.help)  # fmt: skip
+                case Kind.OUTFILE:
+                    parser.add_argument(arg.flag, dest=dest, type=Path, required=arg.required,
+                                        metavar="PATH", help=arg.help)  # fmt: skip
+                case _:
+                    parser.add_argument(arg.flag, dest=dest, required=arg.required, help=arg.help)
+        if command.paged:
+            parser.add_argument("--starting-token", help="the NextToken of an earlier call")
+            parser.add_argument("--max-items", type=int, metavar="N", help="print at most N, then NextToken")
+            parser.add_argument("--no-paginate", action="store_true",
+                                help="one request only; print its nextMarker")  # fmt: skip
 
 
-class _File:
-    """A file argument read at parse time (accepts the AWS CLI's file://PATH form)."""
+USAGE_AWS = 252  # the AWS CLI's status for a command line it cannot parse
 
-    def __init__(self, path: Path, text: str) -> None:
-        self.path, self.text = path, text
+
+def _dest(arg: Arg) -> str:
+    return "arg_" + arg.flag[2:].replace("-", "_")
+
+
+class _Text:
+    """A PEM or JSON argument's text (given inline, or read from file://PATH)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
 
 
 MAX_INPUT = 48 * 1024
 
 
-def _file(value: str) -> _File:
-    path = Path(value.removeprefix("file://"))
+def _inline_or_file(value: str) -> _Text:
+    """As the AWS CLI: `file://PATH` (or fileb://) reads the file, anything else is the value itself. A bare
+    path to an existing file is read too (gatewayctl 0.1 took paths; the AWS CLI would send the path as
+    text and fail)."""
+    for prefix in ("file://", "fileb://"):
+        if value.startswith(prefix):
+            return _Text(_read_input(Path(value.removeprefix(prefix))))
+    if "\n" not in value and not value.lstrip().startswith(("-----", "{")) and Path(value).is_file():
+        return _Text(_read_input(Path(value)))
+    return _Text(value)
+
+
+def _read_input(path: Path) -> str:
     try:
         if path.stat().st_size > MAX_INPUT:
             raise argparse.ArgumentTypeError(f"{path} is larger than {MAX_INPUT} bytes")
-        return _File(path, path.read_text())
+        return path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise argparse.ArgumentTypeError(
             f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
         ) from None
 
 
-def _camel(flag: str) -> str:
-    head, *rest = flag.split("_")
-    return head + "".join(word.capitalize() for word in rest)
-
-
-OUTFILES = {
-    "certificate_pem_outfile", "public_key_outfile", "private_key_outfile", "outfile", "reply_outfile",
-    "ca_certificate_outfile",
-}  # fmt: skip
-
-
-def _registry_body(args: argparse.Namespace) -> dict[str, Any]:
+def _registry_body(command: Command, args: argparse.Namespace) -> dict[str, Any]:
+    """The control-socket arguments: each flag given, under its camelCase key (outfiles stay here)."""
     body: dict[str, Any] = {}
-    for key, value in vars(args).items():
-        if key in ("command", "socket", "config") or key in OUTFILES or value is None:
+    for arg in command.args:
+        if arg.kind is Kind.OUTFILE or not arg.cli:
             continue
-        body[_camel(key)] = value.text if isinstance(value, _File) else value
-    if body.pop("setAsActive", False) and args.command == "register-certificate":
-        if body.get("status") not in (None, "ACTIVE"):
-            raise GatewaydError("--set-as-active and --status disagree")
-        body["status"] = "ACTIVE"
-    elif args.command in (
-        "create-keys-and-certificate",
-        "create-certificate-from-csr",
-        "register-ca-certificate",
-        "accept-certificate-transfer",
-    ):
-        body["setAsActive"] = args.set_as_active
+        value = getattr(args, _dest(arg), None)
+        if value is not None:
+            body[arg.key] = value.text if isinstance(value, _Text) else value
     return body
 
 
-def _check_outfiles(args: argparse.Namespace) -> None:
-    """Refuse before the daemon does anything if an output file cannot be written where asked."""
-    for key in OUTFILES:
-        path = getattr(args, key, None)
-        if path is None:
-            continue
-        if path.is_dir():
-            raise GatewaydError(f"{path} is a directory")
-        if not path.parent.is_dir():
-            raise GatewaydError(f"{path.parent} is not a directory")
-        if not os.access(path.parent, os.W_OK):
-            raise GatewaydError(f"cannot write into {path.parent}")
-
-
-def _write_outputs(args: argparse.Namespace, result: dict[str, Any]) -> None:
-    def out(key: str, data: str, mode: int = 0o644) -> Path | None:
-        path: Path | None = getattr(args, key, None)
+def _outfiles(command: Command, args: argparse.Namespace) -> dict[str, Path]:
+    found = {}
+    for arg in command.args:
+        path = getattr(args, _dest(arg), None) if arg.kind is Kind.OUTFILE else None
         if path is not None:
-            atomic.write_file(path, data.encode(), mode)
-        return path
+            found[arg.flag] = path
+    return found
 
-    match args.command:
-        case "create-keys-and-certificate":
-            out("certificate_pem_outfile", result["certificatePem"])
-            out("public_key_outfile", result["keyPair"]["PublicKey"])
-            out("private_key_outfile", result["keyPair"]["PrivateKey"], 0o600)
-        case "create-certificate-from-csr":
-            out("certificate_pem_outfile", result["certificatePem"])
-        case "transfer-certificate":
-            out("outfile", json.dumps(result["bundle"], indent=2, sort_keys=True) + "\n")
-            del result["bundle"]  # written: only now is it safe to leave it out of the printed result
-            result["bundleFile"] = str(args.outfile)
-        case "accept-certificate-transfer" | "reject-certificate-transfer":
-            out("reply_outfile", json.dumps(result["reply"], indent=2, sort_keys=True) + "\n")
-            del result["reply"]
-            result["replyFile"] = str(args.reply_outfile)
-        case "describe-endpoint":
-            out("ca_certificate_outfile", result["caCertificatePem"])
+
+def _check_outfiles(paths: dict[str, Path]) -> None:
+    """Refuse before the daemon does anything if an output file cannot be written where asked."""
+    for path in paths.values():
+        if path.is_dir():
+            raise UsageError(f"{path} is a directory")
+        if not path.parent.is_dir():
+            raise UsageError(f"{path.parent} is not a directory")
+        if not os.access(path.parent, os.W_OK):
+            raise UsageError(f"cannot write into {path.parent}")
+
+
+def _write_outputs(command: Command, paths: dict[str, Path], result: dict[str, Any]) -> None:
+    """Write each asked-for part of the answer to its file (a private key mode 0600). A transfer's bundle
+    or reply is then left out of what is printed: it is in the file."""
+    for flag, path in paths.items():
+        holder, key = result, command.outputs[flag]
+        for part in key.split(".")[:-1]:
+            holder = holder[part]
+        value = holder[key.split(".")[-1]]
+        data = json.dumps(value, indent=2, sort_keys=True) + "\n" if isinstance(value, dict) else str(value)
+        atomic.write_file(path, data.encode(), 0o600 if "Private" in key else 0o644)
+        if key in ("bundle", "reply"):
+            del result[key]  # written: only now is it safe to leave it out of the printed result
+            result[f"{key}File"] = str(path)
 
 
 def socket_path(args: argparse.Namespace) -> Path:
@@ -278,7 +220,7 @@ def socket_path(args: argparse.Namespace) -> Path:
         return Path(load(config_path).gateway.control_socket)
     except ConfigError as exc:
         if args.config is not None:  # asked for explicitly: its problems are the user's answer
-            raise GatewaydError(f"cannot use {config_path}: {exc.problems[0]}") from exc
+            raise EnvironmentProblem(f"cannot use {config_path}: {exc.problems[0]}") from exc
         return DEFAULT_SOCKET
 
 
@@ -316,8 +258,6 @@ def _command(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                 body["certificatePem"] = _read(args.certificate, "certificate")
                 body["chainPem"] = _read(args.chain, "chain") if args.chain else ""
             return "identity", body
-    if args.command in REGISTRY_COMMANDS:
-        return args.command, _registry_body(args)
     return args.command, {}
 
 
@@ -356,7 +296,7 @@ def _offline(args: argparse.Namespace, command: str, body: dict[str, Any]) -> An
     try:
         config = load(config_path)
     except ConfigError as exc:
-        raise GatewaydError(
+        raise EnvironmentProblem(
             f"the daemon is not running and {config_path} is unusable: {exc.problems[0]}"
         ) from exc
     with _as_owner_of(Path(config.gateway.state_dir)):
@@ -393,15 +333,31 @@ def _offline_work(config: Config, command: str, body: dict[str, Any]) -> Any:
             registry.close()
 
 
+def _command_word(argv: list[str]) -> str:
+    """The command named on a command line (after the global options), or ""."""
+    words = iter(argv)
+    for word in words:
+        if word in ("--socket", "--config"):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    registry_command = BY_NAME.get(_command_word(argv))
+    parser = _parser()
+    parser.usage_status = USAGE_AWS if registry_command else 2  # type: ignore[attr-defined]
+    args = parser.parse_args(argv)
+    if registry_command is not None:
+        return _registry_main(args, registry_command)
     try:
         command, body = _command(args)
-        _check_outfiles(args)
         try:
             result = request(socket_path(args), command, body)
         except DaemonUnreachable:
-            if (command != "identity" or body["action"] == "renew") and command not in REGISTRY_COMMANDS:
+            if command != "identity" or body["action"] == "renew":
                 raise  # renewal needs the running daemon (its uplink proves the new certificate)
             result = _offline(args, command, body)
         if command == "identity" and args.action == "create-csr" and args.out is not None:
@@ -410,15 +366,104 @@ def main(argv: list[str] | None = None) -> int:
     except (GatewaydError, OSError) as exc:
         print(f"gatewayctl: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
         return 1
-    status = 0
-    try:
-        _write_outputs(args, result)
-    except OSError as exc:  # the command is done: print its result all the same, so nothing is lost
-        print(f"gatewayctl: the command succeeded but writing its output file failed: {exc}", file=sys.stderr)
-        status = 1
     json.dump(result, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
+    return 0
+
+
+# The AWS CLI's exit statuses, which registry commands keep: the service refused (254), the environment or
+# configuration is unusable (253: no daemon and no usable config, no permission), anything else (255).
+REFUSED, ENVIRONMENT, OTHER = 254, 253, 255
+
+
+class EnvironmentProblem(GatewaydError):
+    """The configuration gatewayctl needs is unusable (exit 253 for registry commands, as the AWS CLI's)."""
+
+
+class UsageError(GatewaydError):
+    """A command line that parsed but cannot run (exit 252, as the AWS CLI's parameter errors)."""
+
+
+def _registry_main(args: argparse.Namespace, command: Command) -> int:
+    """A registry command, as the AWS CLI runs `aws iot <command>`: JSON in the operation's shape on stdout
+    (nothing when the operation returns nothing), refusals as `An error occurred (Name) when calling the
+    Operation operation: message` on stderr, the AWS CLI's exit statuses."""
+    try:
+        body = _registry_body(command, args)
+        paths = _outfiles(command, args)
+        _check_outfiles(paths)
+        result = _registry_call(args, command, body)
+    except UsageError as exc:
+        print(f"gatewayctl: {exc} (see gatewayctl {command.name} --help)", file=sys.stderr)
+        return USAGE_AWS
+    except GatewaydError as exc:
+        if exc.code:
+            print(f"\nAn error occurred ({exc.code}) when calling the {command.operation} operation: {exc}",
+                  file=sys.stderr)  # fmt: skip
+            return REFUSED
+        print(f"gatewayctl: {exc}", file=sys.stderr)
+        return ENVIRONMENT if isinstance(exc, (EnvironmentProblem, ControlError)) else OTHER
+    except OSError as exc:
+        print(f"gatewayctl: {exc.strerror or exc}", file=sys.stderr)
+        return OTHER
+    status = 0
+    try:
+        _write_outputs(command, paths, result)
+    except OSError as exc:  # the command is done: print its result all the same, so nothing is lost
+        print(f"gatewayctl: the command succeeded but writing its output file failed: {exc}", file=sys.stderr)
+        status = OTHER
+    if result:
+        json.dump(result, sys.stdout, indent=4, ensure_ascii=False)
+        sys.stdout.write("\n")
     return status
+
+
+def _registry_call(args: argparse.Namespace, command: Command, body: dict[str, Any]) -> dict[str, Any]:
+    if not command.paged:
+        return _ask(args, command.name, body)
+    if args.max_items is not None and args.max_items < 1:
+        raise UsageError("--max-items must be at least 1")
+    if args.no_paginate:  # one request, its raw answer (nextMarker included), as the AWS CLI's
+        if args.max_items is not None:
+            raise UsageError("--no-paginate and --max-items exclude each other")
+        return _ask(args, command.name, {**body, "marker": args.starting_token})
+    return _all_pages(args, command, body)
+
+
+def _all_pages(args: argparse.Namespace, command: Command, body: dict[str, Any]) -> dict[str, Any]:
+    """Every item, page by page, as the AWS CLI paginates: with --max-items at most that many and, when
+    more remain, NextToken to pass as --starting-token (here the service's marker itself: the last page is
+    asked for exactly the items still wanted, so a token never points inside a page)."""
+    items: list[Any] = []
+    marker, left = args.starting_token, args.max_items
+    seen: set[str] = set()
+    while True:
+        page_body = dict(body)
+        if left is not None:
+            page_body["pageSize"] = min(body.get("pageSize") or 25, left)
+        page = _ask(args, command.name, {**page_body, "marker": marker})
+        items += page["certificates"]
+        marker = page.get("nextMarker")
+        if left is not None:
+            left -= len(page["certificates"])
+        if not marker or left == 0:
+            break
+        if marker in seen:  # the daemon would have to be broken: never loop
+            raise GatewaydError(f"the daemon returned marker {marker} twice")
+        seen.add(marker)
+    result: dict[str, Any] = {"certificates": items}
+    if marker:
+        result["NextToken"] = marker
+    return result
+
+
+def _ask(args: argparse.Namespace, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    body = {key: value for key, value in body.items() if value is not None}
+    try:
+        result: dict[str, Any] = request(socket_path(args), name, body)
+    except DaemonUnreachable:
+        result = _offline(args, name, body)
+    return result
 
 
 if __name__ == "__main__":

@@ -6,7 +6,12 @@ from dataclasses import dataclass
 
 
 class GatewaydError(Exception):
-    """Root of every error gatewayd raises on purpose."""
+    """Root of every error gatewayd raises on purpose.
+
+    `code`: AWS's exception name where the error mirrors an AWS IoT one (the registry's commands, which
+    gatewayctl prints as the AWS CLI does); empty otherwise."""
+
+    code = ""
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,12 @@ class ConfigError(GatewaydError):
 
 
 class ControlError(GatewaydError):
-    """A control-socket request failed (bad request, refused, or the daemon is unreachable)."""
+    """A control-socket request failed (bad request, refused, or the daemon is unreachable); `code` is the
+    daemon's error name when it gave one."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class TPMError(GatewaydError):

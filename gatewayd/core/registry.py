@@ -41,7 +41,23 @@ class Action(StrEnum):
     TRANSFER_ACCEPTED = "transfer-accepted"  # the target's acceptance, applied at the source: it leaves
 
 
+class AwsError(StrEnum):
+    """The exception names AWS IoT's certificate operations answer with (botocore's iot service model);
+    scripts written for the AWS CLI branch on them."""
+
+    INVALID_REQUEST = "InvalidRequestException"
+    NOT_FOUND = "ResourceNotFoundException"
+    ALREADY_EXISTS = "ResourceAlreadyExistsException"
+    CERTIFICATE_STATE = "CertificateStateException"
+    CERTIFICATE_VALIDATION = "CertificateValidationException"
+    REGISTRATION_CODE = "RegistrationCodeValidationException"
+    TRANSFER_COMPLETED = "TransferAlreadyCompletedException"
+    DELETE_CONFLICT = "DeleteConflictException"
+
+
 class TransitionRefused(GatewaydError):
+    code = AwsError.CERTIFICATE_STATE.value
+
     def __init__(self, certificate_id: str, status: Status, action: Action, reason: str) -> None:
         super().__init__(reason)
         self.certificate_id = certificate_id
@@ -108,7 +124,9 @@ def update_action(new_status: str) -> Action:
         return UPDATE_ACTIONS[Status(new_status)]
     except (ValueError, KeyError):
         allowed = ", ".join(s.value for s in UPDATE_ACTIONS)
-        raise GatewaydError(f"--new-status must be one of {allowed}; {new_status} is not settable") from None
+        error = GatewaydError(f"--new-status must be one of {allowed}; {new_status} is not settable")
+        error.code = AwsError.INVALID_REQUEST.value
+        raise error from None
 
 
 def deletable(status: Status) -> str | None:

@@ -1,7 +1,8 @@
 """The control socket: gatewayctl's way into the running daemon.
 
 Protocol: the client connects, sends one JSON object on one line (`{"command": NAME, "args": {...}}`) and
-reads one JSON line back: `{"ok": true, "result": ...}` or `{"ok": false, "error": "one line"}`.
+reads one JSON line back: `{"ok": true, "result": ...}` or `{"ok": false, "error": "one line"}`, plus
+`"code"`: AWS's exception name, for a refusal that mirrors one of AWS IoT's (the registry's commands).
 A request is bounded (64 KiB) and must arrive within 5 s, so a stuck client cannot hold the daemon.
 
 Who may ask: root, the daemon's own user, and members of the control group (gateway.control_group), checked
@@ -151,7 +152,10 @@ class ControlServer:
         try:
             return {"ok": True, "result": await handler(args)}
         except GatewaydError as exc:
-            return {"ok": False, "error": str(exc)}
+            reply = {"ok": False, "error": str(exc)}
+            if exc.code:
+                reply["code"] = exc.code
+            return reply
         except Exception as exc:
             log.exception("control command %s failed", command)
             return {"ok": False, "error": f"internal error: {exc}"}
@@ -240,5 +244,5 @@ def request(path: Path, command: str, args: dict[str, Any] | None = None, timeou
     except ValueError as exc:
         raise ControlError(f"garbled reply from {path}") from exc
     if not reply.get("ok"):
-        raise ControlError(str(reply.get("error", "unknown error")))
+        raise ControlError(str(reply.get("error", "unknown error")), str(reply.get("code") or ""))
     return reply.get("result")

@@ -28,6 +28,7 @@ from gatewayd import __version__
 from gatewayd.adapters.heap import release_free_memory
 from gatewayd.adapters.systemd import Notifier, watchdog_interval
 from gatewayd.core import messages
+from gatewayd.core.commands import BY_NAME
 from gatewayd.core.config import Config, diff, with_live_changes
 from gatewayd.core.errors import ConfigError, ControlError
 from gatewayd.core.topics import expand
@@ -38,7 +39,7 @@ from gatewayd.service.downstream import Downstream
 from gatewayd.service.forwarder import Forwarder
 from gatewayd.service.hardware import Hardware
 from gatewayd.service.logsetup import apply_level
-from gatewayd.service.registry import CHANGES, RegistryService, run_command
+from gatewayd.service.registry import RegistryService, run_command
 from gatewayd.service.renewal import Renewer
 from gatewayd.service.serial import SerialSensors
 from gatewayd.service.upstream import Upstream, build_trust
@@ -182,7 +183,7 @@ class Daemon:
             "disconnect": self._cmd_disconnect,
             "trust": self._cmd_trust,
         }
-        for name in CHANGES:
+        for name in BY_NAME:
             handlers[name] = functools.partial(self._cmd_registry, name)
         if self.environ.get(DEBUG_ENV) == "1":
             log.warning("debug control commands are enabled (%s=1); never do this in production", DEBUG_ENV)
@@ -458,7 +459,7 @@ class Daemon:
     async def _cmd_registry(self, command: str, args: dict[str, Any]) -> Any:
         assert self.registry is not None and self.broker is not None and self.downstream is not None
         result = run_command(self.registry, command, args)
-        if CHANGES[command]:
+        if BY_NAME[command].changes:
             self.downstream.refresh_trust()
             self.broker.enforce_admission()  # a certificate or CA no longer ACTIVE: its sensors go now
             if self.serial is not None:

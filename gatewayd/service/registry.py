@@ -21,10 +21,21 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gatewayd.core import messages
+from gatewayd.core.commands import BY_NAME, Command, Kind, check_value, flag_of
 from gatewayd.core.config import Config, DownstreamSection, check_thing_name, parse_utc
+from gatewayd.core.errors import GatewaydError
 from gatewayd.core.mqtt.packets import Reason
 from gatewayd.core.mqtt.topics import identity_problem
-from gatewayd.core.registry import Action, AutoRegistration, CaStatus, Status, admits, update_action
+from gatewayd.core.registry import (
+    Action,
+    AutoRegistration,
+    AwsError,
+    CaStatus,
+    Status,
+    TransitionRefused,
+    admits,
+    update_action,
+)
 from gatewayd.stores import transfer
 from gatewayd.stores.localca import LocalCA
 from gatewayd.stores.registry import CaRow, CertificateRow, Registry, RegistryError
@@ -61,11 +72,27 @@ def _iso(value: dt.datetime) -> str:
     return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def cli_date(stored: str | None) -> str | None:
+    """A stored date ("...Z") as the AWS CLI v2 prints timestamps (its default cli_timestamp_format
+    iso8601: the datetime's isoformat, with the offset), e.g. 2026-12-02T02:33:48+00:00."""
+    if not stored:
+        return stored
+    return dt.datetime.fromisoformat(stored.replace("Z", "+00:00")).isoformat()
+
+
+TRANSFER_DATES = ("transferDate", "acceptDate", "rejectDate", "expires")
+
+
+def _present(fields: dict[str, Any]) -> dict[str, Any]:
+    """AWS leaves out the members it has no value for (previousOwnedBy, caCertificateId): so does this."""
+    return {key: value for key, value in fields.items() if value is not None}
+
+
 def _one(pem_text: str, what: str) -> x509.Certificate:
     try:
         certs = load_pem_certificates(pem_text.encode(), what)
     except CertificateError as exc:
-        raise RegistryError(str(exc)) from exc
+        raise RegistryError(str(exc), AwsError.CERTIFICATE_VALIDATION) from exc
     return certs[0]
 
 
@@ -107,6 +134,14 @@ class RegistryService:
             return {"registrationCode": code}
         return {"registrationCode": row[0]}
 
+    def delete_registration_code(self) -> dict[str, Any]:
+        """AWS DeleteRegistrationCode: the next get-registration-code makes a new one (verification
+        certificates made for the old code stop working)."""
+        cursor = self.registry.db.execute("DELETE FROM meta WHERE key='registration_code'")
+        if cursor.rowcount == 0:
+            raise RegistryError("there is no registration code to delete", AwsError.NOT_FOUND)
+        return {}
+
     def register_ca_certificate(
         self,
         ca_pem: str,
@@ -117,14 +152,21 @@ class RegistryService:
         ca = _one(ca_pem, "CA certificate")
         verification = _one(verification_pem, "verification certificate")
         if not is_ca(ca):
-            raise RegistryError("the certificate is not a CA certificate (basicConstraints CA:TRUE missing)")
+            raise RegistryError(
+                "the certificate is not a CA certificate (basicConstraints CA:TRUE missing)",
+                AwsError.CERTIFICATE_VALIDATION,
+            )
         self._valid_now(ca, "CA certificate")
         code = self.get_registration_code()["registrationCode"]
         if common_name(verification.subject) != code:
-            raise RegistryError("the verification certificate's CN is not this gateway's registration code")
+            raise RegistryError(
+                "the verification certificate's CN is not this gateway's registration code",
+                AwsError.REGISTRATION_CODE,
+            )
         if verification.issuer != ca.subject or not signed_by(verification, ca):
             raise RegistryError(
-                "the verification certificate is not signed by the CA's key (proof of possession)"
+                "the verification certificate is not signed by the CA's key (proof of possession)",
+                AwsError.CERTIFICATE_VALIDATION,
             )
         status = CaStatus.ACTIVE if set_as_active else CaStatus.INACTIVE
         auto = AutoRegistration.ENABLE if allow_auto_registration else AutoRegistration.DISABLE
@@ -134,6 +176,8 @@ class RegistryService:
     def update_ca_certificate(
         self, cid: str, new_status: str | None = None, new_auto_registration_status: str | None = None
     ) -> dict[str, Any]:
+        if new_status is None and new_auto_registration_status is None:
+            raise RegistryError("give --new-status or --new-auto-registration-status")
         try:
             status = CaStatus(new_status) if new_status else None
             auto = AutoRegistration(new_auto_registration_status) if new_auto_registration_status else None
@@ -146,31 +190,48 @@ class RegistryService:
         row = self.registry.ca(cid)
         return {"certificateDescription": self._ca_description(row)}
 
-    def list_ca_certificates(self) -> dict[str, Any]:
-        return {
+    def list_ca_certificates(
+        self, page_size: int = 25, marker: str | None = None, ascending: bool = False
+    ) -> dict[str, Any]:
+        rows, next_marker = self.registry.ca_page(page_size, marker, ascending)
+        result: dict[str, Any] = {
             "certificates": [
                 {
                     "certificateArn": self.arn(r.certificate_id, "cacert"),
                     "certificateId": r.certificate_id,
                     "status": r.status.value,
-                    "creationDate": r.creation_date,
+                    "creationDate": cli_date(r.creation_date),
                 }
-                for r in self.registry.cas()
+                for r in rows
             ]
         }
+        if next_marker:
+            result["nextMarker"] = next_marker
+        return result
 
     def delete_ca_certificate(self, cid: str) -> dict[str, Any]:
         row = self.registry.ca(cid)
         if row.status is CaStatus.ACTIVE:
-            raise RegistryError("an ACTIVE CA certificate cannot be deleted: set it INACTIVE first")
+            raise RegistryError(
+                "an ACTIVE CA certificate cannot be deleted: set it INACTIVE first",
+                AwsError.CERTIFICATE_STATE,
+            )
         self.registry.delete_ca(cid)
         return {}
 
     # ------------------------------------------------------------------ device certificates
 
     def register_certificate(
-        self, cert_pem: str, ca_pem: str | None = None, status: str = "INACTIVE"
+        self,
+        cert_pem: str,
+        ca_pem: str | None = None,
+        status: str | None = None,
+        set_as_active: bool | None = None,
     ) -> dict[str, Any]:
+        """AWS RegisterCertificate: --status, or the older --set-as-active (the same as --status ACTIVE)."""
+        if set_as_active and status not in (None, "ACTIVE"):
+            raise RegistryError(f"--set-as-active and --status {status} disagree")
+        status = "ACTIVE" if set_as_active else status or "INACTIVE"
         cert = self._device_certificate(cert_pem)
         ca_id = None
         if ca_pem is not None:
@@ -179,17 +240,23 @@ class RegistryService:
         else:
             ca_id = self._registered_issuer(cert)
         if ca_id is None:
-            raise RegistryError("the certificate's CA is not registered: register-ca-certificate first")
+            raise RegistryError(
+                "the certificate's CA is not registered: register-ca-certificate first",
+                AwsError.CERTIFICATE_VALIDATION,
+            )
         ca_row = self.registry.ca(ca_id)
         if ca_row.status is not CaStatus.ACTIVE:
-            raise RegistryError(f"CA certificate {ca_id} is {ca_row.status.value}, not ACTIVE")
+            raise RegistryError(
+                f"CA certificate {ca_id} is {ca_row.status.value}, not ACTIVE", AwsError.CERTIFICATE_STATE
+            )
         if not signed_by(cert, _one(ca_row.pem, "CA certificate")):
-            raise RegistryError("the certificate is not signed by that CA")
+            raise RegistryError("the certificate is not signed by that CA", AwsError.CERTIFICATE_VALIDATION)
         row = self.registry.add(cert, self._status(status), ca_id, self.now())
         return {"certificateArn": self.arn(row.certificate_id), "certificateId": row.certificate_id}
 
-    def register_certificate_without_ca(self, cert_pem: str, status: str = "INACTIVE") -> dict[str, Any]:
+    def register_certificate_without_ca(self, cert_pem: str, status: str | None = None) -> dict[str, Any]:
         cert = self._device_certificate(cert_pem)
+        status = status or "INACTIVE"
         row = self.registry.add(cert, self._status(status), None, self.now())
         return {"certificateArn": self.arn(row.certificate_id), "certificateId": row.certificate_id}
 
@@ -312,7 +379,7 @@ class RegistryService:
                     "certificateId": r.certificate_id,
                     "status": r.status.value,
                     "certificateMode": "DEFAULT" if r.ca_certificate_id else "SNI_ONLY",
-                    "creationDate": r.creation_date,
+                    "creationDate": cli_date(r.creation_date),
                 }
                 for r in rows
             ]
@@ -321,7 +388,10 @@ class RegistryService:
             result["nextMarker"] = next_marker
         return result
 
-    def delete_certificate(self, cid: str) -> dict[str, Any]:
+    def delete_certificate(self, cid: str, force_delete: bool = False) -> dict[str, Any]:
+        """AWS DeleteCertificate. --force-delete is accepted: AWS needs it for a certificate still attached
+        to a thing or policy, which a sensor certificate here never is (nothing is attached to it)."""
+        del force_delete
         self.registry.delete(cid)
         return {}
 
@@ -554,8 +624,12 @@ class RegistryService:
         }
 
     def cancel_certificate_transfer(self, cid: str) -> dict[str, Any]:
-        """CancelCertificateTransfer on the source: PENDING_TRANSFER -> INACTIVE; a later reply is refused."""
-        self.registry.apply(cid, Action.CANCEL_TRANSFER, self.now())
+        """CancelCertificateTransfer on the source: PENDING_TRANSFER -> INACTIVE; a later reply is refused.
+        No transfer pending: TransferAlreadyCompletedException, as AWS answers."""
+        try:
+            self.registry.apply(cid, Action.CANCEL_TRANSFER, self.now())
+        except TransitionRefused as exc:
+            raise RegistryError(str(exc), AwsError.TRANSFER_COMPLETED) from None
         return {}
 
     def complete_certificate_transfer(
@@ -650,17 +724,23 @@ class RegistryService:
     def _device_certificate(self, cert_pem: str) -> x509.Certificate:
         cert = _one(cert_pem, "certificate")
         if is_ca(cert):
-            raise RegistryError("that is a CA certificate: use register-ca-certificate")
+            raise RegistryError(
+                "that is a CA certificate: use register-ca-certificate", AwsError.CERTIFICATE_VALIDATION
+            )
         self._valid_now(cert, "certificate")
         return cert
 
     def _valid_now(self, cert: x509.Certificate, what: str) -> None:
         now = self.now()
         if not_after(cert) <= now:
-            raise RegistryError(f"the {what} expired at {_iso(not_after(cert))}{self._clock_hint()}")
+            raise RegistryError(
+                f"the {what} expired at {_iso(not_after(cert))}{self._clock_hint()}",
+                AwsError.CERTIFICATE_VALIDATION,
+            )
         if not_before(cert) > now:
             raise RegistryError(
-                f"the {what} is not valid before {_iso(not_before(cert))}{self._clock_hint()}"
+                f"the {what} is not valid before {_iso(not_before(cert))}{self._clock_hint()}",
+                AwsError.CERTIFICATE_VALIDATION,
             )
 
     def _clock_hint(self) -> str:
@@ -688,20 +768,28 @@ class RegistryService:
         return None
 
     def _description(self, r: CertificateRow) -> dict[str, Any]:
-        return {
-            "certificateArn": self.arn(r.certificate_id),
-            "certificateId": r.certificate_id,
-            "caCertificateId": r.ca_certificate_id,
-            "status": r.status.value,
-            "certificatePem": r.pem,
-            "ownedBy": r.owner,
-            "previousOwnedBy": r.previous_owner,
-            "creationDate": r.creation_date,
-            "lastModifiedDate": r.last_modified,
-            "transferData": r.transfer_data or {},
-            "validity": {"notBefore": r.not_before, "notAfter": r.not_after},
-            "certificateMode": "DEFAULT" if r.ca_certificate_id else "SNI_ONLY",
-        }
+        transfer_data = dict(r.transfer_data or {})
+        for key in TRANSFER_DATES:
+            if key in transfer_data:
+                transfer_data[key] = cli_date(transfer_data[key])
+        return _present(
+            {
+                "certificateArn": self.arn(r.certificate_id),
+                "certificateId": r.certificate_id,
+                "caCertificateId": r.ca_certificate_id,
+                "status": r.status.value,
+                "certificatePem": r.pem,
+                "ownedBy": r.owner,
+                "previousOwnedBy": r.previous_owner,
+                "creationDate": cli_date(r.creation_date),
+                "lastModifiedDate": cli_date(r.last_modified),
+                "customerVersion": r.customer_version,
+                "transferData": transfer_data,
+                "generationId": r.generation_id,
+                "validity": {"notBefore": cli_date(r.not_before), "notAfter": cli_date(r.not_after)},
+                "certificateMode": "DEFAULT" if r.ca_certificate_id else "SNI_ONLY",
+            }
+        )
 
     def _ca_description(self, r: CaRow) -> dict[str, Any]:
         return {
@@ -710,142 +798,57 @@ class RegistryService:
             "status": r.status.value,
             "certificatePem": r.pem,
             "ownedBy": r.owner,
-            "creationDate": r.creation_date,
-            "lastModifiedDate": r.last_modified,
+            "creationDate": cli_date(r.creation_date),
             "autoRegistrationStatus": r.auto_registration.value,
-            "validity": {"notBefore": r.not_before, "notAfter": r.not_after},
+            "lastModifiedDate": cli_date(r.last_modified),
+            "customerVersion": r.customer_version,
+            "generationId": r.generation_id,
+            "validity": {"notBefore": cli_date(r.not_before), "notAfter": cli_date(r.not_after)},
+            "certificateMode": "DEFAULT",
         }
 
 
 # ------------------------------------------------------------------ the control socket's registry commands
 
 
-def _flag(name: str) -> str:
-    return "--" + "".join(f"-{c.lower()}" if c.isupper() else c for c in name)
-
-
-def _text(args: dict[str, Any], name: str, required: bool = True) -> str:
-    value = args.get(name)
-    if value is None or value == "":
-        if required:
-            raise RegistryError(f"{_flag(name)} is required")
-        return ""
-    if not isinstance(value, str):
-        raise RegistryError(f"{_flag(name)} must be a string")
-    return value
-
-
-def _bool(args: dict[str, Any], name: str) -> bool:
-    value = args.get(name, False)
-    if not isinstance(value, bool):
-        raise RegistryError(f"{_flag(name)} must be true or false")
-    return value
-
-
-def _int(args: dict[str, Any], name: str, default: int) -> int:
-    value = args.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise RegistryError(f"{_flag(name)} must be a whole number")
-    return value
-
-
-# Every registry command, and whether it changes the registry (get-registration-code creates the code once).
-CHANGES = {
-    "get-registration-code": False,
-    "register-ca-certificate": True,
-    "update-ca-certificate": True,
-    "describe-ca-certificate": False,
-    "list-ca-certificates": False,
-    "delete-ca-certificate": True,
-    "create-keys-and-certificate": True,
-    "create-certificate-from-csr": True,
-    "register-certificate": True,
-    "register-certificate-without-ca": True,
-    "update-certificate": True,
-    "describe-certificate": False,
-    "list-certificates": False,
-    "list-certificates-by-ca": False,
-    "delete-certificate": True,
-    "transfer-certificate": True,
-    "accept-certificate-transfer": True,
-    "reject-certificate-transfer": False,
-    "cancel-certificate-transfer": True,
-    "complete-certificate-transfer": True,
-    "describe-endpoint": False,
-}
-
-
-def _dispatch(s: RegistryService, command: str, a: dict[str, Any]) -> dict[str, Any]:
-    status = _text(a, "status", False) or "INACTIVE"
-    signer = _text(a, "expectSigner", False) or None
-    match command:
-        case "get-registration-code":
-            return s.get_registration_code()
-        case "register-ca-certificate":
-            ca, verification = _text(a, "caCertificate"), _text(a, "verificationCertificate")
-            return s.register_ca_certificate(
-                ca, verification, _bool(a, "setAsActive"), _bool(a, "allowAutoRegistration")
-            )
-        case "update-ca-certificate":
-            new_auto = _text(a, "newAutoRegistrationStatus", False) or None
-            new_status = _text(a, "newStatus", False) or None
-            if new_auto is None and new_status is None:
-                raise RegistryError("give --new-status or --new-auto-registration-status")
-            return s.update_ca_certificate(_text(a, "certificateId"), new_status, new_auto)
-        case "describe-ca-certificate":
-            return s.describe_ca_certificate(_text(a, "certificateId"))
-        case "list-ca-certificates":
-            return s.list_ca_certificates()
-        case "delete-ca-certificate":
-            return s.delete_ca_certificate(_text(a, "certificateId"))
-        case "create-keys-and-certificate":
-            return s.create_keys_and_certificate(_text(a, "commonName", False), _bool(a, "setAsActive"))
-        case "create-certificate-from-csr":
-            return s.create_certificate_from_csr(
-                _text(a, "certificateSigningRequest"), _bool(a, "setAsActive")
-            )
-        case "register-certificate":
-            ca_pem = _text(a, "caCertificatePem", False) or None
-            return s.register_certificate(_text(a, "certificatePem"), ca_pem, status)
-        case "register-certificate-without-ca":
-            return s.register_certificate_without_ca(_text(a, "certificatePem"), status)
-        case "update-certificate":
-            return s.update_certificate(_text(a, "certificateId"), _text(a, "newStatus"))
-        case "describe-certificate":
-            return s.describe_certificate(_text(a, "certificateId"))
-        case "list-certificates" | "list-certificates-by-ca":
-            ca_id = _text(a, "caCertificateId") if command == "list-certificates-by-ca" else None
-            marker = _text(a, "marker", False) or None
-            return s.list_certificates(_int(a, "pageSize", 25), marker, _bool(a, "ascendingOrder"), ca_id)
-        case "delete-certificate":
-            return s.delete_certificate(_text(a, "certificateId"))
-        case "transfer-certificate":
-            message = _text(a, "transferMessage", False)
-            return s.transfer_certificate(_text(a, "certificateId"), _text(a, "targetGateway"), message)
-        case "accept-certificate-transfer":
-            return s.accept_certificate_transfer(_text(a, "bundle"), _bool(a, "setAsActive"), signer)
-        case "reject-certificate-transfer":
-            return s.reject_certificate_transfer(_text(a, "bundle"), _text(a, "rejectReason", False), signer)
-        case "cancel-certificate-transfer":
-            return s.cancel_certificate_transfer(_text(a, "certificateId"))
-        case "complete-certificate-transfer":
-            return s.complete_certificate_transfer(_text(a, "reply"), signer)
-        case "describe-endpoint":
-            return s.describe_endpoint(_text(a, "endpointType", False) or None)
-    raise RegistryError(f"unknown registry command {command!r}")
+def _arguments(command: Command, args: dict[str, Any]) -> dict[str, Any]:
+    """The service method's keywords from a control-socket request, checked against the command table."""
+    known = {a.key: a for a in command.args if a.kind is not Kind.OUTFILE}
+    unknown = sorted(set(args) - set(known))
+    if unknown:
+        raise RegistryError(f"{command.name} takes no {', '.join(flag_of(k) for k in unknown)}")
+    keywords: dict[str, Any] = {}
+    for key, arg in known.items():
+        value = args.get(key)
+        if value is None or value == "":
+            if arg.required:
+                raise RegistryError(f"{arg.flag} is required")
+            continue
+        problem = check_value(arg, value)
+        if problem:
+            raise RegistryError(f"{arg.flag} {problem}")
+        keywords[arg.keyword] = value
+    return keywords
 
 
 def run_command(service: RegistryService, command: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Run one registry command; a change is logged (REGISTRY_CHANGED).
+    """Run one registry command of gatewayd.core.commands; a change is logged (REGISTRY_CHANGED).
 
-    RegistryError (one line): refused, nothing written."""
+    RegistryError (one line, with AWS's exception name as `code`): refused, nothing written."""
+    spec = BY_NAME.get(command)
+    if spec is None:
+        raise RegistryError(f"unknown registry command {command!r}")
     try:
-        result = _dispatch(service, command, args)
+        result: dict[str, Any] = getattr(service, spec.method)(**_arguments(spec, args))
+    except TransitionRefused:
+        raise
+    except GatewaydError as exc:
+        if not exc.code:
+            exc.code = AwsError.INVALID_REQUEST.value
+        raise
     except ValueError as exc:  # e.g. an unknown status name reaching an enum
         raise RegistryError(str(exc)) from None
-    if CHANGES.get(command):
+    if spec.changes:
         cid = str(result.get("certificateId") or args.get("certificateId") or "")
         status = str(args.get("newStatus") or result.get("status") or "")
         log.info(

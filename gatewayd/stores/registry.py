@@ -6,10 +6,13 @@ that checks the rules of gatewayd.core.registry first: a refused change writes n
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import json
 import os
 import sqlite3
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,10 +22,18 @@ from typing import Any
 from cryptography import x509
 
 from gatewayd.core.errors import GatewaydError
-from gatewayd.core.registry import Action, AutoRegistration, CaStatus, Status, deletable, transition
+from gatewayd.core.registry import (
+    Action,
+    AutoRegistration,
+    AwsError,
+    CaStatus,
+    Status,
+    deletable,
+    transition,
+)
 from gatewayd.stores.x509util import certificate_id, not_after, not_before, pem
 
-SCHEMA_VERSION = 2  # 2: the revoked table
+SCHEMA_VERSION = 3  # 2: the revoked table; 3: customer_version and generation_id
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -36,7 +47,9 @@ CREATE TABLE ca_certificates (
     creation_date TEXT NOT NULL,
     last_modified TEXT NOT NULL,
     not_before TEXT NOT NULL,
-    not_after TEXT NOT NULL
+    not_after TEXT NOT NULL,
+    customer_version INTEGER NOT NULL DEFAULT 1,
+    generation_id TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE certificates (
     certificate_id TEXT PRIMARY KEY,
@@ -51,11 +64,20 @@ CREATE TABLE certificates (
     last_modified TEXT NOT NULL,
     not_before TEXT NOT NULL,
     not_after TEXT NOT NULL,
-    transfer_data TEXT
+    transfer_data TEXT,
+    customer_version INTEGER NOT NULL DEFAULT 1,
+    generation_id TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX certificates_by_ca ON certificates(ca_certificate_id);
 CREATE INDEX certificates_by_creation ON certificates(creation_date, certificate_id);
 """
+
+# AWS's customerVersion (1, then one more at every change) and generationId (new at every change).
+_VERSIONS = [
+    f"ALTER TABLE {table} ADD COLUMN {column}"
+    for table in ("ca_certificates", "certificates")
+    for column in ("customer_version INTEGER NOT NULL DEFAULT 1", "generation_id TEXT NOT NULL DEFAULT ''")
+]
 
 # Certificates deleted while REVOKED: a revocation outlives the record, so auto-registration never brings
 # the certificate back (an operator's explicit registration does, and clears it).
@@ -69,7 +91,16 @@ CREATE TABLE IF NOT EXISTS transfers_answered (transfer_id TEXT PRIMARY KEY, ans
 
 
 class RegistryError(GatewaydError):
-    """A registry request was refused; nothing was written. The message is one line for gatewayctl."""
+    """A registry request was refused; nothing was written. The message is one line for gatewayctl; `code`
+    the AWS exception name AWS IoT answers the same refusal with."""
+
+    def __init__(self, message: str, code: AwsError = AwsError.INVALID_REQUEST) -> None:
+        super().__init__(message)
+        self.code = code.value
+
+
+def _generation() -> str:
+    return str(uuid.uuid4())
 
 
 def _iso(value: dt.datetime) -> str:
@@ -91,6 +122,8 @@ class CertificateRow:
     not_before: str
     not_after: str
     transfer_data: dict[str, Any] | None
+    customer_version: int = 1
+    generation_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -105,6 +138,8 @@ class CaRow:
     last_modified: str
     not_before: str
     not_after: str
+    customer_version: int = 1
+    generation_id: str = ""
 
 
 class Registry:
@@ -141,6 +176,17 @@ class Registry:
                 )
             if int(version) < 2:
                 self.db.execute(_REVOKED)
+            if int(version) < 3:
+                for statement in _VERSIONS:
+                    table, column = statement.split()[2], statement.split()[5]
+                    columns = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+                    if column not in columns:
+                        self.db.execute(statement)
+                for table in ("ca_certificates", "certificates"):
+                    for (cid,) in self.db.execute(f"SELECT certificate_id FROM {table}").fetchall():
+                        self.db.execute(f"UPDATE {table} SET generation_id=? WHERE certificate_id=?",
+                                        (_generation(), cid))  # fmt: skip
+            if int(version) < SCHEMA_VERSION:
                 self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
             self.db.execute(_TRANSFERS)  # schema 2 includes it (added to 2 before any release)
 
@@ -163,19 +209,19 @@ class Registry:
         cid = certificate_id(cert)
         with self._write():
             if self.db.execute("SELECT 1 FROM ca_certificates WHERE certificate_id=?", (cid,)).fetchone():
-                raise RegistryError(f"CA certificate {cid} is already registered")
+                raise RegistryError(f"CA certificate {cid} is already registered", AwsError.ALREADY_EXISTS)
             self.db.execute(
-                "INSERT INTO ca_certificates VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO ca_certificates VALUES (?,?,?,?,?,?,?,?,?,?,1,?)",
                 (cid, pem(cert).decode(), status.value, auto.value, self.owner, cert.subject.rfc4514_string(),
-                 _iso(now), _iso(now), _iso(not_before(cert)), _iso(not_after(cert))),
+                 _iso(now), _iso(now), _iso(not_before(cert)), _iso(not_after(cert)), _generation()),
             )  # fmt: skip
         return self.ca(cid)
 
     def ca(self, cid: str) -> CaRow:
         row = self.db.execute("SELECT * FROM ca_certificates WHERE certificate_id=?", (cid,)).fetchone()
         if row is None:
-            raise RegistryError(f"no CA certificate with id {cid}")
-        return CaRow(row[0], row[1], CaStatus(row[2]), AutoRegistration(row[3]), *row[4:])
+            raise RegistryError(f"no CA certificate with id {cid}", AwsError.NOT_FOUND)
+        return CaRow(row[0], row[1], CaStatus(row[2]), AutoRegistration(row[3]), *row[4:12])
 
     def cas(self) -> list[CaRow]:
         ids = self.db.execute(
@@ -189,11 +235,11 @@ class Registry:
         with self._write():
             current = self.ca(cid)
             sql = (
-                "UPDATE ca_certificates SET status=?, auto_registration=?, last_modified=? "
-                "WHERE certificate_id=?"
+                "UPDATE ca_certificates SET status=?, auto_registration=?, last_modified=?, "
+                "customer_version=customer_version+1, generation_id=? WHERE certificate_id=?"
             )
             new_status, new_auto = (status or current.status).value, (auto or current.auto_registration).value
-            self.db.execute(sql, (new_status, new_auto, _iso(now), cid))
+            self.db.execute(sql, (new_status, new_auto, _iso(now), _generation(), cid))
         return self.ca(cid)
 
     def delete_ca(self, cid: str) -> None:
@@ -203,7 +249,10 @@ class Registry:
                 "SELECT COUNT(*) FROM certificates WHERE ca_certificate_id=?", (cid,)
             ).fetchone()
             if count:
-                raise RegistryError(f"CA certificate {cid} is referenced by {count} device certificate(s)")
+                raise RegistryError(
+                    f"CA certificate {cid} is referenced by {count} device certificate(s)",
+                    AwsError.CERTIFICATE_STATE,
+                )
             self.db.execute("DELETE FROM ca_certificates WHERE certificate_id=?", (cid,))
 
     # ------------------------------------------------------------------ device certificates
@@ -222,27 +271,29 @@ class Registry:
         cn = str(cn_attrs[0].value) if cn_attrs else ""
         with self._write():
             if self.db.execute("SELECT 1 FROM certificates WHERE certificate_id=?", (cid,)).fetchone():
-                raise RegistryError(f"certificate {cid} is already registered")
+                raise RegistryError(f"certificate {cid} is already registered", AwsError.ALREADY_EXISTS)
             self.db.execute("DELETE FROM revoked WHERE certificate_id=?", (cid,))  # registered on purpose
             if ca_id is not None:
                 self.ca(ca_id)
             self.db.execute(
-                "INSERT INTO certificates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO certificates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1,?)",
                 (cid, pem(cert).decode(), status.value, self.owner, previous_owner, ca_id,
                  cert.subject.rfc4514_string(), cn, _iso(now), _iso(now), _iso(not_before(cert)),
-                 _iso(not_after(cert)), json.dumps(transfer_data) if transfer_data is not None else None),
+                 _iso(not_after(cert)), json.dumps(transfer_data) if transfer_data is not None else None,
+                 _generation()),
             )  # fmt: skip
         return self.get(cid)
 
     def get(self, cid: str) -> CertificateRow:
         row = self.db.execute("SELECT * FROM certificates WHERE certificate_id=?", (cid,)).fetchone()
         if row is None:
-            raise RegistryError(f"no certificate with id {cid}")
+            raise RegistryError(f"no certificate with id {cid}", AwsError.NOT_FOUND)
         data = json.loads(row[12]) if row[12] else None
         return CertificateRow(
             certificate_id=row[0], pem=row[1], status=Status(row[2]), owner=row[3], previous_owner=row[4],
             ca_certificate_id=row[5], subject=row[6], common_name=row[7], creation_date=row[8],
             last_modified=row[9], not_before=row[10], not_after=row[11], transfer_data=data,
+            customer_version=row[13], generation_id=row[14],
         )  # fmt: skip
 
     def find(self, cid: str) -> CertificateRow | None:
@@ -265,8 +316,9 @@ class Registry:
                 return None
             data = transfer_data if transfer_data is not None else current.transfer_data
             self.db.execute(
-                "UPDATE certificates SET status=?, last_modified=?, transfer_data=? WHERE certificate_id=?",
-                (new.value, _iso(now), json.dumps(data) if data is not None else None, cid),
+                "UPDATE certificates SET status=?, last_modified=?, transfer_data=?, "
+                "customer_version=customer_version+1, generation_id=? WHERE certificate_id=?",
+                (new.value, _iso(now), json.dumps(data) if data is not None else None, _generation(), cid),
             )
         return self.get(cid)
 
@@ -275,7 +327,7 @@ class Registry:
             current = self.get(cid)
             reason = deletable(current.status)
             if reason:
-                raise RegistryError(reason)
+                raise RegistryError(reason, AwsError.CERTIFICATE_STATE)
             if current.status is Status.REVOKED:  # the revocation is remembered (see _REVOKED): since when
                 self.db.execute("INSERT OR IGNORE INTO revoked VALUES (?, ?)", (cid, current.last_modified))
             self.db.execute("DELETE FROM certificates WHERE certificate_id=?", (cid,))
@@ -283,7 +335,10 @@ class Registry:
     def check_unanswered(self, transfer_id: str) -> None:
         """RegistryError if this gateway accepted or rejected that transfer before (a bundle is used once)."""
         if self.db.execute("SELECT 1 FROM transfers_answered WHERE transfer_id=?", (transfer_id,)).fetchone():
-            raise RegistryError(f"transfer {transfer_id} was already answered here: a bundle is used once")
+            raise RegistryError(
+                f"transfer {transfer_id} was already answered here: a bundle is used once",
+                AwsError.TRANSFER_COMPLETED,
+            )
 
     def record_answer(self, transfer_id: str, now: dt.datetime) -> None:
         with self._write():
@@ -302,7 +357,21 @@ class Registry:
         ascending: bool = False,
         ca_id: str | None = None,
     ) -> tuple[list[CertificateRow], str | None]:
-        """One page of certificates by creation date (newest first unless ascending) and the next marker."""
+        """One page of device certificates by creation date (newest first unless ascending), the next
+        marker."""
+        ids, next_marker = self._page_ids("certificates", page_size, marker, ascending, ca_id)
+        return [self.get(cid) for cid in ids], next_marker
+
+    def ca_page(
+        self, page_size: int = 25, marker: str | None = None, ascending: bool = False
+    ) -> tuple[list[CaRow], str | None]:
+        """One page of CA certificates, ordered as page()."""
+        ids, next_marker = self._page_ids("ca_certificates", page_size, marker, ascending, None)
+        return [self.ca(cid) for cid in ids], next_marker
+
+    def _page_ids(
+        self, table: str, page_size: int, marker: str | None, ascending: bool, ca_id: str | None
+    ) -> tuple[list[str], str | None]:
         if not 1 <= page_size <= 250:
             raise RegistryError("--page-size must be between 1 and 250")
         order = "ASC" if ascending else "DESC"
@@ -311,18 +380,18 @@ class Registry:
             where.append("ca_certificate_id=?")
             params.append(ca_id)
         if marker:
-            try:
-                created, after_id = marker.split("|", 1)
-            except ValueError:
-                raise RegistryError("invalid --marker") from None
+            try:  # base64, as AWS's markers ([A-Za-z0-9+/]+={0,2})
+                created, after_id = base64.b64decode(marker, validate=True).decode().split("|", 1)
+            except (ValueError, binascii.Error):
+                raise RegistryError("invalid --starting-token (a marker)") from None
             op = ">" if ascending else "<"
             where.append(f"(creation_date, certificate_id) {op} (?, ?)")
             params += [created, after_id]
-        sql = "SELECT certificate_id FROM certificates"
+        sql = f"SELECT certificate_id, creation_date FROM {table}"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY creation_date {order}, certificate_id {order} LIMIT ?"
-        ids = [r[0] for r in self.db.execute(sql, (*params, page_size + 1)).fetchall()]
-        rows = [self.get(cid) for cid in ids[:page_size]]
-        next_marker = f"{rows[-1].creation_date}|{rows[-1].certificate_id}" if len(ids) > page_size else None
-        return rows, next_marker
+        found = self.db.execute(sql, (*params, page_size + 1)).fetchall()
+        ids = [cid for cid, _ in found[:page_size]]
+        last = found[page_size - 1] if len(found) > page_size else None
+        return ids, base64.b64encode(f"{last[1]}|{last[0]}".encode()).decode() if last else None
