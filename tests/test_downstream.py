@@ -68,9 +68,11 @@ def setup(devstack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Itera
         devstack, workdir, THING, downstream={"auto_activate": True, "connect_timeout": 2},
     )  # fmt: skip
     tables["downstream.policy"] = {
-        "publish": ["sensors/${iot:ClientId}/#", "local/#"],
-        "subscribe": ["commands/${iot:ClientId}/#", "commands/all/#", "local/#"],
-    }
+        "publish": ["sensors/${iot:ClientId}/#", "local/#", "$aws/rules/telemetry/${iot:ClientId}/#",
+                    "$aws/things/${iot:ClientId}/shadow/#", "$aws/events/#"],
+        "subscribe": ["commands/${iot:ClientId}/#", "commands/all/#", "local/#",
+                      "$aws/things/${iot:ClientId}/shadow/update/accepted", "$aws/rules/#"],
+    }  # fmt: skip
     config = write_config(workdir / "g.toml", tables)
     provision(devstack, config)
     daemon = Gateway(config, workdir, env=gateway_env(devstack))
@@ -122,6 +124,36 @@ def test_paho_sensor_reading_reaches_aws_and_command_comes_back(
         subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", "1", *command], check=True)
         time.sleep(0.3)
     assert s.received[0][:2] == (f"commands/{cid}/reboot", b"now")
+
+
+def test_reserved_topics_as_aws_iot_allows_them(setup: Setup, sensors: Callable[[Sensor], Sensor]) -> None:
+    """Issue 18, point 6: where the policy grants them, a sensor publishes to the reserved topics AWS IoT
+    accepts from devices (Basic Ingest, its shadow), unmapped, and subscribes to its shadow's answers (made
+    upstream, whatever the command filter); the others are refused with AWS IoT's reason, never sent up."""
+    cid = "reserved-1"
+    obs = setup.observe("$aws/#")
+    s = sensors(setup.sensor(cid, mqtt5=True))
+    assert s.connect() == 0
+    assert s.publish(f"$aws/rules/telemetry/{cid}/t", b"ingest", qos=1) == 0
+    assert s.publish(f"$aws/things/{cid}/shadow/update", b'{"state":{}}', qos=1) == 0
+    assert s.publish("$aws/events/presence/connected/x", b"forged", qos=1) == 0x90  # Topic Name invalid
+    assert s.publish(f"$aws/things/{cid}/shadow/update/accepted", b"forged", qos=1) == 0x90  # AWS's to send
+    got = obs.wait(2)
+    obs.stop()
+    assert got == [
+        f"$aws/rules/telemetry/{cid}/t ingest",
+        f'$aws/things/{cid}/shadow/update {{"state":{{}}}}',
+    ]
+    assert s.subscribe("$aws/rules/telemetry/#") == [0x8F]  # AWS IoT lets nobody subscribe to Basic Ingest
+    assert s.subscribe(f"$aws/things/{cid}/shadow/update/accepted") == [1]
+    port = str(setup.stack.standin.observer_port)
+    deadline = time.monotonic() + 15
+    while not s.received:  # the upstream subscription may take a moment to be in place
+        assert time.monotonic() < deadline, "the shadow's answer never reached the sensor"
+        answer = ["-t", f"$aws/things/{cid}/shadow/update/accepted", "-m", "ok"]
+        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", "1", *answer], check=True)
+        time.sleep(0.3)
+    assert s.received[0][:2] == (f"$aws/things/{cid}/shadow/update/accepted", b"ok")
 
 
 def test_mosquitto_clients_as_sensors(setup: Setup) -> None:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from gatewayd.core.mqtt.topics import (
     Policy,
     TopicMap,
+    aws_filter_problem,
     aws_topic_problem,
     check_policy_filters,
     filter_covers,
@@ -92,10 +93,59 @@ def test_config_check_of_filters() -> None:
 
 def test_aws_topic_limits() -> None:
     assert aws_topic_problem("gw/sensors/s1/t") is None
-    assert "reserved" in (aws_topic_problem("$aws/things/x/shadow/update") or "")
     assert "256 bytes" in (aws_topic_problem("a" * 257) or "")
     assert "7 slashes" in (aws_topic_problem("a/b/c/d/e/f/g/h/i") or "")
     assert aws_topic_problem("a/b/c/d/e/f/g/h") is None
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "$aws/rules/telemetry_ingest/gw-1/sensors/s1/t",  # Basic Ingest
+        "$aws/things/s1/shadow/update",
+        "$aws/things/s1/shadow/name/config/get",
+        "$aws/things/s1/jobs/start-next",
+        "$aws/things/s1/jobs/job-42/update",
+        "$aws/things/s1/defender/metrics/json",
+        "$aws/things/s1/streams/fw/get/cbor",
+        "$aws/certificates/create-from-csr/json",
+        "$aws/provisioning-templates/fleet/provision/json",
+    ],
+)
+def test_the_reserved_topics_aws_iot_accepts_from_devices(topic: str) -> None:
+    """AWS IoT Core developer guide, "Reserved topics": the publish operations it allows devices."""
+    assert aws_topic_problem(topic) is None
+
+
+@pytest.mark.parametrize(
+    ("topic", "why"),
+    [
+        ("$aws/events/presence/connected/s1", "reserved by AWS IoT"),  # AWS publishes these, devices do not
+        ("$aws/things/s1/shadow/update/accepted", "reserved by AWS IoT"),
+        ("$aws/things/s1/shadow/update/extra", "reserved by AWS IoT"),
+        ("$aws/rules/bad-name/x", "Basic Ingest topic is $aws/rules/<rule name"),
+        ("$aws/rules/only_rule", "Basic Ingest topic is"),
+        ("$SYS/broker/load", "reserved by AWS IoT"),
+        ("$aws/sitewise/asset-models/m/assets/a/properties/p", "reserved by AWS IoT"),
+    ],
+)
+def test_reserved_topics_refused_with_the_reason(topic: str, why: str) -> None:
+    assert why in (aws_topic_problem(topic) or "")
+
+
+def test_reserved_filters_aws_iot_lets_devices_subscribe_to() -> None:
+    subscribable = (
+        "$aws/things/s1/shadow/update/accepted",
+        "$aws/things/s1/shadow/#",
+        "$aws/things/s1/jobs/notify",
+        "$aws/events/certificates/registered/+",
+        "$aws/certificates/create/json/accepted",
+    )
+    for ok in subscribable:
+        assert aws_filter_problem(ok) is None, ok
+    assert "cannot be subscribed" in (aws_filter_problem("$aws/rules/r/#") or "")
+    assert "reserved" in (aws_filter_problem("$aws/whatever/#") or "")
+    assert "7 slashes" in (aws_filter_problem("a/b/c/d/e/f/g/h/#") or "")
 
 
 def test_topic_map_both_ways() -> None:
@@ -103,6 +153,9 @@ def test_topic_map_both_ways() -> None:
     assert tm.upstream("sensors/s1/t") == "gw-1/sensors/s1/t"
     assert tm.downstream("gw-1/commands/s1/reboot") == "commands/s1/reboot"
     assert tm.downstream("other/commands") is None
+    # AWS IoT's reserved topics are not mapped: a sensor's shadow update means that very topic, both ways
+    assert tm.upstream("$aws/things/s1/shadow/update") == "$aws/things/s1/shadow/update"
+    assert tm.downstream("$aws/things/s1/shadow/update/accepted") == "$aws/things/s1/shadow/update/accepted"
     for bad in ("${topic}/x", "prefix/no-topic", "${topic}${topic}"):
         with pytest.raises(TemplateError):
             TopicMap.from_template(bad, "gw-1")

@@ -57,9 +57,11 @@ from gatewayd.core.mqtt.session import (
 )
 from gatewayd.core.mqtt.subindex import FilterIndex
 from gatewayd.core.mqtt.topics import (
+    AWS_RESERVED_PREFIX,
     BoundPolicy,
     Policy,
     TopicMap,
+    aws_filter_problem,
     aws_topic_problem,
     filter_covers,
     identity_problem,
@@ -638,7 +640,7 @@ class Broker:
             return Reason.NOT_AUTHORIZED
         stored = self.sessions[client.client_id]
         existed = s.topic_filter in stored.state.subscriptions
-        forwarded = filter_covers(self.config.forwarding.command_filter, s.topic_filter)
+        forwarded = self._forwarded(s.topic_filter)
         refusal = None if existed else self._subscription_refusal(client, stored, s.topic_filter, forwarded)
         if refusal is not None:
             log.warning(
@@ -662,9 +664,16 @@ class Broker:
         self._index.remove(client_id, topic_filter)
         if stored is None or stored.state.subscriptions.pop(topic_filter, None) is None:
             return Reason.NO_SUBSCRIPTION_EXISTED
-        if filter_covers(self.config.forwarding.command_filter, topic_filter):
+        if self._forwarded(topic_filter):
             self._unref_upstream(topic_filter)
         return Reason.SUCCESS
+
+    def _forwarded(self, topic_filter: str) -> bool:
+        """Is a sensor's subscription also made upstream? Within the command filter, or one of AWS IoT's
+        reserved topics (a shadow's or job's answers: only AWS IoT publishes them)."""
+        return topic_filter.startswith(AWS_RESERVED_PREFIX) or filter_covers(
+            self.config.forwarding.command_filter, topic_filter
+        )
 
     def _reindex(self, client_id: str) -> None:
         """The index holds exactly this client's session's subscriptions (after its CONNECT)."""
@@ -686,11 +695,10 @@ class Broker:
             return Reason.QUOTA_EXCEEDED, f"it has {len(subs)} subscriptions (max_subscriptions_per_sensor)"
         if not forwarded:
             return None
-        problem = aws_topic_problem(self.topic_map.upstream(topic_filter))
+        problem = aws_filter_problem(self.topic_map.upstream(topic_filter))
         if problem is not None:
             return Reason.TOPIC_FILTER_INVALID, f"AWS IoT would refuse it upstream: {problem}"
-        command_filter = self.config.forwarding.command_filter
-        upstream = sum(1 for f in subs if filter_covers(command_filter, f))
+        upstream = sum(1 for f in subs if self._forwarded(f))
         if upstream >= d.max_upstream_subscriptions_per_sensor:
             return Reason.QUOTA_EXCEEDED, (
                 f"it holds {upstream} upstream subscriptions (max_upstream_subscriptions_per_sensor)"
@@ -768,7 +776,7 @@ class Broker:
         if stored is None:
             return
         for topic_filter in list(stored.state.subscriptions):
-            if filter_covers(self.config.forwarding.command_filter, topic_filter):
+            if self._forwarded(topic_filter):
                 self._unref_upstream(topic_filter)
 
     def expire_sessions(self, now: float) -> None:

@@ -150,10 +150,56 @@ def check_policy_filters(filters: tuple[str, ...]) -> str | None:
     return None
 
 
+# The reserved topics AWS IoT Core lets a device publish to ("Reserved topics" in the AWS IoT Core developer
+# guide): Basic Ingest, shadows, jobs, Device Defender metrics, MQTT-based file delivery, fleet provisioning.
+# Every other topic starting with $ is AWS IoT's own, and a publish there may end the connection.
+_THING = r"\$aws/things/[^/#+]+/"
+AWS_PUBLISHABLE = re.compile(
+    r"\$aws/rules/[A-Za-z0-9_]+/.+"
+    rf"|{_THING}shadow(/name/[^/#+]+)?/(get|update|delete)"
+    rf"|{_THING}jobs/(get|start-next|[^/#+]+/get|[^/#+]+/update)"
+    rf"|{_THING}defender/metrics/(json|cbor)"
+    rf"|{_THING}streams/[^/#+]+/(get|describe)/(json|cbor)"
+    r"|\$aws/certificates/create(-from-csr)?/(json|cbor)"
+    r"|\$aws/provisioning-templates/[^/#+]+/provision/(json|cbor)"
+)
+# ... and those it lets a device subscribe to: the answers and notifications on those, and the events.
+AWS_SUBSCRIBABLE = re.compile(
+    rf"{_THING}(shadow|jobs|defender|streams|tunnels)/.+"
+    r"|\$aws/events/.+"
+    r"|\$aws/certificates/create(-from-csr)?/.+"
+    r"|\$aws/provisioning-templates/[^/#+]+/provision/.+"
+    r"|\$aws/sitewise/.+"
+)
+RESERVED_HELP = (
+    "a device may publish only to AWS IoT's Basic Ingest ($aws/rules/<rule>/...), shadow, jobs, Device "
+    "Defender, stream and fleet provisioning topics"
+)
+
+
 def aws_topic_problem(topic: str) -> str | None:
-    """Why AWS IoT Core would reject this topic, or None (checked on the upstream topic, after mapping)."""
-    if topic.startswith(AWS_RESERVED_PREFIX):
-        return "topics under $aws/ are reserved by AWS IoT"
+    """Why AWS IoT Core would refuse a publish to this topic, or None (checked on the upstream topic, after
+    mapping). The sizes are counted on the whole topic, Basic Ingest's prefix included (the safe side)."""
+    if topic.startswith("$") and not AWS_PUBLISHABLE.fullmatch(topic):
+        if topic.startswith("$aws/rules/"):
+            return "a Basic Ingest topic is $aws/rules/<rule name: letters, digits, _>/<topic>"
+        return f"{topic.split('/')[0]}/... is reserved by AWS IoT: {RESERVED_HELP}"
+    return _aws_size_problem(topic)
+
+
+def aws_filter_problem(topic_filter: str) -> str | None:
+    """Why AWS IoT Core would refuse a subscription to this filter, or None."""
+    if topic_filter.startswith("$") and not AWS_SUBSCRIBABLE.fullmatch(topic_filter):
+        if topic_filter.startswith("$aws/rules/"):
+            return "Basic Ingest topics cannot be subscribed to"
+        return (
+            f"{topic_filter.split('/')[0]}/... is reserved by AWS IoT: a device may subscribe only to its "
+            "shadow, jobs, Device Defender, stream, tunnel, fleet provisioning and event topics"
+        )
+    return _aws_size_problem(topic_filter)
+
+
+def _aws_size_problem(topic: str) -> str | None:
     if len(topic.encode()) > AWS_MAX_TOPIC_BYTES:
         return f"topic longer than {AWS_MAX_TOPIC_BYTES} bytes"
     if topic.count("/") > AWS_MAX_SLASHES:
@@ -178,10 +224,16 @@ class TopicMap:
         return cls(expand(head, {"gateway:ThingName": thing_name}))
 
     def upstream(self, sensor_topic: str) -> str:
+        """The upstream topic; AWS IoT's reserved topics ($aws/...) keep their name: a sensor's shadow update
+        or Basic Ingest publish means that very topic."""
+        if sensor_topic.startswith(AWS_RESERVED_PREFIX):
+            return sensor_topic
         return self.prefix + sensor_topic
 
     def downstream(self, upstream_topic: str) -> str | None:
         """The sensor topic for an upstream topic, or None when it is not under the prefix."""
+        if upstream_topic.startswith(AWS_RESERVED_PREFIX):
+            return upstream_topic
         if not upstream_topic.startswith(self.prefix):
             return None
         rest = upstream_topic[len(self.prefix) :]
