@@ -105,7 +105,10 @@ class Gw:
 def _start(devstack: DevStack, workdir: Path, thing: str, uplink: bool = True, **downstream: Any) -> Gw:
     workdir.mkdir(parents=True, exist_ok=True)
     tables = standin_config(devstack, workdir, thing, downstream=downstream)
-    tables["downstream.policy"] = {"publish": ["sensors/${iot:ClientId}/#"]}
+    tables["downstream.policy"] = {
+        "publish": ["sensors/${iot:ClientId}/#"],
+        "subscribe": ["commands/${iot:ClientId}/#", "$aws/events/certificates/registered/+"],
+    }
     config = write_config(workdir / "g.toml", tables)
     if uplink:
         provision(devstack, config)
@@ -468,33 +471,74 @@ def test_certificate_registered_without_ca_is_trusted_at_once(gw: Gw) -> None:
         s.stop()
 
 
+JITR_MEMBERS = {
+    "certificateId",
+    "caCertificateId",
+    "timestamp",
+    "certificateStatus",
+    "awsAccountId",
+    "certificateRegistrationTimestamp",
+}  # AWS IoT developer guide, "Just-in-time registration"
+
+
 def test_auto_registration_jitr_then_activation(gw: Gw, devstack: DevStack) -> None:
+    """Issue 18, point 3: the JITR event as AWS IoT publishes it, locally on
+    $aws/events/certificates/registered/<caCertificateId> and upstream under the gateway's thing name, at
+    the first connection and again at every attempt while PENDING_ACTIVATION; none once ACTIVE."""
     ca = pki.make_root("Auto CA", "ecc")
     ca_id = register_ca(gw.config, ca, auto_registration=True)
     _issue(gw, ca, "jitr-1")
-    topic = "gatewayd/gw-reg-a/events/certificates/registered"
-    obs = Observer(devstack, topic, gw.workdir / "events.txt")
+    _create(gw, "agent-1", "--set-as-active")  # a local provisioning agent
+    agent = gw.sensor("agent-1")
+    obs = Observer(devstack, "gatewayd/gw-reg-a/events/certificates/registered/#", gw.workdir / "events.txt")
     try:
-        s = gw.sensor("jitr-1")
-        try:
-            assert s.connect() == 0x87  # recorded PENDING_ACTIVATION and refused, as AWS JITR does
-        finally:
-            s.stop()
-        (line,) = obs.wait()
-        event = json.loads(line.split(" ", 1)[1])
+        assert agent.connect() == 0
+        assert agent.subscribe("$aws/events/certificates/registered/+") == [1]
+        before = time.time()
+        for attempt in range(2):
+            if attempt:
+                time.sleep(1.1)  # at most one event a second per certificate
+            s = gw.sensor("jitr-1")
+            try:
+                assert s.connect() == 0x87  # recorded PENDING_ACTIVATION and refused, as AWS JITR does
+            finally:
+                s.stop()
+        lines = obs.wait(2)
+        wait_until(lambda: len(agent.received) >= 2, 10, "two events at the local agent")
     finally:
         obs.stop()
-    assert event["caCertificateId"] == ca_id and event["certificateStatus"] == "PENDING_ACTIVATION"
-    assert event["clientId"] == "jitr-1" and event["gatewayThingName"] == "gw-reg-a"
-    cid = event["certificateId"]
+        agent.stop()
+    topics = {line.split(" ", 1)[0] for line in lines}
+    assert topics == {f"gatewayd/gw-reg-a/events/certificates/registered/{ca_id}"}
+    events = [json.loads(line.split(" ", 1)[1]) for line in lines]
+    local = [(topic, json.loads(payload)) for topic, payload, _ in agent.received]
+    assert [topic for topic, _ in local] == [f"$aws/events/certificates/registered/{ca_id}"] * 2
+    assert [event for _, event in local] == events
+    for event in events:
+        assert set(event) == JITR_MEMBERS | {"gatewayThingName", "clientId"}
+        assert event["caCertificateId"] == ca_id and event["certificateStatus"] == "PENDING_ACTIVATION"
+        assert event["awsAccountId"] == "gw-reg-a" == event["gatewayThingName"]
+        assert event["clientId"] == "jitr-1"
+        assert before * 1000 - 1000 <= event["timestamp"] <= time.time() * 1000 + 1000
+        assert isinstance(event["certificateRegistrationTimestamp"], int)
+    assert events[0]["certificateRegistrationTimestamp"] == events[1]["certificateRegistrationTimestamp"]
+    assert events[1]["timestamp"] > events[0]["timestamp"]
+    cid = events[0]["certificateId"]
     assert _status(gw, cid) == "PENDING_ACTIVATION"
     assert f"auto-registered certificate {cid}" in gw.daemon.log()  # type: ignore[union-attr]
     gw.ctl("update-certificate", "--certificate-id", cid, "--new-status", "ACTIVE")
-    s = gw.sensor("jitr-1")
+    obs = Observer(devstack, "gatewayd/gw-reg-a/events/certificates/registered/#", gw.workdir / "after.txt")
     try:
-        assert s.connect() == 0
+        time.sleep(1.1)
+        s = gw.sensor("jitr-1")
+        try:
+            assert s.connect() == 0
+        finally:
+            s.stop()
+        time.sleep(1)
+        assert obs.lines() == []  # ACTIVE: no more events
     finally:
-        s.stop()
+        obs.stop()
 
 
 def test_auto_activate_set_by_reload(gw: Gw) -> None:

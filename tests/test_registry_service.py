@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import re
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -279,3 +280,27 @@ def test_create_certificate_from_csr_keeps_the_key_with_the_sensor(svc: Registry
     )
     with pytest.raises(RegistryError, match="signature does not verify"):
         svc.create_certificate_from_csr(broken)
+
+
+def test_jitr_event_at_registration_and_at_every_attempt_while_pending(svc: RegistryService) -> None:
+    """AWS JITR: the event at the first connection and again at each attempt while PENDING_ACTIVATION, at
+    most one a second per certificate here; none once ACTIVE."""
+    ca = pki.make_root("Auto CA", "ecc")
+    code = svc.get_registration_code()["registrationCode"]
+    ca_id = svc.register_ca_certificate(
+        ca.cert_pem().decode(), pki.make_client(ca, code).cert_pem().decode(), True, True
+    )["certificateId"]
+    der = _der(pki.make_client(ca, "jitr-1").cert_pem().decode())
+    first = svc.admission(der, "jitr-1")
+    assert not first.admitted and first.event is not None
+    event = first.event
+    assert event["caCertificateId"] == ca_id and event["certificateStatus"] == "PENDING_ACTIVATION"
+    assert event["awsAccountId"] == "gw-1" and isinstance(event["timestamp"], int)
+    assert svc.admission(der, "jitr-1").event is None  # within a second: no second event
+    time.sleep(1.05)
+    again = svc.admission(der, "jitr-1").event
+    assert again is not None and again["certificateId"] == event["certificateId"]
+    assert again["certificateRegistrationTimestamp"] == event["certificateRegistrationTimestamp"]
+    svc.update_certificate(event["certificateId"], "ACTIVE")
+    time.sleep(1.05)
+    assert svc.admission(der, "jitr-1") == Admission(True)  # ACTIVE: admitted, no event

@@ -71,6 +71,8 @@ from gatewayd.core.mqtt.topics import policy_variables as variables
 
 log = logging.getLogger("gatewayd.broker")
 
+AWS_EVENTS_PREFIX = "$aws/events/"
+
 CLOSED_LOG_EVERY = 10.0  # seconds between two lines about connections closed before CONNECT
 READ_SIZE = 16384  # per read from a sensor: what may still arrive from each one after the spool says stop
 MAX_ROUTES = 256  # cached publish decisions per sensor
@@ -622,6 +624,11 @@ class Broker:
             ):
                 self.dropped += 1
 
+    def publish_event(self, topic: str, payload: bytes) -> None:
+        """An event of the gateway's own (AWS IoT's $aws/events/... topics) to the local subscribers, QoS 1;
+        never forwarded."""
+        self._fan_out(topic, payload, 1, False, NO_PROPERTIES, sender=None)
+
     def on_upstream_message(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         """A message from AWS IoT: to the sensors that subscribed to its mapped topic."""
         local = self.topic_map.downstream(topic)
@@ -670,10 +677,11 @@ class Broker:
 
     def _forwarded(self, topic_filter: str) -> bool:
         """Is a sensor's subscription also made upstream? Within the command filter, or one of AWS IoT's
-        reserved topics (a shadow's or job's answers: only AWS IoT publishes them)."""
-        return topic_filter.startswith(AWS_RESERVED_PREFIX) or filter_covers(
-            self.config.forwarding.command_filter, topic_filter
-        )
+        reserved topics (a shadow's or job's answers: only AWS IoT publishes them), except its events: those a
+        local subscriber gets are the gateway's own (registrations here)."""
+        if topic_filter.startswith(AWS_RESERVED_PREFIX):
+            return not topic_filter.startswith(AWS_EVENTS_PREFIX)
+        return filter_covers(self.config.forwarding.command_filter, topic_filter)
 
     def _reindex(self, client_id: str) -> None:
         """The index holds exactly this client's session's subscriptions (after its CONNECT)."""

@@ -54,6 +54,8 @@ STATUS_REFRESH = 5.0  # seconds
 BACKLOG_LOG_EVERY = 60.0  # seconds
 HEAP_TRIM_EVERY = 30.0  # seconds between handing the C heap's free pages back (adapters/heap.py)
 
+JITR_EVENTS = "$aws/events/certificates/registered"  # AWS IoT's topic for JITR events (+ the CA's id)
+
 log = logging.getLogger("gatewayd.daemon")
 
 SHUTDOWN_BUDGET = 8.0  # seconds; systemd's TimeoutStopSec must be larger (the unit uses 10 s or more)
@@ -447,14 +449,21 @@ class Daemon:
             self.downstream.addresses_changed(addresses)
 
     def _publish_registration_event(self, event: dict[str, Any]) -> None:
+        """AWS IoT's JITR event: on the local broker on $aws/events/certificates/registered/<caCertificateId>
+        (for a provisioning agent on the gateway), and upstream on downstream.registration_event_topic + the
+        CA's id (a device cannot publish under $aws/events/)."""
+        payload = json.dumps(event).encode()
+        ca_id = event["caCertificateId"]
+        if self.broker is not None:
+            self.broker.publish_event(f"{JITR_EVENTS}/{ca_id}", payload)
         template = self.config.downstream.registration_event_topic
         if not template or self.upstream is None:
             return
-        topic = expand(template, {"gateway:ThingName": self.config.gateway.thing_name})
+        topic = expand(template, {"gateway:ThingName": self.config.gateway.thing_name}) + f"/{ca_id}"
         try:
-            self.upstream.uplink.enqueue(topic, json.dumps(event, sort_keys=True).encode(), 1)
+            self.upstream.uplink.enqueue(topic, payload, 1)
         except Exception as exc:  # the uplink's queue is full: the journald event still records it
-            log.warning("auto-registration event for %s not queued: %s", event["certificateId"], exc)
+            log.warning("registration event for %s not queued: %s", event["certificateId"], exc)
 
     async def _cmd_registry(self, command: str, args: dict[str, Any]) -> Any:
         assert self.registry is not None and self.broker is not None and self.downstream is not None

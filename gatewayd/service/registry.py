@@ -11,6 +11,7 @@ import hashlib
 import logging
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,7 @@ log = logging.getLogger("gatewayd.registry")
 
 DEFAULT_EXPIRY = dt.datetime(2049, 12, 31, 23, 59, 59, tzinfo=dt.UTC)  # as AWS IoT's CreateKeysAndCertificate
 CLOCK_SKEW = dt.timedelta(minutes=5)  # a transfer file dated this far in the future is still accepted
+EVENT_INTERVAL = 1.0  # s: a PENDING_ACTIVATION sensor reconnecting in a loop gets one event a second
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class RegistryService:
         self.clock_trusted = clock_trusted  # the wall clock is synchronized (service/clock.py)
         self.settings = DownstreamSection()
         self._parsed_cas: dict[str, x509.Certificate] = {}  # by certificate id (a hash: never stale)
+        self._events_sent: dict[str, float] = {}  # certificate id -> monotonic time of its last event
 
     def configure(self, config: Config) -> None:
         """Take the live settings (auto_activate, certificate_not_after, transfer_expiry_days, listeners)."""
@@ -411,7 +414,8 @@ class RegistryService:
     def admission(self, der_: bytes | None, client_id: str = "") -> Admission:
         """May a sensor presenting this certificate (DER) connect? Unregistered certificates from a
         registered, ACTIVE CA with auto-registration ENABLE are recorded here (AWS JITR; ACTIVE at once
-        with auto_activate)."""
+        with auto_activate). As AWS IoT, the registration event comes with that first connection and again
+        with every attempt while the certificate is PENDING_ACTIVATION (at most one a second each)."""
         if der_ is None:
             return Admission(True)  # a plain (loopback or unix) listener: no certificate to check
         cid = hashlib.sha256(der_).hexdigest()
@@ -426,6 +430,8 @@ class RegistryService:
             if auto is None:
                 return Admission(False, Reason.NOT_AUTHORIZED, f"certificate {cid} is not registered")
             row, event = auto
+        elif row.status is Status.PENDING_ACTIVATION and row.ca_certificate_id:
+            event = self._registration_event(row, client_id)
         ca_status = self.registry.ca(row.ca_certificate_id).status if row.ca_certificate_id else None
         if admits(row.status, ca_status):
             return Admission(True, event=event)
@@ -437,7 +443,7 @@ class RegistryService:
 
     def _auto_register(
         self, der_: bytes, cid: str, client_id: str
-    ) -> tuple[CertificateRow, dict[str, Any]] | None:
+    ) -> tuple[CertificateRow, dict[str, Any] | None] | None:
         try:
             cert = x509.load_der_x509_certificate(der_)
         except ValueError:
@@ -453,23 +459,38 @@ class RegistryService:
             row = self.registry.add(cert, status, ca_id, self.now())
         except RegistryError:  # registered meanwhile
             return None
-        when = self.now()
-        event = {
-            "certificateId": cid,
-            "caCertificateId": ca_id,
-            "certificateStatus": status.value,
-            "timestamp": int(when.timestamp() * 1000),
-            "certificateRegistrationTimestamp": _iso(when),
-            "gatewayThingName": self.thing,
-            "clientId": client_id,
-        }
         log.info(
             "auto-registered certificate %s from CA %s as %s (sensor %s)",
             cid, ca_id, status.value, client_id,
             extra=messages.extra(messages.CERTIFICATE_AUTO_REGISTERED, certificate_id=cid,
                                  ca_certificate_id=ca_id, status=status.value, client_id=client_id),
         )  # fmt: skip
-        return row, event
+        return row, self._registration_event(row, client_id, first=True)
+
+    def _registration_event(
+        self, row: CertificateRow, client_id: str, first: bool = False
+    ) -> dict[str, Any] | None:
+        """AWS IoT's just-in-time registration event, as it publishes it on
+        $aws/events/certificates/registered/<caCertificateId>: times in epoch milliseconds, awsAccountId
+        this gateway's thing name (the registry's owner, as ownedBy). gatewayd's own members: the thing name
+        and the sensor's client id. None when this certificate had one less than a second ago."""
+        now = time.monotonic()
+        if not first and now - self._events_sent.get(row.certificate_id, -EVENT_INTERVAL) < EVENT_INTERVAL:
+            return None
+        if len(self._events_sent) >= 4096:
+            self._events_sent.clear()
+        self._events_sent[row.certificate_id] = now
+        registered = dt.datetime.fromisoformat(row.creation_date.replace("Z", "+00:00"))
+        return {
+            "certificateId": row.certificate_id,
+            "caCertificateId": row.ca_certificate_id,
+            "timestamp": int(self.now().timestamp() * 1000),
+            "certificateStatus": row.status.value,
+            "awsAccountId": row.owner,
+            "certificateRegistrationTimestamp": int(registered.timestamp() * 1000),
+            "gatewayThingName": self.thing,
+            "clientId": client_id,
+        }
 
     def trust_anchors(self) -> list[str]:
         """PEMs the listeners' TLS must trust: registered CAs, and certificates registered without a CA."""
