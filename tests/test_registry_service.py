@@ -174,8 +174,8 @@ def test_a_registry_of_schema_1_is_migrated(tmp_path: Path) -> None:
     assert again.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
     row = again.get("a" * 64)
     assert row.customer_version == 1 and len(row.generation_id) == 36 and row.creation_date == when
-    row = again.apply("a" * 64, Action.DEACTIVATE, dt.datetime.now(dt.UTC))
-    assert row is not None and row.customer_version == 2 and len(row.generation_id) == 36
+    changed = again.apply("a" * 64, Action.DEACTIVATE, dt.datetime.now(dt.UTC))
+    assert changed is not None and changed.customer_version == 2 and len(changed.generation_id) == 36
     again.close()
     assert Registry(tmp_path / "old.db", "gw-1").get("a" * 64).customer_version == 2  # opened again: as is
 
