@@ -440,7 +440,7 @@ class DownstreamSection:
         "gatewayd/${gateway:ThingName}/events/certificates/registered",
         "Upstream topic of AWS IoT's just-in-time registration event (a certificate auto-registered, and "
         "each later connection attempt while it is PENDING_ACTIVATION), followed by /<caCertificateId>, as "
-        "AWS's $aws/events/certificates/registered/<caCertificateId>; \"\" publishes none upstream (local "
+        'AWS\'s $aws/events/certificates/registered/<caCertificateId>; "" publishes none upstream (local '
         "subscribers still get it on AWS's topic).",
         live=True,
         check=check_topic_template,
