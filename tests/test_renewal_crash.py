@@ -134,6 +134,7 @@ def test_rollback_when_the_promoted_certificate_cannot_connect(devstack: DevStac
                 and "did not connect within the rollback window" in last["reason"]
             )
             assert "renewal rolled back to version 1" in daemon.log()
+            assert f"identity event rolledBack: certificate {old} in use" in daemon.log()
         finally:
             devstack.standin.start()
         _ctl(tmp_path, "identity", {"action": "show"})

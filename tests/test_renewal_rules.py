@@ -18,9 +18,11 @@ from gatewayd.core.renewal import (
     RenewBefore,
     Resume,
     Step,
+    age_due,
     due_time,
     next_step,
     parse_duration,
+    renewal_due,
     retry_delay,
 )
 from gatewayd.stores.renewal import Outcome, RenewalState, RenewalStateError, RenewalStore
@@ -79,6 +81,24 @@ def test_due_time_lies_inside_the_validity(
     assert start <= due <= start + lifetime
     no_jitter = due_time(start, start + lifetime, RenewBefore(share=share), 0.0)
     assert no_jitter - min(share * lifetime * 0.1, DAY) - 1e-6 <= due <= no_jitter
+
+
+def test_age_trigger_rotates_certificates_that_expire_in_2049() -> None:
+    """Issue 18, point 5: AWS IoT's certificates run to 2049-12-31, so 33% of the lifetime before expiry is
+    ~2042; with max_age 365 days the key rotates yearly (Device Defender's default audit age)."""
+    issued = 1_767_225_600.0  # 2026-01-01
+    aws_expiry = 2_524_607_999.0  # 2049-12-31T23:59:59Z
+    policy = RenewBefore.parse("33%")
+    by_expiry, why = renewal_due(issued, aws_expiry, policy, None, 0.0)
+    assert why == "expiry" and by_expiry > issued + 15 * 365 * DAY
+    when, why = renewal_due(issued, aws_expiry, policy, 365 * DAY, 0.0)
+    assert why == "age" and when == issued + 365 * DAY
+    jittered = age_due(issued, 365 * DAY, 0.999)
+    assert issued + 364 * DAY < jittered < issued + 365 * DAY  # at most a day earlier
+    short = renewal_due(issued, issued + 30 * DAY, policy, 365 * DAY, 0.0)  # a 30-day certificate: expiry
+    assert short == (due_time(issued, issued + 30 * DAY, policy, 0.0), "expiry")
+    with pytest.raises(ValueError, match="jitter"):
+        age_due(issued, DAY, 1.0)
 
 
 @given(attempt=st.integers(1, 100), rand=st.floats(0, 0.999999))

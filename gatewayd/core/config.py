@@ -681,6 +681,14 @@ class RenewalSection:
         live=True,
         check=check_renew_before,
     )
+    max_age: str = opt(
+        "365d",
+        "Also renew when the certificate is older than this (its notBefore), whatever its expiry: AWS IoT's "
+        "certificates expire in 2049, so renew_before alone would never rotate the key; 365 days is AWS IoT "
+        'Device Defender\'s default certificate age audit threshold. "" turns the age trigger off.',
+        live=True,
+        check=lambda v: None if v == "" else check_duration(v),
+    )
     rotate_key: bool = opt(
         True, "Make a new TPM key for every renewal (else: reuse the current key).", live=True
     )
@@ -706,6 +714,14 @@ class RenewalSection:
         "How long a promoted certificate has to connect before the previous one is restored.",
         live=True,
         check=check_duration,
+    )
+    identity_event_topic: str = opt(
+        "gatewayd/${gateway:ThingName}/events/identity",
+        "Upstream topic of the identity event published after every change of the gateway's certificate "
+        "(promoted, rolled back, abandoned after a failed trial, installed by hand), naming the old and new "
+        'certificate ids, so a cloud rule can deactivate the one no longer used; "" publishes none.',
+        live=True,
+        check=check_topic_template,
     )
 
 

@@ -303,6 +303,18 @@ RENEWAL_ROLLED_BACK = Message(
     "entries before this one).",
     fields="GATEWAYD_REASON, GATEWAYD_VERSION",
 )
+IDENTITY_EVENT = Message(
+    "IDENTITY_EVENT",
+    "0b13dc27d9b04a0f91038d41dee0fb12",
+    Priority.INFO,
+    "The gateway's certificate changed (promoted after a renewal, rolled back, abandoned after a failed "
+    "trial, or installed by hand); the identity event naming the certificate in use and the one no longer "
+    "used was queued for renewal.identity_event_topic.",
+    "Nothing on the gateway. In AWS IoT, deactivate the certificate no longer used "
+    "(GATEWAYD_UNUSED_CERTIFICATE_ID): the README's rotation recipe does it with a rule and a Lambda.",
+    fields="GATEWAYD_EVENT, GATEWAYD_CERTIFICATE_ID, GATEWAYD_UNUSED_CERTIFICATE_ID",
+)
+
 RENEWAL_FAILED = Message(
     "RENEWAL_FAILED",
     "b65fac4ca24c4c7dac4d7dfcd0c7f8dd",
@@ -609,6 +621,7 @@ ALL: tuple[Message, ...] = (
     RENEWAL_TRIAL_FAILED,
     RENEWAL_PROMOTED,
     RENEWAL_ROLLED_BACK,
+    IDENTITY_EVENT,
     RENEWAL_FAILED,
     TRUST_UPDATED,
     TRUST_UPDATE_FAILED,

@@ -78,6 +78,26 @@ def due_time(not_before: float, not_after: float, policy: RenewBefore, jitter: f
     return max(not_before, not_after - window - jitter * spread)
 
 
+def age_due(not_before: float, max_age: float, jitter: float) -> float:
+    """When a certificate valid from `not_before` is older than `max_age` (seconds): rotation by age, for
+    certificates that expire too late for expiry-based renewal ever to rotate the key (AWS IoT's 2049 ones).
+    Jittered earlier as due_time, by up to 10% of the age (at most a day)."""
+    if not 0.0 <= jitter < 1.0:
+        raise ValueError("jitter must be in [0, 1)")
+    return not_before + max_age - jitter * min(max_age * JITTER_SHARE, MAX_JITTER)
+
+
+def renewal_due(
+    not_before: float, not_after: float, policy: RenewBefore, max_age: float | None, jitter: float
+) -> tuple[float, str]:
+    """When renewal is due, and why: "expiry" (renew_before) or "age" (max_age, when set and sooner)."""
+    by_expiry = due_time(not_before, not_after, policy, jitter)
+    if max_age is None:
+        return by_expiry, "expiry"
+    by_age = age_due(not_before, max_age, jitter)
+    return (by_age, "age") if by_age < by_expiry else (by_expiry, "expiry")
+
+
 def retry_delay(attempt: int, interval: float, cap: float, rand: float) -> float:
     """Seconds before retry number `attempt` (1 = the first retry): capped exponential backoff with equal
     jitter (half fixed, half random), so retries never bunch at zero."""

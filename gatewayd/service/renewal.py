@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 import random
 import time
@@ -31,10 +32,11 @@ from gatewayd.core.renewal import (
     RenewBefore,
     Resume,
     Step,
-    due_time,
     parse_duration,
+    renewal_due,
     retry_delay,
 )
+from gatewayd.core.topics import expand
 from gatewayd.service.identity import Identity
 from gatewayd.service.issuer import CommandIssuer, FleetProvisioningIssuer, Issuer, Route
 from gatewayd.service.uplink import Blocked, ChildSpec, Uplink, UplinkStatus
@@ -157,6 +159,7 @@ class Renewer:
         self.settings: RenewalSection = config.renewal
         self.identity = Identity(config, self.store)
         self.issuer = self._issuer()
+        self._wake.set()  # a reload may move the schedule (renew_before, max_age, issuer): look again now
 
     # ------------------------------------------------------------------ the schedule
 
@@ -175,13 +178,18 @@ class Renewer:
 
     def due(self) -> float | None:
         """When the live certificate is due for renewal (the policy, jittered per certificate)."""
+        return self.due_why()[0]
+
+    def due_why(self) -> tuple[float | None, str]:
+        """When the live certificate is due, and why: "expiry" (renew_before) or "age" (max_age)."""
         live = self.store.live()
         if live is None:
-            return None
+            return None, ""
         s = CertSummary.of(live.certificate())
         policy = RenewBefore.parse(self.settings.renew_before)
-        return due_time(
-            s.not_before.timestamp(), s.not_after.timestamp(), policy, jitter_for(s.certificate_id)
+        max_age = parse_duration(self.settings.max_age) if self.settings.max_age else None
+        return renewal_due(
+            s.not_before.timestamp(), s.not_after.timestamp(), policy, max_age, jitter_for(s.certificate_id)
         )
 
     def next_attempt(self) -> float | None:
@@ -228,6 +236,7 @@ class Renewer:
             "issuer": self.settings.issuer,
             "step": self.state.step.value,
             "nextRenewal": _iso(nxt) if nxt is not None and self.settings.issuer else None,
+            "dueBy": self.due_why()[1] or None,
             "failedAttempts": self.state.attempt,
             "waitingForClock": self._waiting_for_clock,
             "finishedSinceStart": self.finished,
@@ -407,7 +416,16 @@ class Renewer:
                     messages.RENEWAL_TRIAL_FAILED, certificate_id=s.certificate_id, reason=error
                 ),
             )
+            live = self.store.live()
             await self._failed(f"trial connection failed: {error}")
+            # issued (and, by fleet provisioning, registered and attached to the thing) but never used
+            self.identity_event(
+                "abandoned",
+                str(live.meta.get("certificateId")) if live else None,
+                s.certificate_id,
+                f"trial connection failed: {error}",
+                keep="old",
+            )
             return
         await self._confirm()
 
@@ -416,6 +434,7 @@ class Renewer:
         assert self.state.staged_version is not None and self.state.promoted_at is not None
         version = self.store.version(self.state.staged_version)
         cid = str(version.meta.get("certificateId"))
+        old = self._certificate_id(self.state.previous_version)
         window = parse_duration(self.settings.rollback_window)
         # what is left of the window by the (persisted) promotion time, never more than the window (a clock
         # set back), then counted on the monotonic clock (a jump during the window changes nothing)
@@ -427,12 +446,14 @@ class Renewer:
                 self._retry_mono = None
                 await asyncio.to_thread(self._prune)
                 log.info("connected with certificate %s; renewal complete", cid)
+                self.identity_event("promoted", old, cid, "renewal: the new certificate connected")
                 return
             await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
         await self._rollback(f"certificate {cid} did not connect within the rollback window")
 
     async def _rollback(self, reason: str) -> None:
         previous = self.state.previous_version
+        failed = self._certificate_id(self.state.staged_version)
         if previous is not None:
             await asyncio.to_thread(self.identity.promote, self.store.version(previous), "rollback")
         self.uplink.restart()
@@ -445,6 +466,47 @@ class Renewer:
         attempt = self.state.attempt + 1
         self._advance(Event.ROLLED_BACK, attempt=attempt, last=Outcome(self.now(), "rolled-back", reason))
         self._schedule_retry(attempt)
+        self.identity_event("rolledBack", failed, self._certificate_id(previous), reason)
+
+    def _certificate_id(self, number: int | None) -> str | None:
+        if number is None:
+            return None
+        try:
+            return str(self.store.version(number).meta.get("certificateId")) or None
+        except (GatewaydError, OSError):
+            return None
+
+    def identity_event(
+        self, event: str, old: str | None, new: str | None, reason: str, keep: str = "new"
+    ) -> None:
+        """Tell AWS IoT which certificate the gateway uses now and which it no longer will
+        (renewal.identity_event_topic): `active` is the one in use, `unused` the one a cloud rule may
+        deactivate (UpdateCertificate INACTIVE). Queued on the uplink (sent once it is connected; lost if
+        the daemon stops first, the journal keeps IDENTITY_EVENT)."""
+        active, unused = (new, old) if keep == "new" else (old, new)
+        body = {
+            "event": event,
+            "thingName": self.config.gateway.thing_name,
+            "oldCertificateId": old,
+            "newCertificateId": new,
+            "activeCertificateId": active,
+            "unusedCertificateId": unused,
+            "reason": reason,
+            "timestamp": int(self.now() * 1000),
+        }
+        log.info(
+            "identity event %s: certificate %s in use, %s no longer", event, active, unused,
+            extra=messages.extra(messages.IDENTITY_EVENT, event=event, certificate_id=active or "",
+                                 unused_certificate_id=unused or ""),
+        )  # fmt: skip
+        template = self.settings.identity_event_topic
+        if not template:
+            return
+        topic = expand(template, {"gateway:ThingName": self.config.gateway.thing_name})
+        try:
+            self.uplink.enqueue(topic, json.dumps(body).encode(), 1)
+        except Exception as exc:  # the uplink's queue is full: the journal still has it
+            log.warning("identity event %s not queued: %s", event, exc)
 
     async def _failed(self, reason: str) -> None:
         """Anything before promotion: discard what this renewal made; the live identity stays."""

@@ -473,9 +473,14 @@ class Upstream:
     async def cmd_identity(self, action: str, args: dict[str, Any]) -> Any:
         if action == "renew":
             return self.renewer.request(bool(args.get("now")))
+        before = self.store.live()
         result = await asyncio.to_thread(run_identity_action, self.identity, action, args)
         if action == "install-certificate":
             self.uplink.kick()  # connect with the new identity now
+            old = str(before.meta.get("certificateId")) if before is not None else None
+            new = str(result.get("certificateId") or "") or None
+            if new != old:
+                self.renewer.identity_event("installed", old, new, "installed by hand")
         return result
 
 
