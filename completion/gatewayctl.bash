@@ -4,7 +4,7 @@ _gatewayctl() {
     local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}
     local cmd="" action="" words="" files="" i
     case $prev in
-        --socket|--config|--out|--chain|--ca-file|*-outfile|--ca-certificate|--certificate-pem)
+        --socket|--config|--out|--chain|--ca-file|*-outfile|--ca-certificate|--certificate-pem|--ca-certificate-pem|--verification-certificate|--certificate-signing-request|--bundle|--reply)
             COMPREPLY=($(compgen -f -- "$cur"))
             return ;;
     esac

@@ -207,7 +207,10 @@ def _words(parser: argparse.ArgumentParser, extra: list[str] | None = None) -> s
     return f'words="{" ".join([*_options(parser), *(extra or [])])}"{files}'
 
 
-PATH_OPTIONS = "--socket|--config|--out|--chain|--ca-file|*-outfile|--ca-certificate|--certificate-pem"
+PATH_OPTIONS = (
+    "--socket|--config|--out|--chain|--ca-file|*-outfile|--ca-certificate|--certificate-pem|"
+    "--ca-certificate-pem|--verification-certificate|--certificate-signing-request|--bundle|--reply"
+)
 
 
 def bash_completion() -> str:
