@@ -104,6 +104,18 @@ def sensors() -> Iterator[Callable[[Sensor], Sensor]]:
             s.stop()
 
 
+def _from_aws_until_received(setup: Setup, s: Sensor, topic: str, payload: str) -> None:
+    """Publish at the stand-in until the sensor has a message (its upstream subscription may take a moment
+    to be in place)."""
+    port = str(setup.stack.standin.observer_port)
+    deadline = time.monotonic() + 15
+    while not s.received:
+        assert time.monotonic() < deadline, f"nothing on {topic} reached the sensor"
+        command = ["-t", topic, "-m", payload]
+        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", "1", *command], check=True)
+        time.sleep(0.3)
+
+
 @pytest.mark.parametrize("mqtt5", [False, True], ids=["3.1.1", "5.0"])
 def test_paho_sensor_reading_reaches_aws_and_command_comes_back(
     setup: Setup, sensors: Callable[[Sensor], Sensor], mqtt5: bool
@@ -116,13 +128,7 @@ def test_paho_sensor_reading_reaches_aws_and_command_comes_back(
     assert obs.wait()[0] == f"{THING}/sensors/{cid}/temperature 21.5"
     obs.stop()
     assert s.subscribe(f"commands/{cid}/#") == [1]
-    port = str(setup.stack.standin.observer_port)
-    deadline = time.monotonic() + 15
-    while not s.received:  # the upstream subscription may take a moment to be in place
-        assert time.monotonic() < deadline, "command never reached the sensor"
-        command = ["-t", f"{THING}/commands/{cid}/reboot", "-m", "now"]
-        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", "1", *command], check=True)
-        time.sleep(0.3)
+    _from_aws_until_received(setup, s, f"{THING}/commands/{cid}/reboot", "now")
     assert s.received[0][:2] == (f"commands/{cid}/reboot", b"now")
 
 
@@ -146,13 +152,7 @@ def test_reserved_topics_as_aws_iot_allows_them(setup: Setup, sensors: Callable[
     ]
     assert s.subscribe("$aws/rules/telemetry/#") == [0x8F]  # AWS IoT lets nobody subscribe to Basic Ingest
     assert s.subscribe(f"$aws/things/{cid}/shadow/update/accepted") == [1]
-    port = str(setup.stack.standin.observer_port)
-    deadline = time.monotonic() + 15
-    while not s.received:  # the upstream subscription may take a moment to be in place
-        assert time.monotonic() < deadline, "the shadow's answer never reached the sensor"
-        answer = ["-t", f"$aws/things/{cid}/shadow/update/accepted", "-m", "ok"]
-        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", "1", *answer], check=True)
-        time.sleep(0.3)
+    _from_aws_until_received(setup, s, f"$aws/things/{cid}/shadow/update/accepted", "ok")
     assert s.received[0][:2] == (f"$aws/things/{cid}/shadow/update/accepted", b"ok")
 
 

@@ -68,6 +68,11 @@ STATUS = Arg("--status", choices=("ACTIVE", "INACTIVE"), help="ACTIVE or INACTIV
 EXPECT_SIGNER = Arg(
     "--expect-signer", aws=False, help="refuse unless the other gateway's local CA has this certificate id"
 )
+BUNDLE = Arg(
+    "--bundle", Kind.PEM, param="bundle_text", required=True, aws=False,
+    help="the bundle from transfer-certificate (AWS: --certificate-id)",
+)  # fmt: skip
+REPLY_OUTFILE = Arg("--reply-outfile", Kind.OUTFILE, required=True, help="the reply to carry back")
 PAGING = (
     Arg("--page-size", Kind.INT, help="1-250 per request (default 25); every page is fetched all the same"),
     Arg("--marker", cli=False, help="continue after this marker (gatewayctl: --starting-token)"),
@@ -206,11 +211,10 @@ COMMANDS: tuple[Command, ...] = (
         "on the target gateway: register a transferred certificate here; writes a reply file",
         "accept_certificate_transfer", True,
         (
-            Arg("--bundle", Kind.PEM, param="bundle_text", required=True, aws=False,
-                help="the bundle from transfer-certificate (AWS: --certificate-id)"),
+            BUNDLE,
             SET_AS_ACTIVE,
             EXPECT_SIGNER,
-            Arg("--reply-outfile", Kind.OUTFILE, required=True, help="the reply to carry back"),
+            REPLY_OUTFILE,
         ),
         outputs={"--reply-outfile": "reply"},
         own=("certificateArn", "certificateId", "status", "previousOwnedBy", "signerCertificateId",
@@ -221,11 +225,10 @@ COMMANDS: tuple[Command, ...] = (
         "on the target gateway: decline a transferred certificate; writes a reply file",
         "reject_certificate_transfer", False,
         (
-            Arg("--bundle", Kind.PEM, param="bundle_text", required=True, aws=False,
-                help="the bundle from transfer-certificate (AWS: --certificate-id)"),
+            BUNDLE,
             Arg("--reject-reason"),
             EXPECT_SIGNER,
-            Arg("--reply-outfile", Kind.OUTFILE, required=True, help="the reply to carry back"),
+            REPLY_OUTFILE,
         ),
         outputs={"--reply-outfile": "reply"},
         own=("certificateId", "signerCertificateId", "replyFile"),
