@@ -106,6 +106,7 @@ def run_paho(args: argparse.Namespace, rec: Record, client_id: str, cert: str, k
     try:
         for seq in range(args.count):
             _pace(seq, args.rate, args.started)
+            _keep_loop_alive(client)
             rec.published[seq] = time.time()
             info = client.publish(f"sensors/{client_id}/stream", f"{client_id} {seq}", qos=1)
             with rec.lock:
@@ -113,10 +114,23 @@ def run_paho(args: argparse.Namespace, rec: Record, client_id: str, cert: str, k
                 acked_early = info.mid in early
             if acked_early:
                 rec.ack(seq)
-        rec.all_acked.wait(max(0.0, args.deadline - time.time()))
+        while not rec.all_acked.wait(min(1.0, max(0.0, args.deadline - time.time()))):
+            if time.time() >= args.deadline:
+                break
+            _keep_loop_alive(client)
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def _keep_loop_alive(client: Any) -> None:
+    """paho-mqtt 1.6's network thread dies on ssl.SSLEOFError when the server vanishes in the middle of a
+    write (a SIGKILLed gateway): a bug of the library, which applications guard against as here, by starting
+    the loop again (paho then reconnects and re-sends what it holds)."""
+    thread = getattr(client, "_thread", None)
+    if thread is not None and not thread.is_alive():
+        client._thread = None
+        client.loop_start()
 
 
 def run_awscrt(args: argparse.Namespace, rec: Record, client_id: str, cert: str, key: str) -> None:
