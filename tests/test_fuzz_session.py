@@ -2,7 +2,7 @@
 mutations, junk, arbitrary splits) go into a ServerConnection driven the way the broker drives it, and the
 server side must hold its invariants: only ProtocolError-class outcomes (a Closed event), never an exception;
 what it sends decodes as packets a server may send; once closed it stays closed and silent; it never holds
-more unacknowledged messages than receive_maximum.
+more unacknowledged messages than receive_window.
 
 Bounded in `make test` (GATEWAYD_FUZZ_EXAMPLES, default 100 per case); longer on demand:
 `GATEWAYD_FUZZ_EXAMPLES=100000 make test-venv PYTEST_ARGS='-k fuzz'` (docs/development.md)."""
@@ -59,7 +59,7 @@ def client_bytes(draw: st.DrawFn, version: int) -> list[bytes]:
 
 
 def _server_side(version: int, chunks: list[bytes], accept: bool) -> None:
-    limits = Limits(receive_maximum=4, max_inflight=4, max_packet_size=4096, connect_timeout=10)
+    limits = Limits(receive_window=4, max_inflight=4, max_packet_size=4096, connect_timeout=10)
     conn = ServerConnection(0.0, limits)
     now = 0.0
     sent: list[Packet] = []
@@ -95,7 +95,7 @@ def _server_side(version: int, chunks: list[bytes], accept: bool) -> None:
         for packet in _decode(version, conn.data_to_send()):
             assert packet.type in SERVER_SENDS, packet
             sent.append(packet)
-        assert len(conn._unacked_in) <= limits.receive_maximum
+        assert len(conn._unacked_in) <= limits.receive_window
     answer(conn.tick(now + 100.0))
     answer(conn.connection_lost())
     assert conn.closed

@@ -26,6 +26,9 @@ from gatewayd.core.mqtt.packets import (
     Publish,
     Pubrec,
     Pubrel,
+    Reason,
+    Subscribe,
+    Subscription,
     Will,
 )
 from gatewayd.core.mqtt.session import (
@@ -36,6 +39,7 @@ from gatewayd.core.mqtt.session import (
     Outbound,
     ServerConnection,
     SessionState,
+    SubscribeRequest,
 )
 
 
@@ -66,7 +70,7 @@ def test_connect_and_ping(version: int) -> None:
     (connack,) = c.accept()
     assert isinstance(connack, Connack) and connack.reason_code == 0
     if version == MQTT_5:
-        assert connack.properties.get(Prop.RECEIVE_MAXIMUM) == 100
+        assert connack.properties.get(Prop.RECEIVE_MAXIMUM) == 65535
         assert connack.properties.get(Prop.TOPIC_ALIAS_MAXIMUM) == 16
         assert connack.properties.get(Prop.MAXIMUM_PACKET_SIZE) == 128 * 1024
     c.send(Pingreq())
@@ -110,12 +114,34 @@ def test_qos2_in_exactly_once() -> None:
     assert isinstance(c.send(Publish("t", b"y", 2, packet_id=9))[0], MessageReceived)  # the id is free again
 
 
-def test_receive_maximum_is_announced_and_kept_by_flow_control_in_5() -> None:
-    """A 5.0 client over the Receive Maximum it was told (paho does that on every reconnect) is not cut off
-    with 0x93: the third message waits, undecoded, until one of the first two is acknowledged."""
+def test_receive_maximum_is_announced_and_exceeding_it_is_0x93_in_5() -> None:
+    """MQTT 5.0 section 3.3.4: "If it receives more than Receive Maximum QoS 1 and QoS 2 PUBLISH packets
+    where it has not sent a PUBACK or PUBCOMP in response, the Server uses a DISCONNECT packet with Reason
+    Code 0x93 (Receive Maximum exceeded)". QoS 2 counts until PUBCOMP, not only until PUBREC."""
     c = Client(MQTT_5, Limits(receive_maximum=2))
     (connack,) = c.accept()
     assert isinstance(connack, Connack) and connack.properties.get(Prop.RECEIVE_MAXIMUM) == 2
+    (first,) = c.send(Publish("t", b"", 2, packet_id=1))
+    c.conn.ack_message(first.token)  # type: ignore[attr-defined]  # PUBREC: still counted until PUBCOMP
+    c.send(Publish("t", b"", 1, packet_id=2))
+    assert c.send(Publish("t", b"", 1, packet_id=2, dup=True)) == []  # a resend takes no new place
+    (closed,) = c.send(Publish("t", b"", 1, packet_id=3))
+    assert isinstance(closed, Closed) and closed.reason == Reason.RECEIVE_MAXIMUM_EXCEEDED
+    assert c.received()[-1] == Disconnect(Reason.RECEIVE_MAXIMUM_EXCEEDED)
+    again = Client(MQTT_5, Limits(receive_maximum=2))
+    again.accept()
+    (q2,) = again.send(Publish("t", b"", 2, packet_id=1))
+    again.conn.ack_message(q2.token)  # type: ignore[attr-defined]
+    again.send(Pubrel(1))  # PUBCOMP: its place is free again
+    again.send(Publish("t", b"", 1, packet_id=2))
+    assert isinstance(again.send(Publish("t", b"", 1, packet_id=3))[0], MessageReceived)  # not yet over
+
+
+def test_a_burst_under_the_announced_maximum_waits_for_the_window_in_5() -> None:
+    """paho re-sends its whole backlog after CONNACK on every reconnect: below the announced Receive Maximum
+    that is allowed, and what is beyond the gateway's own window waits, undecoded, until there is room."""
+    c = Client(MQTT_5, Limits(receive_maximum=65535, receive_window=2))
+    c.accept()
     c.send(Publish("t", b"", 1, packet_id=1))
     c.send(Publish("t", b"", 1, packet_id=2))
     assert c.send(Publish("t", b"", 1, packet_id=3)) == [] and c.conn.waiting and not c.conn.closed
@@ -293,7 +319,7 @@ def test_packets_before_a_malformed_one_are_handled_in_order() -> None:
 def test_mqtt311_client_over_the_window_is_paused_not_disconnected() -> None:
     """3.1.1 has no Receive Maximum: a client with more unacknowledged QoS 1 messages than the gateway's
     window is never disconnected for it; the rest waits undecoded (the caller stops reading the socket)."""
-    conn = ServerConnection(0.0, Limits(receive_maximum=3))
+    conn = ServerConnection(0.0, Limits(receive_window=3))
     conn.receive(_stream(MQTT_311, 8, clean_start=False), 1.0)
     conn.accept_connect(SessionState("s1"), False)
     first = conn.resume(1.0)
@@ -311,7 +337,7 @@ def test_mqtt311_client_over_the_window_is_paused_not_disconnected() -> None:
 
 
 def test_resend_of_a_message_being_decided_takes_no_place_in_the_window() -> None:
-    conn = ServerConnection(0.0, Limits(receive_maximum=1))
+    conn = ServerConnection(0.0, Limits(receive_window=1))
     conn.receive(_stream(MQTT_311, 1), 1.0)
     conn.accept_connect(SessionState("s1"), False)
     assert len(conn.resume(1.0)) == 1
@@ -323,7 +349,7 @@ def test_unacknowledged_inbound_ids_are_not_carried_into_a_resumed_session() -> 
     """Only QoS 2 ids already answered with PUBREC belong to the session (section 4.3.3); QoS 1 ids the
     broker had not acknowledged when the connection ended are new messages on the next connection."""
     session = SessionState("s1")
-    first = ServerConnection(0.0, Limits(receive_maximum=2))
+    first = ServerConnection(0.0, Limits(receive_window=2))
     first.receive(_stream(MQTT_311, 2, clean_start=False), 1.0)
     first.accept_connect(session, False)
     assert len(first.resume(1.0)) == 2
@@ -332,7 +358,7 @@ def test_unacknowledged_inbound_ids_are_not_carried_into_a_resumed_session() -> 
     (q2,) = first.resume(1.0)
     first.ack_message(q2.token)  # type: ignore[attr-defined]  # PUBREC sent: id 9 kept until PUBREL
     first.connection_lost()
-    again = ServerConnection(2.0, Limits(receive_maximum=2))
+    again = ServerConnection(2.0, Limits(receive_window=2))
     data = _stream(MQTT_311, 1, first_id=2, clean_start=False)  # id 2 again, never acknowledged
     data += encode(Publish("t", b"q2", 2, dup=True, packet_id=9), MQTT_311)
     again.receive(data, 3.0)
@@ -408,7 +434,7 @@ def test_any_split_any_ack_order_every_message_once_in_order(
     data = _stream(version, n, clean_start=False)
     points = sorted({c % len(data) for c in cuts} | {0, len(data)})
     chunks = [data[a:b] for a, b in itertools.pairwise(points) if b > a]
-    conn = ServerConnection(0.0, Limits(receive_maximum=window))
+    conn = ServerConnection(0.0, Limits(receive_window=window))
     got: list[int] = []
     pending: list[int] = []
     for chunk in chunks:
@@ -432,7 +458,7 @@ def test_mqtt5_conforming_client_pipelining_before_connack_is_never_cut(
 ) -> None:
     """A 5.0 client sends `early` publishes with its CONNECT (it knows no limit yet), then, having read the
     CONNACK, keeps to the Receive Maximum it announced: never cut, every message once, in order."""
-    conn = ServerConnection(0.0, Limits(receive_maximum=window))
+    conn = ServerConnection(0.0, Limits(receive_window=window))
     client = Decoder(MQTT_5)
     got: list[int] = []
     pending: list[int] = []
@@ -452,3 +478,21 @@ def test_mqtt5_conforming_client_pipelining_before_connack_is_never_cut(
             _drive(conn, window, ack_order, got, pending)
         assert not conn.closed
     assert got == list(range(1, early + later + 1))
+
+
+def test_subscription_identifier_and_no_local_on_a_shared_subscription_are_protocol_errors() -> None:
+    """5.0: the CONNACK says Subscription Identifiers Available = 0, so a SUBSCRIBE carrying one ends the
+    connection with 0xA1 (section 3.2.2.3.12); "It is a Protocol Error to set the No Local bit to 1 on a
+    Shared Subscription" [MQTT-3.8.3-4]."""
+    c = Client(MQTT_5)
+    c.accept()
+    with_id = Subscribe(1, (Subscription("t", 1),), Properties.of([(Prop.SUBSCRIPTION_IDENTIFIER, 7)]))
+    (closed,) = c.send(with_id)
+    assert isinstance(closed, Closed) and closed.reason == Reason.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED
+    c = Client(MQTT_5)
+    c.accept()
+    (closed,) = c.send(Subscribe(1, (Subscription("$share/g/t", 1, no_local=True),)))
+    assert isinstance(closed, Closed) and closed.reason == Reason.PROTOCOL_ERROR
+    c = Client(MQTT_5)
+    c.accept()
+    assert [type(e) for e in c.send(Subscribe(1, (Subscription("$share/g/t", 1),)))] == [SubscribeRequest]

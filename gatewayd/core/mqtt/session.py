@@ -7,14 +7,15 @@ Protocol errors never raise: they end in a `Closed` event (with the DISCONNECT t
 Packets are decoded one at a time, only when the connection is ready for them, and handled strictly in order:
 - behind a CONNECT (a client may send more before CONNACK, section 3.1.4 of 3.1.1 and of 5.0) nothing is
   decoded until the broker has decided the CONNECT; after accept_connect, `resume()` handles what waited;
-- a QoS 1/2 PUBLISH that would take more than `receive_maximum` unacknowledged places waits, undecoded, until
+- a QoS 1/2 PUBLISH that would take more than `receive_window` unacknowledged places waits, undecoded, until
   the broker acknowledges one (ack_message, then `resume()`).
 While `waiting` is true the caller must not read the socket: TCP's flow control pushes back on the client,
-and what is held here is bounded by one read. A client over the window is never disconnected for it: 3.1.1
-has no Receive Maximum at all, and in 5.0 (where section 3.3.4 has the server send DISCONNECT 0x93) paho-mqtt
-1.6 and 2.x both re-send everything they hold right after CONNACK on every reconnect, far beyond the Receive
-Maximum we announce: measured, a 0x93 there cuts them before any PUBACK and locks them out for good. Pausing
-the socket costs nothing (what is held stays bounded) and loses nothing.
+and what is held here is bounded by one read. The window is the gateway's own pace, distinct from the Receive
+Maximum announced to 5.0 clients (`receive_maximum`, 65535 by default): paho-mqtt 1.6 and 2.x re-send
+everything they hold right after CONNACK on every reconnect, so a small announced maximum would cut them off
+for good; with the window, the burst simply waits in the socket. A 5.0 client that really exceeds the
+announced Receive Maximum (counting QoS 2 until PUBCOMP) is disconnected with 0x93 (section 3.3.4). 3.1.1 has
+no Receive Maximum: its clients only ever wait.
 
 `SessionState` is what outlives a connection for a persistent session (3.1.1 clean session 0, 5.0 session
 expiry > 0): subscriptions, outbound messages not yet acknowledged, inbound QoS 2 packet ids awaiting PUBREL.
@@ -73,13 +74,16 @@ class ConnectionStateError(GatewaydError):
 @dataclass(frozen=True)
 class Limits:
     max_packet_size: int = 128 * 1024  # also announced in CONNACK (5.0)
-    receive_maximum: int = 100  # inbound QoS 1/2 messages not yet acknowledged by us
+    receive_maximum: int = 65535  # 5.0: announced; more unacknowledged QoS 1/2 from the client: 0x93
+    receive_window: int = 100  # inbound QoS 1/2 messages being decided at once; more wait in the socket
     topic_alias_maximum: int = 16
     max_inflight: int = 20  # outbound QoS 1/2 not yet acknowledged by the sensor (and its receive maximum)
     max_queued: int = 1000  # outbound messages waiting for the window
     max_queued_bytes: int = 1024 * 1024
     connect_timeout: float = 10.0
-    max_keepalive: int = 65535
+    max_keepalive: int = 65535  # 5.0: a longer (or 0) keepalive is lowered to this, told by Server Keep Alive
+    min_keepalive: int = 0  # 5.0: a shorter one is raised to this, told likewise; 0: no minimum
+    max_session_expiry: int = 0xFFFFFFFF  # a Session Expiry Interval sent in DISCONNECT is capped to this
 
 
 class State(Enum):
@@ -98,6 +102,7 @@ class Outbound:
     expires_at: float | None = None  # monotonic; from Message Expiry Interval (5.0)
     packet_id: int | None = None
     released: bool = False  # QoS 2: PUBREC received, PUBREL sent
+    share: str | None = None  # delivered through this shared subscription ($share/group/filter)
 
 
 @dataclass
@@ -227,6 +232,12 @@ class ServerConnection:
                     break
                 if packet is None:
                     break
+            if self._exceeds_receive_maximum(packet):
+                events.append(
+                    self._close(Reason.RECEIVE_MAXIMUM_EXCEEDED, "more QoS 1/2 messages unacknowledged than "
+                                "the Receive Maximum", with_will=True)
+                )  # fmt: skip
+                break
             if self._must_wait(packet):
                 self._held = packet
                 break
@@ -236,11 +247,24 @@ class ServerConnection:
                 events.append(self._close(exc.reason, str(exc), with_will=True))
         return events
 
+    def _exceeds_receive_maximum(self, packet: Packet) -> bool:
+        """5.0, section 3.3.4: a client may have at most Receive Maximum QoS 1/2 PUBLISHes without a PUBACK or
+        (QoS 2) a PUBCOMP from us; one more is a protocol violation answered with DISCONNECT 0x93
+        [MQTT-3.3.4-7]. (3.1.1 has no such limit: there the socket is not read until there is room.)"""
+        if self.version != MQTT_5 or not isinstance(packet, Publish) or not packet.qos:
+            return False
+        if self.state is not State.CONNECTED:
+            return False
+        session = self._session()
+        if packet.packet_id in self._unacked_in or packet.packet_id in session.qos2_received:
+            return False  # a resend takes no new place
+        return len(self._unacked_in) + len(session.qos2_received) >= self.limits.receive_maximum
+
     def _must_wait(self, packet: Packet) -> bool:
         """A QoS 1/2 PUBLISH waits while the inbound window is full (see the module's docstring)."""
         if not isinstance(packet, Publish) or not packet.qos or self.state is not State.CONNECTED:
             return False
-        if len(self._unacked_in) < self.limits.receive_maximum or packet.packet_id in self._unacked_in:
+        if len(self._unacked_in) < self.limits.receive_window or packet.packet_id in self._unacked_in:
             return False  # room, or a resend of one the broker is deciding on (takes no new place)
         return not (packet.qos == 2 and packet.packet_id in self._session().qos2_received)  # resend: PUBREC
 
@@ -298,12 +322,29 @@ class ServerConnection:
                     Pubcomp(pid, 0 if known or self.version != MQTT_5 else Reason.PACKET_IDENTIFIER_NOT_FOUND)
                 )
             case Subscribe():
+                if self.version == MQTT_5 and packet.properties.get(Prop.SUBSCRIPTION_IDENTIFIER) is not None:
+                    raise ProtocolError(  # announced as unavailable in CONNACK (section 3.2.2.3.12)
+                        Reason.SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
+                        "subscription identifiers are not supported",
+                    )
+                for sub in packet.subscriptions:
+                    if sub.no_local and sub.topic_filter.startswith("$share/"):  # [MQTT-3.8.3-4]
+                        raise ProtocolError(Reason.PROTOCOL_ERROR, "No Local on a shared subscription")
                 return [SubscribeRequest(packet.packet_id, packet.subscriptions, packet.properties)]
             case Unsubscribe():
                 return [UnsubscribeRequest(packet.packet_id, packet.topic_filters)]
             case Pingreq():
                 self._send(Pingresp())
-            case Disconnect(reason_code=code):
+            case Disconnect(reason_code=code, properties=props):
+                expiry = props.get(Prop.SESSION_EXPIRY_INTERVAL) if self.version == MQTT_5 else None
+                if expiry is not None:
+                    session = self._session()
+                    if session.expiry_interval == 0 and expiry != 0:  # [MQTT-3.14.2-2]
+                        raise ProtocolError(
+                            Reason.PROTOCOL_ERROR,
+                            "a Session Expiry Interval in DISCONNECT after 0 in CONNECT",
+                        )
+                    session.expiry_interval = min(expiry, self.limits.max_session_expiry)
                 with_will = code == Reason.DISCONNECT_WITH_WILL
                 return [self._close(code, "client disconnected", with_will=with_will, send=False)]
             case _:
@@ -339,7 +380,7 @@ class ServerConnection:
             return []
         if p.packet_id in self._unacked_in:
             return []  # the broker is still deciding on this one
-        self._unacked_in[p.packet_id] = p.qos  # never beyond receive_maximum: see _must_wait
+        self._unacked_in[p.packet_id] = p.qos  # never beyond receive_window: see _must_wait
         return [MessageReceived(p.packet_id, resolved)]
 
     # ------------------------------------------------------------------ the broker's answers
@@ -370,7 +411,7 @@ class ServerConnection:
         assert c is not None  # _deciding says so; for mypy
         self.session = session
         self.state = State.CONNECTED
-        self.keepalive = min(c.keepalive, self.limits.max_keepalive)
+        self.keepalive = self._keepalive(c.keepalive)
         self._will = c.will
         props: list[tuple[int, object]] = []
         if self.version == MQTT_5:
@@ -382,18 +423,30 @@ class ServerConnection:
                 (Prop.RECEIVE_MAXIMUM, self.limits.receive_maximum),
                 (Prop.TOPIC_ALIAS_MAXIMUM, self.limits.topic_alias_maximum),
                 (Prop.MAXIMUM_PACKET_SIZE, self.limits.max_packet_size),
-                (Prop.SHARED_SUBSCRIPTION_AVAILABLE, 0),
+                (Prop.SHARED_SUBSCRIPTION_AVAILABLE, 1),
                 (Prop.SUBSCRIPTION_IDENTIFIER_AVAILABLE, 0),
             ]
             if assigned_client_id:
                 props.append((Prop.ASSIGNED_CLIENT_IDENTIFIER, assigned_client_id))
-            if c.keepalive > self.limits.max_keepalive:
+            if self.keepalive != c.keepalive:  # [MQTT-3.2.2-21]: the client must use this one
                 props.append((Prop.SERVER_KEEP_ALIVE, self.keepalive))
         self._send(Connack(session_present, 0, Properties.of(props)))
         if session_present:  # resend what the sensor has not acknowledged (section 4.4)
             for pid, msg in sorted(session.inflight.items()):
                 self._send_outbound(msg, pid, dup=not msg.released)
         self._pump(now)  # and what was queued for it while it was away
+
+    def _keepalive(self, asked: int) -> int:
+        """The keepalive the server uses. 5.0: the client's, within [min_keepalive, max_keepalive] (0, no
+        keepalive, counts as longer than any), announced by Server Keep Alive when it differs. 3.1.1: the
+        client's, always: the server cannot tell a 3.1.1 client another value, and must close after 1.5
+        times the one it sent (section 3.1.2.10)."""
+        if self.version != MQTT_5:
+            return asked
+        lo, hi = self.limits.min_keepalive, self.limits.max_keepalive
+        if asked == 0:  # no keepalive: only a configured maximum bounds it (as AWS IoT's 1200 s)
+            return hi if hi < 65535 else 0
+        return max(lo, min(asked, hi))
 
     def reject_connect(self, reason: int, message: str = "") -> Closed:
         """Refuse the CONNECT with a CONNACK carrying `reason`; packets sent behind it are discarded."""
@@ -437,12 +490,20 @@ class ServerConnection:
         self._send(Unsuback(packet_id, tuple(codes) if self.version == MQTT_5 else ()))
 
     def deliver(
-        self, topic: str, payload: bytes, qos: int, retain: bool, properties: Properties, now: float
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        properties: Properties,
+        now: float,
+        share: str | None = None,
     ) -> bool:
         """Queue a message for the sensor. False when it was dropped (queue full, or too large for it)."""
         session = self._session()
         expiry = properties.get(Prop.MESSAGE_EXPIRY_INTERVAL)
         msg = Outbound(topic, payload, qos, retain, properties, now + expiry if expiry is not None else None)
+        msg.share = share
         if qos == 0 and self.state is not State.CONNECTED:
             return False  # QoS 0 is not kept for a disconnected session (section 3.1.2.4)
         if len(session.queued) >= self.limits.max_queued or (
