@@ -129,10 +129,16 @@ class BoundPolicy:
         return any(matches(f, topic) for f in self.publish)
 
     def may_subscribe(self, topic_filter: str) -> bool:
-        """Allowed when an allowed filter covers it and no denied filter could match what it matches."""
-        if any(filter_covers(d, topic_filter) or filter_covers(topic_filter, d) for d in self.deny_subscribe):
+        """AWS IoT's iot:Subscribe, judged on the filter itself: allowed when an allowed filter covers it and
+        no denied filter covers it. A broad subscription (`#`) that merely overlaps a denied filter is
+        allowed; the denied topics are then withheld message by message (may_receive)."""
+        if any(filter_covers(d, topic_filter) for d in self.deny_subscribe):
             return False
         return any(filter_covers(f, topic_filter) for f in self.subscribe)
+
+    def may_receive(self, topic: str) -> bool:
+        """AWS IoT's iot:Receive, judged on each message delivered: not on a denied topic."""
+        return not any(matches(d, topic) for d in self.deny_subscribe)
 
 
 def check_policy_filters(filters: tuple[str, ...]) -> str | None:
