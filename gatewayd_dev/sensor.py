@@ -4,6 +4,8 @@ the demo. Everything they observe is recorded (received messages, acknowledgemen
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import ssl
 import threading
 import time
@@ -30,7 +32,7 @@ def _code(rc: Any) -> int:
 class Sensor:
     client_id: str
     port: int
-    ca_file: Path
+    ca_file: Path | None  # None: plain MQTT, no TLS (the gateway's loopback or unix listeners)
     cert_file: Path | None = None
     key_file: Path | None = None
     mqtt5: bool = False
@@ -42,6 +44,11 @@ class Sensor:
     subacks: dict[int, list[int]] = field(default_factory=dict)
     connack: int | None = None
     disconnects: list[int] = field(default_factory=list)
+    keepalive: int = 30
+    session_expiry: int | None = None  # 5.0; default: 0 with clean, else 600
+    will_delay: int = 0  # 5.0 Will Delay Interval (s)
+    session_present: bool | None = None
+    connack_properties: dict[str, Any] = field(default_factory=dict)  # 5.0, by paho's property names
 
     def __post_init__(self) -> None:
         protocol = paho.MQTTv5 if self.mqtt5 else paho.MQTTv311
@@ -52,12 +59,20 @@ class Sensor:
             self.client = paho.Client(CallbackAPIVersion.VERSION2, **kw)
         else:
             self.client = paho.Client(**kw)
-        ctx = ssl.create_default_context(cafile=str(self.ca_file))
-        if self.cert_file is not None and self.key_file is not None:
-            ctx.load_cert_chain(str(self.cert_file), str(self.key_file))
-        self.client.tls_set_context(ctx)
+        if self.ca_file is not None:
+            ctx = ssl.create_default_context(cafile=str(self.ca_file))
+            if self.cert_file is not None and self.key_file is not None:
+                ctx.load_cert_chain(str(self.cert_file), str(self.key_file))
+            self.client.tls_set_context(ctx)
         if self.will is not None:
-            self.client.will_set(self.will[0], self.will[1], qos=self.will[2])
+            will_props = None
+            if self.mqtt5 and self.will_delay:
+                from paho.mqtt.packettypes import PacketTypes
+                from paho.mqtt.properties import Properties
+
+                will_props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
+                will_props.WillDelayInterval = self.will_delay
+            self.client.will_set(self.will[0], self.will[1], qos=self.will[2], properties=will_props)
         self._lock = threading.Lock()
         c = self.client
         c.on_connect = self._on_connect
@@ -68,6 +83,11 @@ class Sensor:
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, *rest: Any) -> None:
         self.connack = _code(rc)
+        present = getattr(flags, "session_present", None)  # 2.x: ConnectFlags; 1.6: a dict
+        self.session_present = bool(flags.get("session present") if isinstance(flags, dict) else present)
+        props = rest[0] if rest else None
+        if props is not None:
+            self.connack_properties = {k: v for k, v in vars(props).items() if k[:1].isupper()}
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, *rest: Any) -> None:
         self.acks[mid] = _code(rest[0]) if PAHO2 and rest else 0
@@ -87,9 +107,10 @@ class Sensor:
             from paho.mqtt.properties import Properties
 
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = 0 if self.clean else 600
+            expiry = self.session_expiry
+            props.SessionExpiryInterval = expiry if expiry is not None else 0 if self.clean else 600
             kw = {"clean_start": self.clean, "properties": props}
-        self.client.connect(self.host, self.port, 30, **kw)
+        self.client.connect(self.host, self.port, self.keepalive, **kw)
         self.client.loop_start()
         wait_until(lambda: self.connack is not None or bool(self.disconnects), timeout, "CONNACK")
         return self.connack if self.connack is not None else -1
@@ -117,6 +138,29 @@ class Sensor:
 
     def stop(self) -> None:
         self.client.disconnect()
+        self.client.loop_stop()
+
+    def disconnect_with_expiry(self, session_expiry: int) -> None:
+        """5.0: DISCONNECT carrying a new Session Expiry Interval (section 3.14.2.2.2)."""
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = session_expiry
+        self.client.disconnect(properties=props)
+        self.client.loop_stop()
+
+    def kill(self) -> None:
+        """End the connection without DISCONNECT, as a sensor that loses power: no reconnect either."""
+        self.client.loop_stop()  # paho's thread would reconnect
+        sock: Any = self.client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def go_silent(self) -> None:
+        """Stop sending anything (no PINGREQ) but keep the connection open: a hung sensor."""
         self.client.loop_stop()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -140,7 +141,8 @@ def test_a_failed_connect_leaves_the_stored_session_exactly_as_it_was(
     poison = Outbound("commands/s1/\ud800", b"cannot be encoded", 1, False, Properties())
     state.queued.append(poison)
     state.queued_bytes = len(poison.payload)
-    stored = StoredSession(state, expires_at=12345.0)
+    expires = time.monotonic() + 3600
+    stored = StoredSession(state, expires_at=expires)
     broker.sessions["s1"] = stored
     snapshot = (dict(state.subscriptions), list(state.queued), dict(state.inflight), state.next_id)
     caplog.set_level(logging.INFO, logger="gatewayd.broker")
@@ -161,7 +163,7 @@ def test_a_failed_connect_leaves_the_stored_session_exactly_as_it_was(
         s2.close()
 
     asyncio.run(_serve(broker, body))
-    assert broker.sessions["s1"] is stored and stored.state is state and stored.expires_at == 12345.0
+    assert broker.sessions["s1"] is stored and stored.state is state and stored.expires_at == expires
     assert (dict(state.subscriptions), list(state.queued), dict(state.inflight), state.next_id) == snapshot
     assert "s1" not in broker.clients
     (failure,) = _failures(caplog)

@@ -41,8 +41,29 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gatewayd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="run the daemon in the foreground (the default)")
-    sub.add_parser("check-config", parents=[common], help="validate the configuration and exit 0 or 1")
+    sub.add_parser(
+        "check-config",
+        parents=[common],
+        help="validate the configuration and exit 0 or 1",
+        description="Validate the configuration (with its drop-ins) and exit 0 or 1, listing every problem.",
+        epilog=POLICY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     return parser
+
+
+POLICY_HELP = """\
+[downstream.policy] keys (topic filters; ${iot:ClientId}, ${iot:Certificate.Subject.CommonName} and
+${gateway:ThingName} are replaced per sensor):
+  publish, deny_publish     a publish is allowed when a publish filter matches its topic and no
+                            deny_publish filter does
+  subscribe, deny_subscribe judged as AWS IoT's iot:Subscribe and iot:Receive: a subscription is granted
+                            when a subscribe filter covers it and no deny_subscribe filter covers it; each
+                            message delivered is withheld when a deny_subscribe filter matches its topic.
+                            subscribe = ["#"], deny_subscribe = ["test/nosubscribe"]: "#" and "+/+" are
+                            granted and never receive test/nosubscribe; "test/nosubscribe" is refused.
+                            $share/<group>/<filter> is judged on <filter>.
+"""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -413,7 +413,8 @@ class PolicySection:
     )
     subscribe: tuple[str, ...] = opt(
         ("commands/${iot:ClientId}/#",),
-        "Topic filters a sensor may subscribe to.",
+        "Topic filters a sensor may subscribe to: a subscription is granted when one of these covers it "
+        "(and no deny_subscribe filter does); $share/<group>/<filter> is judged on <filter>.",
         live=True,
         check=check_policy,
     )
@@ -421,7 +422,12 @@ class PolicySection:
         (), "Topic filters a sensor may never publish to (deny wins).", live=True, check=check_policy
     )
     deny_subscribe: tuple[str, ...] = opt(
-        (), "Topic filters a sensor may never subscribe to.", live=True, check=check_policy
+        (),
+        "Topic filters a sensor may never subscribe to nor receive, as AWS IoT's iot:Subscribe and "
+        "iot:Receive: a subscription these cover is refused; a broader one (#) is granted, and the messages "
+        "on topics these match are withheld from it.",
+        live=True,
+        check=check_policy,
     )
 
 
@@ -493,8 +499,24 @@ class DownstreamSection:
         131072, "Largest packet accepted from a sensor (bytes).", minimum=128, maximum=268435460
     )
     receive_maximum: int = opt(
-        100,
-        "QoS 1/2 messages a sensor may have unacknowledged; beyond it, its socket is not read until one is.",
+        65535,
+        "Receive Maximum announced to 5.0 sensors: QoS 1/2 messages one may have unacknowledged (QoS 2 until "
+        "PUBCOMP); one more is disconnected with 0x93. The gateway decides at most 100 (or this, if lower) "
+        "at once; the rest wait in the socket, however many a sensor sends.",
+        minimum=1,
+        maximum=65535,
+    )
+    keepalive_min: int = opt(
+        0,
+        "5.0 sensors asking for a shorter keepalive (s) get this one, told in CONNACK (Server Keep Alive); "
+        "0: none. 3.1.1 sensors always keep their own (nothing can tell them otherwise).",
+        minimum=0,
+        maximum=65535,
+    )
+    keepalive_max: int = opt(
+        65535,
+        "5.0 sensors asking for a longer keepalive (s), or none (0), get this one, told in CONNACK (Server "
+        "Keep Alive); 65535: no maximum (AWS IoT uses 1200).",
         minimum=1,
         maximum=65535,
     )

@@ -25,8 +25,10 @@ import dataclasses
 import hashlib
 import logging
 import math
+import secrets
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -71,6 +73,8 @@ from gatewayd.core.mqtt.topics import policy_variables as variables
 
 log = logging.getLogger("gatewayd.broker")
 
+RECEIVE_WINDOW = 100  # QoS 1/2 messages of one sensor being decided at once (gatewayd.core.mqtt.session)
+
 AWS_EVENTS_PREFIX = "$aws/events/"
 
 CLOSED_LOG_EVERY = 10.0  # seconds between two lines about connections closed before CONNECT
@@ -109,6 +113,28 @@ class Client:
 class StoredSession:
     state: SessionState
     expires_at: float | None = None  # monotonic, while disconnected
+    policy: BoundPolicy | None = None  # its sensor's, for what is kept for it while it is away
+    common_name: str = ""  # its sensor's certificate CN, to bind the policy again on reload
+
+
+SHARE_PREFIX = "$share/"
+
+
+def shared_parts(topic_filter: str) -> tuple[str, str] | None:
+    """($share/<group>/<filter>) -> (group, filter); ("", "") for a malformed one; None if not shared."""
+    if not topic_filter.startswith(SHARE_PREFIX):
+        return None
+    group, _, inner = topic_filter[len(SHARE_PREFIX) :].partition("/")
+    if not group or not inner or any(c in group for c in "+#"):
+        return "", ""
+    return group, inner
+
+
+@dataclass
+class SharedGroup:
+    topic_filter: str  # the filter after $share/<group>/
+    members: dict[str, Subscription] = field(default_factory=dict)  # client id -> its subscription
+    turn: int = 0  # round robin
 
 
 class Upstream(Protocol):
@@ -160,6 +186,10 @@ class Broker:
         self._retained_logged_at = -10.0
         self.upstream_refs: dict[str, int] = {}
         self._index: FilterIndex[Subscription] = FilterIndex()  # every session's subscriptions, for fan-out
+        self._shared: dict[str, SharedGroup] = {}  # by "$share/<group>/<filter>"
+        self._shared_index: FilterIndex[str] = FilterIndex()  # owner and value: that key
+        # wills waiting for their Will Delay Interval, by client id: (timer, the ended connection, the will)
+        self._pending_wills: dict[str, tuple[asyncio.TimerHandle, Client, Will]] = {}
         self.dropped = 0
         # publish_as(): (client id, common name, topic) -> route, as Client.routes; cleared on reconfigure
         self._local_routes: dict[tuple[str, str, str], tuple[int | None, str]] = {}
@@ -171,6 +201,10 @@ class Broker:
         self.limits = Limits(
             max_packet_size=d.max_packet_size,
             receive_maximum=d.receive_maximum,
+            receive_window=min(RECEIVE_WINDOW, d.receive_maximum),
+            min_keepalive=d.keepalive_min,
+            max_keepalive=d.keepalive_max,
+            max_session_expiry=d.session_expiry_max,
             max_inflight=d.max_inflight,
             max_queued=d.max_queued_messages,
             max_queued_bytes=d.max_queued_bytes,
@@ -183,6 +217,10 @@ class Broker:
         for client in self.clients.values():
             client.policy = self._bind(client.client_id, client.peer)
             client.routes.clear()
+        thing = self.config.gateway.thing_name
+        for client_id, stored in self.sessions.items():
+            if stored.policy is not None:
+                stored.policy = self.policy.bind(variables(client_id, stored.common_name, thing))
 
     def _bind(self, client_id: str, peer: Peer) -> BoundPolicy:
         return self.policy.bind(variables(client_id, peer.common_name, self.config.gateway.thing_name))
@@ -390,6 +428,10 @@ class Broker:
         answered on a copy of the stored session, which replaces it only then, so a failure on the way
         (a bug, see serve) leaves the stored session exactly as it was before this CONNECT."""
         client_id = c.client_id or peer.common_name
+        if not client_id and (c.protocol_level == MQTT_5 or c.clean_start):
+            # no client id and no certificate to name the sensor (a plain or unix listener): the server
+            # assigns one (3.1.1 and 5.0 [MQTT-3.1.3-6]; 5.0 tells it in CONNACK [MQTT-3.1.3-7])
+            client_id = self._assigned_id()
         refusal = self._refusal(peer, client_id)
         if refusal is not None:
             log.warning(
@@ -402,22 +444,29 @@ class Broker:
         policy = self._bind(client_id, peer)
         expiry = self._session_expiry(c)
         old = self.clients.get(client_id)
-        if old is not None:  # session takeover (section 3.1.4): the newer connection wins
+        if old is not None:  # session takeover (section 3.1.4): the newer connection wins; the old one's end
+            # settles the session as any end does (5.0: an expiry of 0 ends it with that connection)
             self._end(old, old.conn.disconnect(Reason.SESSION_TAKEN_OVER, "session taken over"))
             self._flush(old.conn, old.writer)
             old.writer.close()
         stored = self.sessions.get(client_id)
+        now = time.monotonic()
+        if stored is not None and stored.expires_at is not None and stored.expires_at <= now:
+            self._session_ended(client_id)  # expired since (the sweep runs every few seconds)
+            stored = None
         present = stored is not None and not c.clean_start
         state = stored.state.copy() if stored is not None and present else SessionState(client_id)
         state.expiry_interval = expiry
         conn.accept_connect(state, present, client_id if not c.client_id else None, time.monotonic())
         # accepted: from here on the new session is the stored one
+        self._will_for_new_connection(client_id, present)
         if stored is not None and present:
             stored.state, stored.expires_at = state, None
         else:
             if stored is not None:
                 self._drop_session(client_id)
             self.sessions[client_id] = StoredSession(state)
+        self.sessions[client_id].policy, self.sessions[client_id].common_name = policy, peer.common_name
         self._reindex(client_id)
         client = Client(conn, writer, peer, client_id, policy, wake)
         self.clients[client_id] = client
@@ -430,10 +479,16 @@ class Broker:
         )  # fmt: skip
         return client
 
+    def _assigned_id(self) -> str:
+        while True:
+            candidate = f"auto-{secrets.token_hex(8)}"
+            if candidate not in self.sessions:
+                return candidate
+
     def _refusal(self, peer: Peer, client_id: str) -> tuple[int, str] | None:
         """Why this CONNECT is refused (reason code, why), or None to accept it."""
-        if not client_id:
-            return Reason.CLIENT_IDENTIFIER_NOT_VALID, "empty client id and no certificate CN to use"
+        if not client_id:  # 3.1.1 with clean session 0: a session needs a name [MQTT-3.1.3-8]
+            return Reason.CLIENT_IDENTIFIER_NOT_VALID, "empty client id with clean session 0"
         for what, value in (("client id", client_id), ("certificate CN", peer.common_name)):
             problem = identity_problem(value)  # checked before any session exists (issue 17, items 4-5)
             if problem is not None:
@@ -611,8 +666,11 @@ class Broker:
             if stored is None or (sub.no_local and client_id == sender):
                 continue
             client = self.clients.get(client_id)
-            if client is not None and not client.policy.may_subscribe(sub.topic_filter):
-                continue  # the policy changed on reload since it subscribed
+            policy = client.policy if client is not None else stored.policy
+            if policy is not None and not (
+                policy.may_subscribe(sub.topic_filter) and policy.may_receive(topic)
+            ):
+                continue  # a denied topic under a broad subscription, or the policy changed on reload
             out_qos = min(qos, sub.qos)
             keep_retain = retain and sub.retain_as_published
             if client is not None:
@@ -623,6 +681,8 @@ class Broker:
                 stored.state, topic, payload, out_qos, props, now, self.limits
             ):
                 self.dropped += 1
+        if self._shared:
+            self._share_out(topic, payload, qos, props, sender, now)
 
     def publish_event(self, topic: str, payload: bytes) -> None:
         """An event of the gateway's own (AWS IoT's $aws/events/... topics) to the local subscribers, QoS 1;
@@ -640,9 +700,11 @@ class Broker:
     # ------------------------------------------------------------------ subscriptions
 
     def _subscribe(self, client: Client, s: Subscription) -> int:
-        if s.topic_filter.startswith("$share/"):
-            return Reason.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
-        if not client.policy.may_subscribe(s.topic_filter):
+        share = shared_parts(s.topic_filter)
+        if share is not None and not share[1]:
+            return Reason.TOPIC_FILTER_INVALID  # $share/<name>/<filter>, the name without / + # (4.8.2)
+        inner = share[1] if share is not None else s.topic_filter
+        if not client.policy.may_subscribe(inner):  # a shared subscription: judged on its filter
             log.warning("sensor %s may not subscribe to %s", client.client_id, s.topic_filter)
             return Reason.NOT_AUTHORIZED
         stored = self.sessions[client.client_id]
@@ -659,37 +721,130 @@ class Broker:
         if not existed and forwarded and not self._ref_upstream(s.topic_filter):
             return Reason.QUOTA_EXCEEDED
         stored.state.subscriptions[s.topic_filter] = s
+        if share is not None:  # no retained messages for a shared subscription (5.0 section 4.8.2)
+            self._join(client.client_id, s)
+            return s.qos
         self._index.add(client.client_id, s.topic_filter, s)
         if s.retain_handling == 0 or (s.retain_handling == 1 and not existed):  # section 3.3.1.3
             now = time.monotonic()
             for topic, p in self._retained_for(s.topic_filter, now):
-                client.conn.deliver(topic, p.payload, min(p.qos, s.qos), True, p.properties, now)
+                if client.policy.may_receive(topic):
+                    client.conn.deliver(topic, p.payload, min(p.qos, s.qos), True, p.properties, now)
         return s.qos
 
     def _unsubscribe(self, client_id: str, topic_filter: str) -> int:
         stored = self.sessions.get(client_id)
         self._index.remove(client_id, topic_filter)
+        self._leave(client_id, topic_filter)
         if stored is None or stored.state.subscriptions.pop(topic_filter, None) is None:
             return Reason.NO_SUBSCRIPTION_EXISTED
         if self._forwarded(topic_filter):
             self._unref_upstream(topic_filter)
         return Reason.SUCCESS
 
+    # shared subscriptions ($share/<group>/<filter>): each message to one member of the group
+
+    def _join(self, client_id: str, s: Subscription) -> None:
+        group = self._shared.get(s.topic_filter)
+        if group is None:
+            share = shared_parts(s.topic_filter)
+            assert share is not None
+            group = self._shared[s.topic_filter] = SharedGroup(share[1])
+            self._shared_index.add(s.topic_filter, share[1], s.topic_filter)
+        group.members[client_id] = s
+
+    def _leave(self, client_id: str, topic_filter: str) -> None:
+        group = self._shared.get(topic_filter)
+        if group is None or group.members.pop(client_id, None) is None:
+            return
+        if not group.members:
+            del self._shared[topic_filter]
+            self._shared_index.remove(topic_filter, group.topic_filter)
+
+    def _share_out(
+        self, topic: str, payload: bytes, qos: int, props: Properties, sender: str | None, now: float
+    ) -> None:
+        """One delivery per shared subscription matching the topic: the next connected member in turn that
+        may receive it (round robin), else, for QoS 1/2, the next member's session kept while it is away."""
+        for _, key in self._shared_index.match(topic):
+            group = self._shared[key]
+            members = list(group.members.items())
+            turn = group.turn
+            group.turn += 1
+            candidates = members[turn % len(members) :] + members[: turn % len(members)]
+            target = next(
+                ((cid, sub) for cid, sub in candidates
+                 if cid in self.clients and self.clients[cid].policy.may_receive(topic)),
+                None,
+            )  # fmt: skip
+            if target is not None:
+                cid, sub = target
+                client = self.clients[cid]
+                if not client.conn.deliver(topic, payload, min(qos, sub.qos), False, props, now, share=key):
+                    self.dropped += 1
+                self._flush_soon(client.conn, client.writer)
+                continue
+            for cid, sub in candidates:
+                stored = self.sessions.get(cid)
+                allowed = stored is not None and (stored.policy is None or stored.policy.may_receive(topic))
+                out_qos = min(qos, sub.qos)
+                if allowed and out_qos and stored is not None:
+                    if not _queue_offline(
+                        stored.state, topic, payload, out_qos, props, now, self.limits, key
+                    ):
+                        self.dropped += 1
+                    break
+
+    def _hand_over_shared(self, client_id: str) -> None:
+        """A member of shared subscriptions disconnected: the messages it had from them and had not
+        acknowledged (in flight or queued) go to another connected member of the same group (5.0 section
+        4.8.2), so a stopped worker does not hold the group's messages back."""
+        stored = self.sessions.get(client_id)
+        if stored is None or not self._shared:
+            return
+        state, now = stored.state, time.monotonic()
+        for pid, msg in list(state.inflight.items()):
+            if msg.share is not None and not msg.released and self._redeliver(client_id, msg, now):
+                del state.inflight[pid]
+        kept = deque(m for m in state.queued if m.share is None or not self._redeliver(client_id, m, now))
+        state.queued_bytes = sum(len(m.payload) for m in kept)
+        state.queued = kept
+
+    def _redeliver(self, leaving: str, msg: Outbound, now: float) -> bool:
+        group = self._shared.get(msg.share or "")
+        if group is None:
+            return False
+        for cid, sub in group.members.items():
+            client = self.clients.get(cid)
+            if cid != leaving and client is not None and client.policy.may_receive(msg.topic):
+                client.conn.deliver(msg.topic, msg.payload, min(msg.qos, sub.qos), False, msg.properties, now,
+                                    share=msg.share)  # fmt: skip
+                self._flush_soon(client.conn, client.writer)
+                return True
+        return False
+
     def _forwarded(self, topic_filter: str) -> bool:
         """Is a sensor's subscription also made upstream? Within the command filter, or one of AWS IoT's
         reserved topics (a shadow's or job's answers: only AWS IoT publishes them), except its events: those a
-        local subscriber gets are the gateway's own (registrations here)."""
+        local subscriber gets are the gateway's own (registrations here). A shared subscription: by its
+        filter (then it is shared upstream too)."""
+        share = shared_parts(topic_filter)
+        if share is not None:
+            topic_filter = share[1]
         if topic_filter.startswith(AWS_RESERVED_PREFIX):
             return not topic_filter.startswith(AWS_EVENTS_PREFIX)
         return filter_covers(self.config.forwarding.command_filter, topic_filter)
 
     def _reindex(self, client_id: str) -> None:
-        """The index holds exactly this client's session's subscriptions (after its CONNECT)."""
+        """The indexes hold exactly this client's session's subscriptions (after its CONNECT)."""
         self._index.remove_owner(client_id)
         stored = self.sessions.get(client_id)
         if stored is not None:
             for sub in stored.state.subscriptions.values():
-                self._index.add(client_id, sub.topic_filter, sub)
+                if sub.topic_filter.startswith(SHARE_PREFIX):
+                    self._join(client_id, sub)
+                else:
+                    self._index.add(client_id, sub.topic_filter, sub)
 
     def _subscription_refusal(
         self, client: Client, stored: StoredSession, topic_filter: str, forwarded: bool
@@ -703,7 +858,8 @@ class Broker:
             return Reason.QUOTA_EXCEEDED, f"it has {len(subs)} subscriptions (max_subscriptions_per_sensor)"
         if not forwarded:
             return None
-        problem = aws_filter_problem(self.topic_map.upstream(topic_filter))
+        share = shared_parts(topic_filter)
+        problem = aws_filter_problem(self.topic_map.upstream(share[1] if share else topic_filter))
         if problem is not None:
             return Reason.TOPIC_FILTER_INVALID, f"AWS IoT would refuse it upstream: {problem}"
         upstream = sum(1 for f in subs if self._forwarded(f))
@@ -713,10 +869,16 @@ class Broker:
             )
         return None
 
+    def _upstream_filter(self, topic_filter: str) -> str:
+        share = shared_parts(topic_filter)
+        if share is not None:  # shared upstream too: $share/<group>/<mapped filter>
+            return f"{SHARE_PREFIX}{share[0]}/{self.topic_map.upstream(share[1])}"
+        return self.topic_map.upstream(topic_filter)
+
     def _ref_upstream(self, topic_filter: str) -> bool:
         """Share one upstream subscription among sensors; AWS IoT allows 50 per connection
         (upstream.quota.max_subscriptions)."""
-        mapped = self.topic_map.upstream(topic_filter)
+        mapped = self._upstream_filter(topic_filter)
         if mapped not in self.upstream_refs:
             limit = self.config.upstream.quota.max_subscriptions
             if len(self.upstream_refs) >= limit:
@@ -728,7 +890,7 @@ class Broker:
         return True
 
     def _unref_upstream(self, topic_filter: str) -> None:
-        mapped = self.topic_map.upstream(topic_filter)
+        mapped = self._upstream_filter(topic_filter)
         count = self.upstream_refs.get(mapped, 0) - 1
         if count > 0:
             self.upstream_refs[mapped] = count
@@ -746,6 +908,7 @@ class Broker:
             del self.clients[client.client_id]
         stored = self.sessions.get(client.client_id)
         if stored is not None and client.client_id not in self.clients:
+            self._hand_over_shared(client.client_id)
             if stored.state.expiry_interval == 0:
                 self._drop_session(client.client_id)
             else:
@@ -760,19 +923,49 @@ class Broker:
             ),
         )  # fmt: skip
         if closed is not None and closed.will is not None:
-            try:
+            delay = closed.will.properties.get(Prop.WILL_DELAY_INTERVAL) or 0
+            stored = self.sessions.get(client.client_id)
+            if delay and stored is not None and stored.expires_at is not None:
+                # 5.0 section 3.1.3.2.2: after the Will Delay Interval or when the session ends, whichever
+                # comes first; a new connection to the session before then cancels it [MQTT-3.1.3-9]
+                due = min(delay, stored.state.expiry_interval)
+                handle = asyncio.get_running_loop().call_later(due, self._delayed_will, client.client_id)
+                self._pending_wills[client.client_id] = (handle, client, closed.will)
+            else:
                 self._publish_will(client, closed.will)
-            except Exception as exc:  # a bug of ours: the connection has ended, the session is settled
-                log.error(
-                    "will of %s not published: %r", client.client_id, exc, exc_info=exc,
-                    extra=messages.extra(messages.SENSOR_CONNECTION_FAILED, client_id=client.client_id,
-                                         reason=f"0x{reason:02x}", error=repr(exc)),
-                )  # fmt: skip
+
+    def _delayed_will(self, client_id: str) -> None:
+        pending = self._pending_wills.pop(client_id, None)
+        if pending is not None:
+            self._publish_will(pending[1], pending[2])
+
+    def _will_for_new_connection(self, client_id: str, resumed: bool) -> None:
+        """A sensor connected again while its will waited for its delay: cancelled if it resumed the
+        session, published now if it started a new one (the old session ended)."""
+        pending = self._pending_wills.pop(client_id, None)
+        if pending is None:
+            return
+        pending[0].cancel()
+        if not resumed:
+            self._publish_will(pending[1], pending[2])
 
     def _publish_will(self, client: Client, will: Will) -> None:
+        """Publish a will as its sensor's message (its policy, mapping and spool). Never raises: a failure of
+        ours is logged, the connection has ended and its session is settled."""
+        try:
+            self._publish_will_now(client, will)
+        except Exception as exc:
+            log.error(
+                "will of %s not published: %r", client.client_id, exc, exc_info=exc,
+                extra=messages.extra(messages.SENSOR_CONNECTION_FAILED, client_id=client.client_id,
+                                     reason="0x80", error=repr(exc)),
+            )  # fmt: skip
+
+    def _publish_will_now(self, client: Client, will: Will) -> None:
+        props = Properties(tuple((k, v) for k, v in will.properties.items if k != Prop.WILL_DELAY_INTERVAL))
         reason = self._inbound(
             client,
-            Publish(will.topic, will.payload, will.qos, will.retain, properties=will.properties),
+            Publish(will.topic, will.payload, will.qos, will.retain, properties=props),
             lambda reason: None,  # a will has nobody to acknowledge
         )
         if reason is not None and reason >= 0x80:
@@ -784,14 +977,23 @@ class Broker:
         if stored is None:
             return
         for topic_filter in list(stored.state.subscriptions):
+            self._leave(client_id, topic_filter)
             if self._forwarded(topic_filter):
                 self._unref_upstream(topic_filter)
+
+    def _session_ended(self, client_id: str) -> None:
+        """A disconnected session's expiry passed: a will still waiting for its delay goes now."""
+        self._drop_session(client_id)
+        pending = self._pending_wills.pop(client_id, None)
+        if pending is not None:
+            pending[0].cancel()
+            self._publish_will(pending[1], pending[2])
 
     def expire_sessions(self, now: float) -> None:
         """Sessions whose expiry passed, and retained messages whose Message Expiry Interval did."""
         for client_id, stored in list(self.sessions.items()):
             if client_id not in self.clients and stored.expires_at is not None and stored.expires_at <= now:
-                self._drop_session(client_id)
+                self._session_ended(client_id)
         self.expire_retained(now)
 
     # ------------------------------------------------------------------ administration
@@ -855,16 +1057,23 @@ class Broker:
 
 
 def _queue_offline(
-    state: SessionState, topic: str, payload: bytes, qos: int, props: Properties, now: float, limits: Limits
+    state: SessionState,
+    topic: str,
+    payload: bytes,
+    qos: int,
+    props: Properties,
+    now: float,
+    limits: Limits,
+    share: str | None = None,
 ) -> bool:
     """Keep a QoS 1/2 message for a persistent session whose sensor is away (bounded like a live queue)."""
     if len(state.queued) >= limits.max_queued or state.queued_bytes + len(payload) > limits.max_queued_bytes:
         state.dropped += 1
         return False
     expiry = props.get(Prop.MESSAGE_EXPIRY_INTERVAL)
-    state.queued.append(
-        Outbound(topic, payload, qos, False, props, now + expiry if expiry is not None else None)
-    )
+    msg = Outbound(topic, payload, qos, False, props, now + expiry if expiry is not None else None)
+    msg.share = share
+    state.queued.append(msg)
     state.queued_bytes += len(payload)
     return True
 
