@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
