@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from gatewayd_dev.gateway import Gateway, loopback_listener, write_config
 # Debian bookworm: importing hypothesis (6.67) before tpm2-pytss (1.2) leaves tpm2-pytss objects without
 # their C data ("'TPM2B_PUBLIC' object has no attribute '_cdata'"). The daemon never imports hypothesis; the
 # test process does both, so tpm2-pytss is imported first, here.
+from gatewayd_dev.sensor import Sensor
 from gatewayd_dev.stack import DevStack
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,3 +82,18 @@ def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
     yield start
     for gw in started:
         gw.stop()
+
+
+@pytest.fixture
+def sensors() -> Iterator[Callable[[Sensor], Sensor]]:
+    """Track the test's sensors (gatewayd_dev.sensor.Sensor): each is stopped when the test ends."""
+    made: list[Sensor] = []
+
+    def track(s: Sensor) -> Sensor:
+        made.append(s)
+        return s
+
+    yield track
+    for s in made:
+        with contextlib.suppress(Exception):  # already gone
+            s.stop()

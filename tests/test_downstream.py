@@ -6,7 +6,6 @@ Real parts: the daemon, its TPM-held uplink to the stand-in, mutual TLS on 127.0
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import ssl
@@ -88,20 +87,6 @@ def setup(devstack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield Setup(devstack, workdir, port, sensor_ca, daemon)
     finally:
         daemon.stop()
-
-
-@pytest.fixture
-def sensors() -> Iterator[Callable[[Sensor], Sensor]]:
-    made: list[Sensor] = []
-
-    def track(s: Sensor) -> Sensor:
-        made.append(s)
-        return s
-
-    yield track
-    for s in made:
-        with contextlib.suppress(Exception):  # already gone
-            s.stop()
 
 
 def _from_aws_until_received(setup: Setup, s: Sensor, topic: str, payload: str) -> None:

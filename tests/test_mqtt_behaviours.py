@@ -1,13 +1,12 @@
-"""Issue 19: the MQTT 3.1.1 and 5.0 behaviours third-party clients rely on, against a live daemon's plain
+"""Issue 19: the MQTT 3.1.1 and 5.0 behaviours third-party sensors rely on, against a live daemon's plain
 loopback listener with a permissive policy (no certificate names the sensors there), driven by paho-mqtt (1.6
-on bookworm's Python, 2.x in the venv) and mosquitto's own clients. Each test cites the normative statement it
+on bookworm's Python, 2.x in the venv) and mosquitto's own sensors. Each test cites the normative statement it
 checks. A hand-made CONNECT appears only where paho refuses to send what the test needs (an empty client id
 with clean session 0).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import subprocess
@@ -68,22 +67,8 @@ def setup(devstack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Itera
         daemon.stop()
 
 
-@pytest.fixture
-def clients() -> Iterator[Callable[[Sensor], Sensor]]:
-    made: list[Sensor] = []
-
-    def track(s: Sensor) -> Sensor:
-        made.append(s)
-        return s
-
-    yield track
-    for s in made:
-        with contextlib.suppress(Exception):
-            s.stop()
-
-
-def _watch(setup: Setup, clients: Callable[[Sensor], Sensor], topic_filter: str, name: str) -> Sensor:
-    watcher = clients(setup.client(name))
+def _watch(setup: Setup, sensors: Callable[[Sensor], Sensor], topic_filter: str, name: str) -> Sensor:
+    watcher = sensors(setup.client(name))
     assert watcher.connect() == 0 and watcher.subscribe(topic_filter) == [1]
     return watcher
 
@@ -92,13 +77,13 @@ def _watch(setup: Setup, clients: Callable[[Sensor], Sensor], topic_filter: str,
 
 
 def test_empty_client_id_is_assigned_in_311_with_clean_session(
-    setup: Setup, clients: Callable[[Sensor], Sensor]
+    setup: Setup, sensors: Callable[[Sensor], Sensor]
 ) -> None:
     """3.1.1 section 3.1.3.1 [MQTT-3.1.3-6]: "A Server MAY allow a Client to supply a ClientId that has a
     length of zero bytes, however if it does so the Server MUST treat this as a special case and assign a
     unique ClientId to that Client"; [MQTT-3.1.3-8]: with CleanSession 0 it "MUST respond ... with a CONNACK
     return code 0x02 (Identifier rejected)"."""
-    a, b = clients(setup.client("")), clients(setup.client(""))
+    a, b = sensors(setup.client("")), sensors(setup.client(""))
     assert a.connect() == 0 and b.connect() == 0  # two of them: each its own id, no takeover
     assert a.subscribe("anon/t") == [1]
     assert b.publish("anon/t", b"hello", qos=1) == 0
@@ -114,11 +99,11 @@ def test_empty_client_id_is_assigned_in_311_with_clean_session(
 
 
 def test_empty_client_id_in_5_gets_an_assigned_client_identifier(
-    setup: Setup, clients: Callable[[Sensor], Sensor]
+    setup: Setup, sensors: Callable[[Sensor], Sensor]
 ) -> None:
     """5.0 [MQTT-3.1.3-6] and [MQTT-3.1.3-7]: the Server assigns a unique ClientID "and MUST return the
     Assigned Client Identifier in the CONNACK packet"."""
-    c = clients(setup.client("", mqtt5=True))
+    c = sensors(setup.client("", mqtt5=True))
     assert c.connect() == 0
     assigned = c.connack_properties.get("AssignedClientIdentifier")
     assert assigned and assigned.startswith("auto-")
@@ -128,53 +113,53 @@ def test_empty_client_id_in_5_gets_an_assigned_client_identifier(
 # ------------------------------------------------------------------ sessions
 
 
-def test_session_expiry_interval(setup: Setup, clients: Callable[[Sensor], Sensor]) -> None:
+def test_session_expiry_interval(setup: Setup, sensors: Callable[[Sensor], Sensor]) -> None:
     """5.0 section 3.1.2.11.2: "If the Session Expiry Interval is absent the value 0 is used. If it is set to
     0, or is absent, the Session ends when the Network Connection is closed"; otherwise it is kept that long
     and a QoS 1 message published meanwhile waits in it (section 3.1.2.4). Section 3.14.2.2.2: a Session
     Expiry Interval in DISCONNECT replaces the CONNECT's."""
-    gone = clients(setup.client("exp-0", mqtt5=True, clean=False, session_expiry=0))
+    gone = sensors(setup.client("exp-0", mqtt5=True, clean=False, session_expiry=0))
     assert gone.connect() == 0 and gone.subscribe("exp/0") == [1]
     gone.stop()
-    again = clients(setup.client("exp-0", mqtt5=True, clean=False, session_expiry=0))
+    again = sensors(setup.client("exp-0", mqtt5=True, clean=False, session_expiry=0))
     assert again.connect() == 0 and again.session_present is False
     again.stop()
 
-    kept = clients(setup.client("exp-60", mqtt5=True, clean=False, session_expiry=60))
+    kept = sensors(setup.client("exp-60", mqtt5=True, clean=False, session_expiry=60))
     assert kept.connect() == 0 and kept.subscribe("exp/60") == [1]
     kept.stop()
-    sender = clients(setup.client("exp-sender"))
+    sender = sensors(setup.client("exp-sender"))
     assert sender.connect() == 0 and sender.publish("exp/60", b"while away", qos=1) == 0
-    back = clients(setup.client("exp-60", mqtt5=True, clean=False, session_expiry=60))
+    back = sensors(setup.client("exp-60", mqtt5=True, clean=False, session_expiry=60))
     assert back.connect() == 0 and back.session_present is True
     wait_until(lambda: bool(back.received), 10, "the message kept in the session")
     assert back.received[0][:2] == ("exp/60", b"while away")
     back.disconnect_with_expiry(0)  # ends the session after all
     time.sleep(0.3)
-    last = clients(setup.client("exp-60", mqtt5=True, clean=False, session_expiry=60))
+    last = sensors(setup.client("exp-60", mqtt5=True, clean=False, session_expiry=60))
     assert last.connect() == 0 and last.session_present is False
 
 
 def test_session_expiry_counts_even_before_the_sweep(
-    setup: Setup, clients: Callable[[Sensor], Sensor]
+    setup: Setup, sensors: Callable[[Sensor], Sensor]
 ) -> None:
     """A session whose interval has passed is gone at the next CONNECT, whenever the periodic sweep runs."""
-    short = clients(setup.client("exp-1", mqtt5=True, clean=False, session_expiry=1))
+    short = sensors(setup.client("exp-1", mqtt5=True, clean=False, session_expiry=1))
     assert short.connect() == 0 and short.subscribe("exp/1") == [1]
     short.stop()
     time.sleep(1.3)
-    again = clients(setup.client("exp-1", mqtt5=True, clean=False, session_expiry=1))
+    again = sensors(setup.client("exp-1", mqtt5=True, clean=False, session_expiry=1))
     assert again.connect() == 0 and again.session_present is False
 
 
 def test_a_nonzero_expiry_in_disconnect_after_zero_is_a_protocol_error(
-    setup: Setup, clients: Callable[[Sensor], Sensor]
+    setup: Setup, sensors: Callable[[Sensor], Sensor]
 ) -> None:
     """5.0 [MQTT-3.14.2-2]: "If the Session Expiry Interval in the CONNECT packet was zero, then it is a
     Protocol Error to set a non-zero Session Expiry Interval in the DISCONNECT packet sent by the Client":
     the connection ends as on any protocol error, so its will is published (section 3.1.2.5)."""
-    watcher = _watch(setup, clients, "wills/proto", "proto-watch")
-    c = clients(setup.client("proto-1", mqtt5=True, session_expiry=0, will=("wills/proto", b"gone", 1)))
+    watcher = _watch(setup, sensors, "wills/proto", "proto-watch")
+    c = sensors(setup.client("proto-1", mqtt5=True, session_expiry=0, will=("wills/proto", b"gone", 1)))
     assert c.connect() == 0
     c.disconnect_with_expiry(30)
     wait_until(lambda: bool(watcher.received), 10, "the will")
@@ -185,12 +170,12 @@ def test_a_nonzero_expiry_in_disconnect_after_zero_is_a_protocol_error(
 # ------------------------------------------------------------------ wills
 
 
-def test_will_delay_interval(setup: Setup, clients: Callable[[Sensor], Sensor]) -> None:
+def test_will_delay_interval(setup: Setup, sensors: Callable[[Sensor], Sensor]) -> None:
     """5.0 section 3.1.3.2.2: "The Server delays publishing the Client's Will Message until the Will Delay
     Interval has passed or the Session ends, whichever happens first. If a new Network Connection to this
     Session is made before the Will Delay Interval has passed, the Server MUST NOT send the Will Message"
     [MQTT-3.1.3-9]."""
-    watcher = _watch(setup, clients, "wills/#", "will-watch")
+    watcher = _watch(setup, sensors, "wills/#", "will-watch")
 
     delayed = setup.client("will-2s", mqtt5=True, session_expiry=60, will=("wills/delayed", b"late", 1),
                            will_delay=2)  # fmt: skip
@@ -207,7 +192,7 @@ def test_will_delay_interval(setup: Setup, clients: Callable[[Sensor], Sensor]) 
     assert back.connect() == 0
     back.kill()
     time.sleep(0.5)
-    again = clients(setup.client("will-back", mqtt5=True, clean=False, session_expiry=60))
+    again = sensors(setup.client("will-back", mqtt5=True, clean=False, session_expiry=60))
     assert again.connect() == 0 and again.session_present is True  # back within the delay
     time.sleep(3.5)
     assert watcher.received == []  # cancelled
@@ -226,7 +211,7 @@ def test_will_delay_interval(setup: Setup, clients: Callable[[Sensor], Sensor]) 
 
 
 def test_server_keep_alive_is_announced_when_the_server_uses_another(
-    setup: Setup, clients: Callable[[Sensor], Sensor]
+    setup: Setup, sensors: Callable[[Sensor], Sensor]
 ) -> None:
     """5.0 [MQTT-3.2.2-21]: "If the Server sends a Server Keep Alive on the CONNACK packet, the Client MUST
     use this value instead of the Keep Alive value the Client sent on CONNECT" (here: downstream.keepalive_min
@@ -234,14 +219,14 @@ def test_server_keep_alive_is_announced_when_the_server_uses_another(
     "MUST disconnect" after one and a half times the client's own Keep Alive, which it cannot change: a
     3.1.1 sensor keeps its 2 s, and its will comes at once after 3 s of silence."""
     for asked, used in ((2, 5), (0, 600), (3600, 600)):
-        c = clients(setup.client(f"ka-{asked}", mqtt5=True, keepalive=asked))
+        c = sensors(setup.client(f"ka-{asked}", mqtt5=True, keepalive=asked))
         assert c.connect() == 0
         assert c.connack_properties.get("ServerKeepAlive") == used, (asked, c.connack_properties)
-    same = clients(setup.client("ka-30", mqtt5=True, keepalive=30))
+    same = sensors(setup.client("ka-30", mqtt5=True, keepalive=30))
     assert same.connect() == 0 and "ServerKeepAlive" not in same.connack_properties
 
-    watcher = _watch(setup, clients, "wills/ka", "ka-watch")
-    silent = clients(setup.client("ka-311", keepalive=2, will=("wills/ka", b"silent", 1)))
+    watcher = _watch(setup, sensors, "wills/ka", "ka-watch")
+    silent = sensors(setup.client("ka-311", keepalive=2, will=("wills/ka", b"silent", 1)))
     assert silent.connect() == 0
     went = time.monotonic()
     silent.go_silent()
@@ -253,12 +238,12 @@ def test_server_keep_alive_is_announced_when_the_server_uses_another(
 
 
 def test_receive_maximum_exceeded_is_disconnect_0x93(
-    setup: Setup, clients: Callable[[Sensor], Sensor]
+    setup: Setup, sensors: Callable[[Sensor], Sensor]
 ) -> None:
     """5.0 section 3.3.4: "If it receives more than Receive Maximum QoS 1 and QoS 2 PUBLISH packets where it
     has not sent a PUBACK or PUBCOMP in response, the Server uses a DISCONNECT packet with Reason Code 0x93
     (Receive Maximum exceeded)". The gateway announces 10 here; paho is told to ignore it (50 in flight)."""
-    c = clients(setup.client("flood-q2", mqtt5=True))
+    c = sensors(setup.client("flood-q2", mqtt5=True))
     c.client.max_inflight_messages_set(50)
     assert c.connect() == 0 and c.connack_properties.get("ReceiveMaximum") == 10
     for i in range(50):
@@ -267,7 +252,7 @@ def test_receive_maximum_exceeded_is_disconnect_0x93(
     if PAHO2:  # paho 1.6 may report the server's DISCONNECT as a lost connection
         assert c.disconnects[0] == 0x93
     assert "flood-q2 disconnected (0x93" in setup.daemon.log()
-    polite = clients(setup.client("polite-q2", mqtt5=True))  # one that keeps to the maximum is never cut
+    polite = sensors(setup.client("polite-q2", mqtt5=True))  # one that keeps to the maximum is never cut
     assert polite.connect() == 0
     for i in range(30):
         assert polite.publish(f"polite/{i}", b"y", qos=2) == 0
@@ -279,17 +264,17 @@ def test_receive_maximum_exceeded_is_disconnect_0x93(
 
 @pytest.mark.parametrize("mqtt5", [False, True], ids=["3.1.1", "5.0"])
 def test_deny_is_judged_on_the_filter_and_on_each_message(
-    setup: Setup, clients: Callable[[Sensor], Sensor], mqtt5: bool
+    setup: Setup, sensors: Callable[[Sensor], Sensor], mqtt5: bool
 ) -> None:
     """AWS IoT's semantics (iot:Subscribe on the filter, iot:Receive on each message): with deny_subscribe
     test/nosubscribe, `#` and `+/+` are granted and the denied topic's messages withheld; subscribing to the
     denied filter itself is refused: 3.1.1 SUBACK 0x80 (section 3.9.3), 5.0 0x87 Not authorized."""
     tag = "5" if mqtt5 else "311"
-    c = clients(setup.client(f"deny-{tag}", mqtt5=mqtt5))
+    c = sensors(setup.client(f"deny-{tag}", mqtt5=mqtt5))
     assert c.connect() == 0
     assert c.subscribe("#") == [1] and c.subscribe("+/+") == [1]
     assert c.subscribe("test/nosubscribe") == [0x87 if mqtt5 else 0x80]
-    sender = clients(setup.client(f"deny-sender-{tag}"))
+    sender = sensors(setup.client(f"deny-sender-{tag}"))
     assert sender.connect() == 0
     assert sender.publish("test/nosubscribe", b"secret", qos=1) == 0
     assert sender.publish("test/ok", b"fine", qos=1) == 0
@@ -309,15 +294,15 @@ def test_deny_is_judged_on_the_filter_and_on_each_message(
 
 
 def test_shared_subscription_one_delivery_per_message_round_robin(
-    setup: Setup, clients: Callable[[Sensor], Sensor]
+    setup: Setup, sensors: Callable[[Sensor], Sensor]
 ) -> None:
     """5.0 section 4.8.2: "each message ... is sent to only one of the Sessions attached to the Shared
-    Subscription"; here in turn among the connected members, 3.1.1 and 5.0 clients alike."""
-    members = [clients(setup.client(f"worker-{i}", mqtt5=bool(i % 2))) for i in range(3)]
+    Subscription"; here in turn among the connected members, 3.1.1 and 5.0 sensors alike."""
+    members = [sensors(setup.client(f"worker-{i}", mqtt5=bool(i % 2))) for i in range(3)]
     for m in members:
         assert m.connect() == 0 and m.subscribe("$share/workers/jobs/#") == [1]
     assert members[1].connack_properties.get("SharedSubscriptionAvailable") == 1
-    sender = clients(setup.client("job-sender"))
+    sender = sensors(setup.client("job-sender"))
     assert sender.connect() == 0
     for i in range(30):
         assert sender.publish(f"jobs/{i}", str(i).encode(), qos=1) == 0
@@ -330,13 +315,13 @@ def test_shared_subscription_one_delivery_per_message_round_robin(
 
 
 def test_a_stopped_members_unacknowledged_messages_go_to_another(
-    setup: Setup, clients: Callable[[Sensor], Sensor]
+    setup: Setup, sensors: Callable[[Sensor], Sensor]
 ) -> None:
     """5.0 section 4.8.2: if a member's connection breaks before it acknowledged a QoS 1 message, "the Server
     SHOULD send the Application Message to another Client that is subscribed to the same Shared
     Subscription". A member that takes messages and never acknowledges them (a raw socket: paho always
     does) stops; what it held reaches the paho member."""
-    worker = clients(setup.client("steady", mqtt5=True))
+    worker = sensors(setup.client("steady", mqtt5=True))
     assert worker.connect() == 0 and worker.subscribe("$share/pool/batch/#") == [1]
     raw = socket.create_connection(("127.0.0.1", setup.port), timeout=5)
     connect = b"\x00\x04MQTT\x04\x02\x00\x3c\x00\x05stuck"  # 3.1.1, clean session, client id "stuck"
@@ -346,7 +331,7 @@ def test_a_stopped_members_unacknowledged_messages_go_to_another(
     sub = b"\x00\x01" + len(topic).to_bytes(2, "big") + topic + b"\x01"
     raw.sendall(b"\x82" + bytes([len(sub)]) + sub)
     assert raw.recv(5) == b"\x90\x03\x00\x01\x01"  # SUBACK, QoS 1 granted
-    sender = clients(setup.client("batch-sender"))
+    sender = sensors(setup.client("batch-sender"))
     assert sender.connect() == 0
     for i in range(10):
         assert sender.publish(f"batch/{i}", str(i).encode(), qos=1) == 0
@@ -359,12 +344,12 @@ def test_a_stopped_members_unacknowledged_messages_go_to_another(
 
 
 def test_shared_subscription_within_the_command_filter_is_shared_upstream(
-    setup: Setup, clients: Callable[[Sensor], Sensor]
+    setup: Setup, sensors: Callable[[Sensor], Sensor]
 ) -> None:
     """Local only, unless the filter is within forwarding.command_filter: then the gateway subscribes
     upstream to $share/<group>/<mapped filter> (AWS IoT Core supports shared subscriptions) and each command
     from the cloud goes to one local member."""
-    members = [clients(setup.client(f"cmd-{i}", mqtt5=True)) for i in range(2)]
+    members = [sensors(setup.client(f"cmd-{i}", mqtt5=True)) for i in range(2)]
     for m in members:
         assert m.connect() == 0 and m.subscribe("$share/cmds/commands/all/#") == [1]
     assert f"$share/cmds/{THING}/commands/all/#" in setup.ctl("status")["upstreamSubscriptions"]
