@@ -1,4 +1,4 @@
-"""DESIGN.md's layers, enforced by parsing imports: each layer imports only the layers above it."""
+"""docs/architecture.md's layers, enforced by parsing imports: each layer imports only the layers above it."""
 
 from __future__ import annotations
 

@@ -1,1 +1,4 @@
-"""Adapters: the only modules importing third-party I/O libraries, one library each (DESIGN.md layer 3)."""
+"""Adapters: the only modules importing third-party I/O libraries, one library each.
+
+Layer 3 of docs/architecture.md.
+"""

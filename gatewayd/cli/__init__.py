@@ -1,1 +1,1 @@
-"""Command-line entry points (DESIGN.md layer 5)."""
+"""Command-line entry points (docs/architecture.md, layer 5)."""

@@ -1,1 +1,4 @@
-"""Pure core: standard library only, no sockets, no threads, no clock reads (DESIGN.md layer 1)."""
+"""Pure core: standard library only, no sockets, no threads, no clock reads.
+
+Layer 1 of docs/architecture.md.
+"""

@@ -1,1 +1,4 @@
-"""Service: wiring of components, the composition root and the control socket (DESIGN.md layer 4)."""
+"""Service: wiring of components, the composition root and the control socket.
+
+Layer 4 of docs/architecture.md.
+"""

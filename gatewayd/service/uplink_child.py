@@ -1,4 +1,4 @@
-"""The uplink child process: the only process that does TLS with the TPM-held key (DESIGN.md, process model).
+"""The uplink child process: the only process that does TLS with the TPM-held key (docs/architecture.md).
 
 OpenSSL 3.0 cannot do TLS with a TPM key and with a software key in one process, so the daemon starts this
 small process with OPENSSL_CONF naming the tpm2 provider. It is a thin pump: one thread, one select() loop

@@ -1,1 +1,1 @@
-"""Stores: disk state, no network (DESIGN.md layer 2)."""
+"""Stores: disk state, no network (docs/architecture.md, layer 2)."""
