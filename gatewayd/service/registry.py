@@ -129,19 +129,12 @@ class RegistryService:
     # ------------------------------------------------------------------ CAs
 
     def get_registration_code(self) -> dict[str, Any]:
-        db = self.registry.db
-        row = db.execute("SELECT value FROM meta WHERE key='registration_code'").fetchone()
-        if row is None:
-            code = secrets.token_hex(32)
-            db.execute("INSERT INTO meta VALUES ('registration_code', ?)", (code,))
-            return {"registrationCode": code}
-        return {"registrationCode": row[0]}
+        return {"registrationCode": self.registry.registration_code(lambda: secrets.token_hex(32))}
 
     def delete_registration_code(self) -> dict[str, Any]:
         """AWS DeleteRegistrationCode: the next get-registration-code makes a new one (verification
         certificates made for the old code stop working)."""
-        cursor = self.registry.db.execute("DELETE FROM meta WHERE key='registration_code'")
-        if cursor.rowcount == 0:
+        if not self.registry.delete_registration_code():
             raise RegistryError("there is no registration code to delete", AwsError.NOT_FOUND)
         return {}
 

@@ -13,7 +13,7 @@ import json
 import os
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +200,24 @@ class Registry:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ the registration code
+
+    def registration_code(self, make: Callable[[], str]) -> str:
+        """The code a CA's verification certificate must carry (made once with `make`, then kept)."""
+        with self._write():
+            row = self.db.execute("SELECT value FROM meta WHERE key='registration_code'").fetchone()
+            if row is not None:
+                return str(row[0])
+            code = make()
+            self.db.execute("INSERT INTO meta VALUES ('registration_code', ?)", (code,))
+        return code
+
+    def delete_registration_code(self) -> bool:
+        """Forget the registration code; False when there was none."""
+        with self._write():
+            cursor = self.db.execute("DELETE FROM meta WHERE key='registration_code'")
+        return cursor.rowcount > 0
 
     # ------------------------------------------------------------------ CA certificates
 
