@@ -123,17 +123,19 @@ def test_reserved_topics_as_aws_iot_allows_them(setup: Setup, sensors: Callable[
     upstream, whatever the command filter); the others are refused with AWS IoT's reason, never sent up."""
     cid = "reserved-1"
     obs = setup.observe("$aws/#")
-    s = sensors(setup.sensor(cid, mqtt5=True))
-    assert s.connect() == 0
-    assert s.publish(f"$aws/rules/telemetry/{cid}/t", b"ingest", qos=1) == 0
-    assert s.publish(f"$aws/things/{cid}/shadow/update", b'{"state":{}}', qos=1) == 0
-    for forged in ("$aws/events/presence/connected/x", f"$aws/things/{cid}/shadow/update/accepted"):
-        code = s.publish(forged, b"forged", qos=1)
-        if PAHO2:  # paho 1.6 does not report a PUBACK's reason code
-            assert code == 0x90, forged  # Topic Name invalid
-        assert f"published to {forged}: " in setup.daemon.log()
-    got = obs.wait(2)
-    obs.stop()
+    try:
+        s = sensors(setup.sensor(cid, mqtt5=True))
+        assert s.connect() == 0
+        assert s.publish(f"$aws/rules/telemetry/{cid}/t", b"ingest", qos=1) == 0
+        assert s.publish(f"$aws/things/{cid}/shadow/update", b'{"state":{}}', qos=1) == 0
+        for forged in ("$aws/events/presence/connected/x", f"$aws/things/{cid}/shadow/update/accepted"):
+            code = s.publish(forged, b"forged", qos=1)
+            if PAHO2:  # paho 1.6 does not report a PUBACK's reason code
+                assert code == 0x90, forged  # Topic Name invalid
+            assert f"published to {forged}: " in setup.daemon.log()
+        got = obs.wait(2)
+    finally:
+        obs.stop()
     assert got == [
         f"$aws/rules/telemetry/{cid}/t ingest",
         f'$aws/things/{cid}/shadow/update {{"state":{{}}}}',
