@@ -13,7 +13,6 @@ store's age clock); what compares the wall clock with a certificate's dates asks
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any
 
 from gatewayd.adapters import timesync
 from gatewayd.core import messages
+from gatewayd.core.timefmt import iso_utc
 
 log = logging.getLogger("gatewayd.clock")
 
@@ -34,10 +34,6 @@ class ClockChange:
     synchronized: bool
     became_synchronized: bool  # it was not at the previous poll
     jump: float  # seconds the wall clock moved at this poll (0.0: none)
-
-
-def _iso(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _span(seconds: float) -> str:
@@ -79,8 +75,8 @@ class ClockWatch:
         now = self._wall()
         log.warning(
             "wall clock not synchronized (%s): it says %s; no renewal starts by the clock until it is",
-            timesync.describe(self.source), _iso(now),
-            extra=messages.extra(messages.CLOCK_UNSYNCHRONIZED, source=self.source, wall_clock=_iso(now)),
+            timesync.describe(self.source), iso_utc(now),
+            extra=messages.extra(messages.CLOCK_UNSYNCHRONIZED, source=self.source, wall_clock=iso_utc(now)),
         )  # fmt: skip
 
     def set_source(self, source: str) -> None:
@@ -98,12 +94,12 @@ class ClockWatch:
             jump = 0.0
         else:
             self.jumps += 1
-            self.last_jump = {"at": _iso(now), "seconds": round(jump, 3)}
+            self.last_jump = {"at": iso_utc(now), "seconds": round(jump, 3)}
             log.info(
                 "wall clock jumped %s by %s: from %s to %s",
-                "forward" if jump > 0 else "back", _span(jump), _iso(now - jump), _iso(now),
+                "forward" if jump > 0 else "back", _span(jump), iso_utc(now - jump), iso_utc(now),
                 extra=messages.extra(
-                    messages.CLOCK_JUMPED, jump_seconds=round(jump, 3), wall_clock=_iso(now)
+                    messages.CLOCK_JUMPED, jump_seconds=round(jump, 3), wall_clock=iso_utc(now)
                 ),
             )  # fmt: skip
         if synced is None:
@@ -114,9 +110,9 @@ class ClockWatch:
             self._changed_at = now
             if synced:
                 log.info(
-                    "wall clock synchronized (%s): it says %s", timesync.describe(self.source), _iso(now),
+                    "wall clock synchronized (%s): it says %s", timesync.describe(self.source), iso_utc(now),
                     extra=messages.extra(
-                        messages.CLOCK_SYNCHRONIZED, source=self.source, wall_clock=_iso(now)
+                        messages.CLOCK_SYNCHRONIZED, source=self.source, wall_clock=iso_utc(now)
                     ),
                 )  # fmt: skip
             else:
@@ -141,8 +137,8 @@ class ClockWatch:
         return {
             "synchronized": self.synchronized,
             "source": self.source,
-            "wallClock": _iso(self._wall()),
-            "since": _iso(self._changed_at),
+            "wallClock": iso_utc(self._wall()),
+            "since": iso_utc(self._changed_at),
             "jumps": self.jumps,
             "lastJump": self.last_jump,
         }

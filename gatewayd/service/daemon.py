@@ -31,6 +31,7 @@ from gatewayd.core import messages
 from gatewayd.core.commands import BY_NAME
 from gatewayd.core.config import Config, diff, with_live_changes
 from gatewayd.core.errors import ConfigError, ControlError
+from gatewayd.core.timefmt import iso_utc
 from gatewayd.core.topics import expand
 from gatewayd.service.broker import Broker, Peer
 from gatewayd.service.clock import ClockChange, ClockWatch
@@ -145,7 +146,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         return {
             "state": self.state,
-            "since": _iso(self.state_since),
+            "since": iso_utc(self.state_since),
             "thingName": self.config.gateway.thing_name,
             "endpoint": self.config.upstream.endpoint,
             "port": self.config.upstream.port,
@@ -356,7 +357,7 @@ class Daemon:
                     problem,
                     extra=messages.extra(messages.CONFIG_RELOAD_REFUSED, config_key=problem.key),
                 )
-            self.last_reload = {"at": _iso(time.time()), "applied": False, "problems": len(exc.problems)}
+            self.last_reload = {"at": iso_utc(time.time()), "applied": False, "problems": len(exc.problems)}
             self.notifier.ready(self.status_line())
             return
         changes = diff(self.config, new)
@@ -392,7 +393,7 @@ class Daemon:
             ),
         )
         self.last_reload = {
-            "at": _iso(time.time()),
+            "at": iso_utc(time.time()),
             "applied": True,
             "changed": applied,
             "restartNeeded": pending,
@@ -515,10 +516,6 @@ class Daemon:
         log.warning("debug: blocking the event loop for %s s", seconds)
         time.sleep(seconds)  # deliberately blocks the loop: this is what the command is for
         return {"stalled": seconds}
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 async def run_daemon(config_path: Path, config: Config) -> int:

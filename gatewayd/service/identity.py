@@ -22,6 +22,7 @@ from gatewayd.core import der, messages
 from gatewayd.core.config import Config
 from gatewayd.core.errors import TPMUnavailable
 from gatewayd.core.keys import Signature
+from gatewayd.core.timefmt import iso_utc
 from gatewayd.service import tpmproc
 from gatewayd.stores import softkey
 from gatewayd.stores.identity import IdentityError, IdentityStore, StoredKey, Version
@@ -40,10 +41,6 @@ from gatewayd.stores.x509util import (
 )
 
 log = logging.getLogger("gatewayd.identity")
-
-
-def _iso(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _now() -> dt.datetime:
@@ -178,13 +175,13 @@ class Identity:
             "%s: certificate %s (valid until %s) is live as version %s",
             action,
             summary.certificate_id,
-            _iso(summary.not_after),
+            iso_utc(summary.not_after),
             version.number,
             extra=messages.extra(
                 messages.IDENTITY_CHANGED,
                 action=action,
                 certificate_id=summary.certificate_id,
-                not_after=_iso(summary.not_after),
+                not_after=iso_utc(summary.not_after),
             ),
         )
 
@@ -207,9 +204,9 @@ class Identity:
             )
         now = _now()
         if not_before(leaf) > now:
-            raise IdentityError(f"the certificate is not valid before {_iso(not_before(leaf))}")
+            raise IdentityError(f"the certificate is not valid before {iso_utc(not_before(leaf))}")
         if not_after(leaf) <= now:
-            raise IdentityError(f"the certificate expired at {_iso(not_after(leaf))}")
+            raise IdentityError(f"the certificate expired at {iso_utc(not_after(leaf))}")
         if self.config.identity.issuer_ca_file:
             self._check_chain(leaf, chain, Path(self.config.identity.issuer_ca_file))
         summary = CertSummary.of(leaf)
@@ -274,11 +271,11 @@ class Identity:
         date_problem = ""
         if summary.not_after <= now:
             date_problem = (
-                f"certificate {summary.certificate_id} expired at {_iso(summary.not_after)}; "
+                f"certificate {summary.certificate_id} expired at {iso_utc(summary.not_after)}; "
                 "install a new one"
             )
         elif summary.not_before > now:
-            date_problem = f"certificate not valid before {_iso(summary.not_before)}"
+            date_problem = f"certificate not valid before {iso_utc(summary.not_before)}"
         if date_problem and clock_trusted:
             raise IdentityError(date_problem)
         key = self.store.key(live.key_number)
@@ -324,8 +321,8 @@ class Identity:
                 subjectCommonName=common_name(live.certificate().subject),
                 issuer=s.issuer,
                 serial=s.serial,
-                notBefore=_iso(s.not_before),
-                notAfter=_iso(s.not_after),
+                notBefore=iso_utc(s.not_before),
+                notAfter=iso_utc(s.not_after),
                 daysLeft=s.days_left(_now()),
                 version=live.number,
                 key={"number": key.number, **key.meta},

@@ -37,6 +37,7 @@ from gatewayd.core.registry import (
     admits,
     update_action,
 )
+from gatewayd.core.timefmt import iso_utc
 from gatewayd.stores import transfer
 from gatewayd.stores.localca import LocalCA
 from gatewayd.stores.registry import CaRow, CertificateRow, Registry, RegistryError
@@ -68,10 +69,6 @@ class Admission:
     code: int = 0
     why: str = ""
     event: dict[str, Any] | None = None
-
-
-def _iso(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def cli_date(stored: str | None) -> str | None:
@@ -518,8 +515,8 @@ class RegistryService:
             "sourceGateway": self.thing,
             "targetGateway": target,
             "transferMessage": message,
-            "transferDate": _iso(now),
-            "expires": _iso(now + dt.timedelta(days=self.settings.transfer_expiry_days)),
+            "transferDate": iso_utc(now),
+            "expires": iso_utc(now + dt.timedelta(days=self.settings.transfer_expiry_days)),
         }
         ca_cert, ca_key = self.local_ca.ca()
         bundle = transfer.sign(body, ca_cert, ca_key)
@@ -550,11 +547,11 @@ class RegistryService:
             raise RegistryError(f"the transfer bundle's dates are malformed: {exc}") from None
         if expires <= now:
             raise RegistryError(
-                f"the transfer bundle is stale: it expired at {_iso(expires)}{self._clock_hint()}"
+                f"the transfer bundle is stale: it expired at {iso_utc(expires)}{self._clock_hint()}"
             )
         if dated > now + CLOCK_SKEW:
             raise RegistryError(
-                f"the transfer bundle is dated in the future ({_iso(dated)}): check the clocks"
+                f"the transfer bundle is dated in the future ({iso_utc(dated)}): check the clocks"
                 f"{self._clock_hint()}"
             )
         cert = self._device_certificate(transfer.field(doc, "certificatePem", "transfer bundle"))
@@ -583,7 +580,7 @@ class RegistryService:
             "sourceGateway": doc["sourceGateway"],
             "targetGateway": self.thing,
             "decision": decision,
-            "date": _iso(self.now()),
+            "date": iso_utc(self.now()),
             "bundleDigest": transfer.digest({k: v for k, v in doc.items() if k != "signerCertificateId"}),
             **extra,
         }
@@ -602,7 +599,7 @@ class RegistryService:
         data = {
             "transferMessage": doc.get("transferMessage") or "",
             "transferDate": doc["transferDate"],
-            "acceptDate": _iso(now),
+            "acceptDate": iso_utc(now),
         }
         reply = self._reply(doc, "ACCEPTED")
         status = Status.ACTIVE if set_as_active else Status.INACTIVE
@@ -678,7 +675,7 @@ class RegistryService:
             self.registry.apply(cid, Action.TRANSFER_ACCEPTED, now)
             return {"certificateId": cid, "transferred": True, "ownedBy": doc["targetGateway"]}
         if decision == "REJECTED":
-            data = {**pending, "rejectReason": str(doc.get("rejectReason", "")), "rejectDate": _iso(now)}
+            data = {**pending, "rejectReason": str(doc.get("rejectReason", "")), "rejectDate": iso_utc(now)}
             self.registry.apply(cid, Action.TRANSFER_REJECTED, now, data)
             return {"certificateId": cid, "transferred": False, "status": Status.INACTIVE.value}
         raise RegistryError(f"the transfer reply's decision {decision!r} is neither ACCEPTED nor REJECTED")
@@ -748,12 +745,12 @@ class RegistryService:
         now = self.now()
         if not_after(cert) <= now:
             raise RegistryError(
-                f"the {what} expired at {_iso(not_after(cert))}{self._clock_hint()}",
+                f"the {what} expired at {iso_utc(not_after(cert))}{self._clock_hint()}",
                 AwsError.CERTIFICATE_VALIDATION,
             )
         if not_before(cert) > now:
             raise RegistryError(
-                f"the {what} is not valid before {_iso(not_before(cert))}{self._clock_hint()}",
+                f"the {what} is not valid before {iso_utc(not_before(cert))}{self._clock_hint()}",
                 AwsError.CERTIFICATE_VALIDATION,
             )
 
@@ -761,7 +758,7 @@ class RegistryService:
         if self.clock_trusted():
             return ""
         return (
-            f" by the gateway's clock ({_iso(self.now())}), which is not synchronized and may be wrong "
+            f" by the gateway's clock ({iso_utc(self.now())}), which is not synchronized and may be wrong "
             "(`gatewayctl status` shows `clock`)"
         )
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import logging
 import random
@@ -36,6 +35,7 @@ from gatewayd.core.renewal import (
     renewal_due,
     retry_delay,
 )
+from gatewayd.core.timefmt import iso_utc
 from gatewayd.core.topics import expand
 from gatewayd.service.identity import Identity
 from gatewayd.service.issuer import CommandIssuer, FleetProvisioningIssuer, Issuer, Route
@@ -47,10 +47,6 @@ from gatewayd.stores.x509util import CertSummary
 log = logging.getLogger("gatewayd.renewal")
 
 SpecFor = Callable[[Version, str], ChildSpec]  # (version, client id) -> how to connect with it
-
-
-def _iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def jitter_for(certificate_id: str) -> float:
@@ -211,7 +207,7 @@ class Renewer:
             self._waiting_for_clock = True
             log.warning(
                 "renewal due at %s by the wall clock, which is not synchronized: waiting for it to be "
-                "(`gatewayctl identity renew --now` renews regardless)", _iso(due),
+                "(`gatewayctl identity renew --now` renews regardless)", iso_utc(due),
             )  # fmt: skip
 
     def clock_changed(self) -> None:
@@ -235,7 +231,7 @@ class Renewer:
         return {
             "issuer": self.settings.issuer,
             "step": self.state.step.value,
-            "nextRenewal": _iso(nxt) if nxt is not None and self.settings.issuer else None,
+            "nextRenewal": iso_utc(nxt) if nxt is not None and self.settings.issuer else None,
             "dueBy": self.due_why()[1] or None,
             "failedAttempts": self.state.attempt,
             "waitingForClock": self._waiting_for_clock,
@@ -244,7 +240,7 @@ class Renewer:
             "last": None
             if last is None
             else {
-                "at": _iso(last.at),
+                "at": iso_utc(last.at),
                 "result": last.result,
                 "reason": last.reason,
                 "certificateId": last.certificate_id,
@@ -259,14 +255,14 @@ class Renewer:
         s = CertSummary.of(live.certificate()) if live is not None else None
         log.info(
             "next renewal due at %s (certificate %s valid until %s)",
-            _iso(nxt),
+            iso_utc(nxt),
             s.certificate_id if s else "-",
-            _iso(s.not_after.timestamp()) if s else "-",
+            iso_utc(s.not_after.timestamp()) if s else "-",
             extra=messages.extra(
                 messages.RENEWAL_SCHEDULED,
-                due=_iso(nxt),
+                due=iso_utc(nxt),
                 certificate_id=s.certificate_id if s else "",
-                not_after=_iso(s.not_after.timestamp()) if s else "",
+                not_after=iso_utc(s.not_after.timestamp()) if s else "",
             ),
         )
 
@@ -361,14 +357,14 @@ class Renewer:
         log.info(
             "certificate %s issued (valid %s to %s), staged as version %s",
             s.certificate_id,
-            _iso(s.not_before.timestamp()),
-            _iso(s.not_after.timestamp()),
+            iso_utc(s.not_before.timestamp()),
+            iso_utc(s.not_after.timestamp()),
             version.number,
             extra=messages.extra(
                 messages.RENEWAL_ISSUED,
                 certificate_id=s.certificate_id,
-                not_before=_iso(s.not_before.timestamp()),
-                not_after=_iso(s.not_after.timestamp()),
+                not_before=iso_utc(s.not_before.timestamp()),
+                not_after=iso_utc(s.not_after.timestamp()),
             ),
         )
         await self._trial_and_promote()
@@ -396,7 +392,7 @@ class Renewer:
                 extra=messages.extra(
                     messages.RENEWAL_PROMOTED,
                     certificate_id=s.certificate_id,
-                    not_after=_iso(s.not_after.timestamp()),
+                    not_after=iso_utc(s.not_after.timestamp()),
                 ),
             )
 

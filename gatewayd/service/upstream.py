@@ -24,6 +24,7 @@ from gatewayd.core.config import Config
 from gatewayd.core.errors import GatewaydError, TPMError, TPMUnavailable
 from gatewayd.core.renewal import Step, parse_duration
 from gatewayd.core.shaping import Quota
+from gatewayd.core.timefmt import iso_utc
 from gatewayd.core.topics import expand
 from gatewayd.core.trust import AMAZON, FILE_MODES, MODES, expiry_warnings
 from gatewayd.service.identity import Identity, Ready
@@ -39,11 +40,6 @@ from gatewayd.stores.x509util import CertificateError
 log = logging.getLogger("gatewayd.upstream")
 # OpenSSL's words for a certificate refused for its dates by the gateway's own clock (verify errors 9 and 10)
 DATE_FAILURES = ("certificate is not yet valid", "certificate has expired")
-
-
-def _iso(ts: float | dt.datetime) -> str:
-    value = ts if isinstance(ts, dt.datetime) else dt.datetime.fromtimestamp(ts, dt.UTC)
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _iso_ms(ts: float) -> str:
@@ -183,19 +179,19 @@ class Upstream:
             truststore.root_expiries(self.trust), now, self.config.upstream.root_expiry_warning_days
         )
         self.root_warnings = [
-            {"root": w.name, "notAfter": _iso(w.not_after), "daysLeft": w.days_left} for w in found
+            {"root": w.name, "notAfter": iso_utc(w.not_after), "daysLeft": w.days_left} for w in found
         ]
         for w in found:
             log.warning(
                 "trusted root %s expires at %s (%s days): update ca-certificates, or "
                 "`gatewayctl trust update --mode M` to a mode whose roots are current",
                 w.name,
-                _iso(w.not_after),
+                iso_utc(w.not_after),
                 w.days_left,
                 extra=messages.extra(
                     messages.TRUST_ROOT_EXPIRING,
                     root=w.name,
-                    not_after=_iso(w.not_after),
+                    not_after=iso_utc(w.not_after),
                     days_left=w.days_left,
                 ),
             )
@@ -310,9 +306,9 @@ class Upstream:
         s, up = self.uplink.status, self.config.upstream
         return {
             "state": s.state,
-            "since": _iso(s.since),
+            "since": iso_utc(s.since),
             "lastError": s.last_error,
-            "connectedSince": _iso(s.connected_since) if s.connected_since else None,
+            "connectedSince": iso_utc(s.connected_since) if s.connected_since else None,
             "endpoint": up.endpoint,
             "port": up.port,
             "validationMode": self.trust.mode,
@@ -320,7 +316,7 @@ class Upstream:
             "trustBundle": str(self.trust.path),
             "rootWarnings": self.root_warnings,
             "certificateId": self.ready.summary.certificate_id if self.ready else None,
-            "certificateNotAfter": _iso(self.ready.summary.not_after) if self.ready else None,
+            "certificateNotAfter": iso_utc(self.ready.summary.not_after) if self.ready else None,
             "certificateDaysLeft": self.days_left(),
             "queued": self.uplink.backlog,
             "inflight": self.uplink.inflight,
@@ -339,7 +335,7 @@ class Upstream:
     def status_line(self) -> str:
         """The summary of `gatewayctl status` in one line, for sd_notify STATUS=."""
         s, up = self.uplink.status, self.config.upstream
-        since = _iso(s.since)
+        since = iso_utc(s.since)
         if s.state == "connected":
             line = f"Connected to {up.endpoint}:{up.port} since {since}"
         elif s.last_error:
@@ -380,7 +376,7 @@ class Upstream:
                 "certificateDaysLeft": self.days_left(),
                 "uptimeSeconds": round(time.monotonic() - self.started, 1),
                 "version": __version__,
-                "timestamp": _iso(time.time()),
+                "timestamp": iso_utc(time.time()),
             }
             with contextlib.suppress(TimeoutError, GatewaydError):
                 await asyncio.wait_for(self.uplink.publish(topic, json.dumps(body).encode(), qos=1), interval)

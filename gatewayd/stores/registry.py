@@ -31,6 +31,7 @@ from gatewayd.core.registry import (
     deletable,
     transition,
 )
+from gatewayd.core.timefmt import iso_utc
 from gatewayd.stores.x509util import certificate_id, not_after, not_before, pem
 
 SCHEMA_VERSION = 3  # 2: the revoked table; 3: customer_version and generation_id
@@ -101,10 +102,6 @@ class RegistryError(GatewaydError):
 
 def _generation() -> str:
     return str(uuid.uuid4())
-
-
-def _iso(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -231,7 +228,8 @@ class Registry:
             self.db.execute(
                 "INSERT INTO ca_certificates VALUES (?,?,?,?,?,?,?,?,?,?,1,?)",
                 (cid, pem(cert).decode(), status.value, auto.value, self.owner, cert.subject.rfc4514_string(),
-                 _iso(now), _iso(now), _iso(not_before(cert)), _iso(not_after(cert)), _generation()),
+                 iso_utc(now), iso_utc(now), iso_utc(not_before(cert)), iso_utc(not_after(cert)),
+                 _generation()),
             )  # fmt: skip
         return self.ca(cid)
 
@@ -257,7 +255,7 @@ class Registry:
                 "customer_version=customer_version+1, generation_id=? WHERE certificate_id=?"
             )
             new_status, new_auto = (status or current.status).value, (auto or current.auto_registration).value
-            self.db.execute(sql, (new_status, new_auto, _iso(now), _generation(), cid))
+            self.db.execute(sql, (new_status, new_auto, iso_utc(now), _generation(), cid))
         return self.ca(cid)
 
     def delete_ca(self, cid: str) -> None:
@@ -296,8 +294,8 @@ class Registry:
             self.db.execute(
                 "INSERT INTO certificates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1,?)",
                 (cid, pem(cert).decode(), status.value, self.owner, previous_owner, ca_id,
-                 cert.subject.rfc4514_string(), cn, _iso(now), _iso(now), _iso(not_before(cert)),
-                 _iso(not_after(cert)), json.dumps(transfer_data) if transfer_data is not None else None,
+                 cert.subject.rfc4514_string(), cn, iso_utc(now), iso_utc(now), iso_utc(not_before(cert)),
+                 iso_utc(not_after(cert)), json.dumps(transfer_data) if transfer_data is not None else None,
                  _generation()),
             )  # fmt: skip
         return self.get(cid)
@@ -336,7 +334,7 @@ class Registry:
             self.db.execute(
                 "UPDATE certificates SET status=?, last_modified=?, transfer_data=?, "
                 "customer_version=customer_version+1, generation_id=? WHERE certificate_id=?",
-                (new.value, _iso(now), json.dumps(data) if data is not None else None, _generation(), cid),
+                (new.value, iso_utc(now), json.dumps(data) if data is not None else None, _generation(), cid),
             )
         return self.get(cid)
 
@@ -361,7 +359,7 @@ class Registry:
     def record_answer(self, transfer_id: str, now: dt.datetime) -> None:
         with self._write():
             self.db.execute(
-                "INSERT OR IGNORE INTO transfers_answered VALUES (?, ?)", (transfer_id, _iso(now))
+                "INSERT OR IGNORE INTO transfers_answered VALUES (?, ?)", (transfer_id, iso_utc(now))
             )
 
     def was_revoked(self, cid: str) -> bool:
