@@ -33,6 +33,7 @@ class Record:
         self.acked: list[float | None] = [None] * count
         self.connacks: list[tuple[float, bool]] = []
         self.disconnects: list[tuple[float, int]] = []
+        self.connect_failures: list[tuple[float, str]] = []  # the first connect() raised (then tried again)
         self.all_acked = threading.Event()
         self._left = count
 
@@ -50,6 +51,7 @@ class Record:
             "acked": self.acked,
             "connacks": self.connacks,
             "disconnects": self.disconnects,
+            "connectFailures": self.connect_failures,
         }
 
 
@@ -101,7 +103,7 @@ def run_paho(args: argparse.Namespace, rec: Record, client_id: str, cert: str, k
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 0 if args.clean else 600
         connect_kw = {"clean_start": args.clean, "properties": props}
-    client.connect(args.host, args.port, 30, **connect_kw)
+    _first_connect(client, args, rec, connect_kw)
     client.loop_start()
     try:
         for seq in range(args.count):
@@ -131,6 +133,21 @@ def _keep_loop_alive(client: Any) -> None:
     if thread is not None and not thread.is_alive():
         client._thread = None
         client.loop_start()
+
+
+def _first_connect(client: Any, args: argparse.Namespace, rec: Record, connect_kw: dict[str, Any]) -> None:
+    """paho's connect() is synchronous and raises when the gateway goes away during it (killed in the middle
+    of a TLS handshake, not listening yet while it restarts); a sensor written to survive that, as deployed
+    ones are, tries again (every second, until its deadline). paho reconnects by itself after that."""
+    while True:
+        try:
+            client.connect(args.host, args.port, 30, **connect_kw)
+            return
+        except (OSError, ssl.SSLError) as exc:  # ConnectionRefusedError, SSLEOFError, ...
+            rec.connect_failures.append((time.time(), repr(exc)))
+            if time.time() + 1 > args.deadline:
+                raise
+            time.sleep(1)
 
 
 def run_awscrt(args: argparse.Namespace, rec: Record, client_id: str, cert: str, key: str) -> None:
