@@ -1,7 +1,7 @@
 """Generate the documentation pages that are derived from the code: `python -m gatewayd_dev.docgen`.
 
 docs/messages.md and the journald message catalog systemd/gatewayd.catalog (installed by the package to
-/usr/lib/systemd/catalog/, shown by `journalctl -x`) come from gatewayd.core.messages; the man page
+/usr/lib/systemd/catalog/, shown by `journalctl -x`) come from gatewayd.core.logevents; the man page
 man/gatewayd.toml.5 comes from the commented reference config/gatewayd.toml, man/gatewayctl.8's registry
 commands from the command table gatewayd.core.commands, and the bash completion completion/gatewayctl.bash
 from gatewayctl's argument parser (itself made from that table). A test fails when a committed file
@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd.core.commands import COMMANDS, Command, Kind
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ HEADER = """\
 # Journal messages (MESSAGE_ID)
 
 Every event an operator may alert on carries a stable `MESSAGE_ID` in the journal. The ids are defined in one
-place, `gatewayd/core/messages.py`, and never change once released. This page is generated from that module
+place, `gatewayd/core/logevents.py`, and never change once released. This page is generated from that module
 (`python -m gatewayd_dev.docgen`); a test keeps it in step.
 
     journalctl -u gatewayd MESSAGE_ID=5433ee6686064fe093cd41e0cf6789c5     # invalid configuration at start
@@ -38,7 +38,7 @@ that logged it: `daemon`, `control`, `uplink`, `upstream`, `identity`, ...), `PR
 
 def messages_md() -> str:
     out = [HEADER]
-    for m in messages.ALL:
+    for m in logevents.ALL:
         out += [
             f"## {m.name}",
             "",
@@ -55,7 +55,7 @@ def messages_md() -> str:
 
 
 CATALOG_HEADER = """\
-# journald message catalog for gatewayd, generated from gatewayd/core/messages.py by
+# journald message catalog for gatewayd, generated from gatewayd/core/logevents.py by
 # `python -m gatewayd_dev.docgen`; do not edit. Installed to /usr/lib/systemd/catalog/gatewayd.catalog;
 # `journalctl -x` shows the entry below each message that carries its MESSAGE_ID.
 """
@@ -64,7 +64,7 @@ CATALOG_HEADER = """\
 def catalog() -> str:
     """The catalog in journald's format (see `man journalctl`, --update-catalog): one entry per MESSAGE_ID."""
     out = [CATALOG_HEADER]
-    for m in messages.ALL:
+    for m in logevents.ALL:
         text = m.summary
         if m.action:
             text += "\n\nWhat to do: " + m.action

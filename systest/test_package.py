@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd_dev.gateway import write_config
 
 from .conftest import Debs, Target
@@ -99,7 +99,7 @@ def test_apt_installs_the_package_with_debians_own_dependencies(target: Target, 
     ).stdout.split()
     assert all(p.startswith("/usr/lib/python3/dist-packages/") for p in where), where
     # The systemd package's trigger compiled the message catalog.
-    listed = t.container.run(["journalctl", "--list-catalog", messages.STARTED.id]).stdout
+    listed = t.container.run(["journalctl", "--list-catalog", logevents.STARTED.id]).stdout
     assert "STARTED" in listed
 
 
@@ -142,8 +142,8 @@ def test_one_drop_in_a_certificate_and_systemctl_start(target: Target) -> None:
     t.container.run(["systemctl", "start", "gatewayd"], timeout=180)
     assert t.container.run(["systemctl", "is-active", "gatewayd"]).stdout.strip() == "active"
     # systemd considered the unit started only after the daemon's READY=1 (logged as STARTED just then).
-    entries = journal(t, "-b", f"MESSAGE_ID={messages.STARTED.id}", "+", f"MESSAGE_ID={SYSTEMD_STARTED}")
-    ready = [e for e in entries if e.get("MESSAGE_ID") == messages.STARTED.id]
+    entries = journal(t, "-b", f"MESSAGE_ID={logevents.STARTED.id}", "+", f"MESSAGE_ID={SYSTEMD_STARTED}")
+    ready = [e for e in entries if e.get("MESSAGE_ID") == logevents.STARTED.id]
     started = [
         e for e in entries if e.get("MESSAGE_ID") == SYSTEMD_STARTED and e.get("UNIT") == "gatewayd.service"
     ]
@@ -164,19 +164,19 @@ def test_one_drop_in_a_certificate_and_systemctl_start(target: Target) -> None:
 
 def test_journal_has_structured_fields_and_catalog_text(target: Target) -> None:
     t = target
-    entries = journal(t, "-u", "gatewayd", f"MESSAGE_ID={messages.STARTED.id}")
+    entries = journal(t, "-u", "gatewayd", f"MESSAGE_ID={logevents.STARTED.id}")
     assert entries, "no STARTED entry"
     e = entries[-1]
     assert e["SYSLOG_IDENTIFIER"] == "gatewayd"
     assert e["GATEWAYD_COMPONENT"] == "daemon"
     assert e["GATEWAYD_THING_NAME"] == THING
-    assert e["PRIORITY"] == str(messages.STARTED.priority.value)
+    assert e["PRIORITY"] == str(logevents.STARTED.priority.value)
     assert e["CODE_FILE"].endswith(".py") and e["CODE_FUNC"]
     explained = t.container.run(["journalctl", "--no-pager", "-x", "-u", "gatewayd"]).stdout
-    assert messages.STARTED.summary in explained
+    assert logevents.STARTED.summary in explained
     assert "Subject: STARTED" in explained
     # Under the hardened unit the daemon subscribed to udev and rtnetlink (AF_NETLINK allowed).
-    assert not journal(t, "-u", "gatewayd", f"MESSAGE_ID={messages.HARDWARE_EVENTS_UNAVAILABLE.id}")
+    assert not journal(t, "-u", "gatewayd", f"MESSAGE_ID={logevents.HARDWARE_EVENTS_UNAVAILABLE.id}")
 
 
 def test_gatewayctl_status_as_root_and_refused_for_others(target: Target) -> None:
@@ -199,7 +199,7 @@ def test_systemctl_reload_applies_a_change(target: Target) -> None:
 
     wait_until("the reload to apply logging.level", reloaded, 30)
     assert prop(t, "MainPID") == pid
-    assert journal(t, "-u", "gatewayd", f"MESSAGE_ID={messages.CONFIG_RELOADED.id}")
+    assert journal(t, "-u", "gatewayd", f"MESSAGE_ID={logevents.CONFIG_RELOADED.id}")
 
 
 def test_watchdog_kills_a_hung_event_loop_and_systemd_restarts_it(target: Target) -> None:
@@ -250,7 +250,7 @@ def test_an_invalid_config_exits_78_and_systemd_does_not_restart_it(target: Targ
     assert prop(t, "ActiveState") == "failed"
     assert prop(t, "ExecMainStatus") == "78"
     assert int(prop(t, "NRestarts")) == restarts
-    assert journal(t, "-u", "gatewayd", f"MESSAGE_ID={messages.CONFIG_INVALID.id}")
+    assert journal(t, "-u", "gatewayd", f"MESSAGE_ID={logevents.CONFIG_INVALID.id}")
     t.container.remove(bad)
     t.container.run(["systemctl", "reset-failed", "gatewayd"])
     t.container.run(["systemctl", "start", "gatewayd"], timeout=120)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd.core.config import Config, validate
 from gatewayd.core.mqtt.codec import Decoder, encode
 from gatewayd.core.mqtt.packets import (
@@ -37,7 +37,7 @@ from gatewayd.core.mqtt.packets import (
     Will,
 )
 from gatewayd.core.mqtt.session import Outbound, SessionState
-from gatewayd.service.broker import Broker, StoredSession
+from gatewayd.service.downstream.broker import Broker, StoredSession
 
 
 def _config(tmp_path: Path) -> Config:
@@ -125,7 +125,7 @@ async def _serve(broker: Broker, body: Callable[[int], Any]) -> None:
 
 def _failures(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [
-        r for r in caplog.records if getattr(r, "message_id", None) == messages.SENSOR_CONNECTION_FAILED.id
+        r for r in caplog.records if getattr(r, "message_id", None) == logevents.SENSOR_CONNECTION_FAILED.id
     ]
 
 

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from gatewayd.adapters import timesync
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd.service.clock import ClockChange, ClockWatch
 from gatewayd.stores.localca import SLACK_SYNCHRONIZED, SLACK_UNSYNCHRONIZED, LocalCA
 from gatewayd.stores.x509util import load_pem_certificates, not_after, not_before
@@ -83,7 +83,7 @@ def test_synchronization_is_announced_and_its_changes_told(caplog: pytest.LogCap
     assert watch.poll() == ClockChange(False, False, 0.0)
     assert _ids(caplog) == ["CLOCK_UNSYNCHRONIZED", "CLOCK_SYNCHRONIZED", "CLOCK_UNSYNCHRONIZED"]
     assert len(seen) == 2
-    assert messages.CLOCK_SYNCHRONIZED in messages.ALL
+    assert logevents.CLOCK_SYNCHRONIZED in logevents.ALL
 
 
 def test_a_failing_listener_does_not_stop_the_others() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd.service.control import request
 from gatewayd_dev import pki
 from gatewayd_dev.gateway import Gateway, gateway_env, provision, register_ca, standin_config, write_config
@@ -55,14 +55,14 @@ class Clocked:
         result: dict[str, Any] = request(self.workdir / "control.sock", "status", None)
         return result
 
-    def logged(self, message: messages.Message, after: int = 0, containing: str = "") -> list[str]:
+    def logged(self, message: logevents.Entry, after: int = 0, containing: str = "") -> list[str]:
         return [
             line
             for line in self.daemon.log()[after:].splitlines()
             if f"message_id={message.id}" in line and containing in line
         ]
 
-    def wait_logged(self, message: messages.Message, after: int = 0, containing: str = "") -> str:
+    def wait_logged(self, message: logevents.Entry, after: int = 0, containing: str = "") -> str:
         wait_until(lambda: self.logged(message, after, containing), 15, f"{message.name} {containing}")
         return self.logged(message, after, containing)[0]
 
@@ -93,7 +93,7 @@ def test_a_gateway_booted_behind_loses_nothing_and_renews_nothing_by_a_wrong_clo
     gw: Clocked, devstack: DevStack
 ) -> None:
     # Booted 20 days behind, not synchronized: the journal, STATUS= and `gatewayctl status` say so
-    gw.wait_logged(messages.CLOCK_UNSYNCHRONIZED)
+    gw.wait_logged(logevents.CLOCK_UNSYNCHRONIZED)
     clock = gw.status()["clock"]
     assert clock["synchronized"] is False and clock["source"] == str(gw.synced)
     assert abs(time.time() - 20 * DAY - _epoch(clock["wallClock"])) < 60
@@ -106,8 +106,8 @@ def test_a_gateway_booted_behind_loses_nothing_and_renews_nothing_by_a_wrong_clo
     # The gateway's own certificate (made today) is "not valid before" by its clock: the uplink tries anyway,
     # and the stand-in's server certificate (made today too) fails verification: both reported as a likely
     # clock problem, not a certificate problem
-    gw.wait_logged(messages.CLOCK_SUSPECT, containing="own certificate")
-    suspect = gw.wait_logged(messages.CLOCK_SUSPECT, containing="certificate is not yet valid")
+    gw.wait_logged(logevents.CLOCK_SUSPECT, containing="own certificate")
+    suspect = gw.wait_logged(logevents.CLOCK_SUSPECT, containing="certificate is not yet valid")
     assert (
         "the server's certificate is valid from" in suspect and "this gateway's clock says 2026-" in suspect
     )
@@ -126,30 +126,30 @@ def test_a_gateway_booted_behind_loses_nothing_and_renews_nothing_by_a_wrong_clo
     gw.proxy.cut()
     before = gw.mark()
     gw.wall.set(0.0)
-    jumped = gw.wait_logged(messages.CLOCK_JUMPED, before)
+    jumped = gw.wait_logged(logevents.CLOCK_JUMPED, before)
     assert "forward by 20.0 days" in jumped
-    gw.wait_logged(messages.LISTENER_CERT_REISSUED, before, containing="the clock jumped")
+    gw.wait_logged(logevents.LISTENER_CERT_REISSUED, before, containing="the clock jumped")
     time.sleep(9)
-    assert len(gw.logged(messages.CLOCK_JUMPED, before)) == 1
+    assert len(gw.logged(logevents.CLOCK_JUMPED, before)) == 1
     assert gw.status()["spool"]["messages"] == 20
-    assert not gw.logged(messages.SPOOL_DROPPED, before)
+    assert not gw.logged(logevents.SPOOL_DROPPED, before)
 
     # A clock running 300 days ahead makes the renewal due by the clock: nothing starts while it is not
     # synchronized; status says it waits for the clock
     before = gw.mark()
     gw.wall.set(300 * DAY)
-    gw.wait_logged(messages.CLOCK_JUMPED, before, containing="forward by 300.0 days")
+    gw.wait_logged(logevents.CLOCK_JUMPED, before, containing="forward by 300.0 days")
     wait_until(lambda: gw.status()["uplink"]["renewal"]["waitingForClock"], 15, "the renewal to wait")
     renewal = gw.status()["uplink"]["renewal"]
     assert renewal["step"] == "IDLE" and renewal["finishedSinceStart"] == 0
-    assert not gw.logged(messages.RENEWAL_STARTED)
+    assert not gw.logged(logevents.RENEWAL_STARTED)
     assert gw.status()["spool"]["messages"] == 20
 
     # ... and is set back: one jump back, nothing dropped, the listener certificate made again
     before = gw.mark()
     gw.wall.set(0.0)
-    gw.wait_logged(messages.CLOCK_JUMPED, before, containing="back by 300.0 days")
-    gw.wait_logged(messages.LISTENER_CERT_REISSUED, before, containing="the clock jumped")
+    gw.wait_logged(logevents.CLOCK_JUMPED, before, containing="back by 300.0 days")
+    gw.wait_logged(logevents.LISTENER_CERT_REISSUED, before, containing="the clock jumped")
     assert gw.status()["spool"]["messages"] == 20
 
     # The network comes back and NTP answers: synchronized, logged, the uplink connects at once and every
@@ -159,7 +159,7 @@ def test_a_gateway_booted_behind_loses_nothing_and_renews_nothing_by_a_wrong_clo
         before = gw.mark()
         gw.proxy.forward = True
         gw.synced.touch()
-        gw.wait_logged(messages.CLOCK_SYNCHRONIZED, before)
+        gw.wait_logged(logevents.CLOCK_SYNCHRONIZED, before)
         wait_until(lambda: gw.status()["uplink"]["state"] == "connected", 15, "the uplink")
         lines = observer.wait(20, timeout=20)
     finally:
@@ -168,8 +168,8 @@ def test_a_gateway_booted_behind_loses_nothing_and_renews_nothing_by_a_wrong_clo
     status = gw.status()
     assert status["clock"]["synchronized"] is True and status["clock"]["jumps"] == 3
     assert status["uplink"]["renewal"]["waitingForClock"] is False
-    assert status["uplink"]["renewal"]["step"] == "IDLE" and not gw.logged(messages.RENEWAL_STARTED)
-    assert not gw.logged(messages.SPOOL_DROPPED)
+    assert status["uplink"]["renewal"]["step"] == "IDLE" and not gw.logged(logevents.RENEWAL_STARTED)
+    assert not gw.logged(logevents.SPOOL_DROPPED)
 
     # A new sensor connection verifies the listener certificate made after the last jump
     late = gw.sensor("clk-s2")

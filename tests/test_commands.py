@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from gatewayd.cli import gatewayctl
 from gatewayd.core.commands import BY_NAME, COMMANDS, Kind
 from gatewayd.core.errors import GatewaydError
-from gatewayd.service.registry import RegistryService, run_command
+from gatewayd.service.downstream.registry import RegistryService
+from gatewayd.service.downstream.registry_commands import run_command
 from gatewayd.stores.localca import LocalCA
 from gatewayd.stores.registry import Registry
 from gatewayd_dev import pki

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd.service.control import request
 from gatewayd_dev import pki
 from gatewayd_dev.gateway import (
@@ -166,7 +166,7 @@ def test_tpm_absent_at_start_then_announced(
         10,
         "STATUS= waiting for TPM",
     )
-    assert messages.UPLINK_BLOCKED.id in gw.log() and "waiting for TPM" in gw.log()
+    assert logevents.UPLINK_BLOCKED.id in gw.log() and "waiting for TPM" in gw.log()
     obs = Observer(stack, "gw-latetpm/sensors/#", gw.workdir / "obs.txt")
     try:
         s = gw.sensor("early")
@@ -181,7 +181,7 @@ def test_tpm_absent_at_start_then_announced(
         assert took < 1.0
         wait_until(lambda: gw.uplink()["state"] == "connected", 15, "the uplink")
         assert obs.wait(1)[0].endswith("before the TPM")
-        assert messages.TPM_ARRIVED.id in gw.log() and gw.ctl()["hardware"]["tpmPresent"] is True
+        assert logevents.TPM_ARRIVED.id in gw.log() and gw.ctl()["hardware"]["tpmPresent"] is True
     finally:
         obs.stop()
 
@@ -197,7 +197,9 @@ def test_tpm_removed_stops_the_uplink_cleanly_and_returned_resumes(
     took = _elapsed(lambda: gw.uplink()["state"] == "waiting-for-tpm", 5, "waiting for TPM")
     print(f"\nTPM removed -> uplink stopped: {took * 1000:.0f} ms")
     assert took < 1.0
-    assert messages.TPM_REMOVED.id in gw.log() and "disconnected from AWS IoT to wait for the TPM" in gw.log()
+    assert (
+        logevents.TPM_REMOVED.id in gw.log() and "disconnected from AWS IoT to wait for the TPM" in gw.log()
+    )
     # cleanly: the stand-in saw an MQTT DISCONNECT, not a connection that just broke
     wait_until(lambda: "gw-tpmgone disconnected" in standin_log.read_text(), 5, "the DISCONNECT")
     assert "Client gw-tpmgone closed its connection" not in standin_log.read_text()
@@ -244,7 +246,7 @@ def test_interface_event_makes_the_waiting_uplink_connect_at_once(
     r = reaction(gw.uplink, lambda: bed.add("net", "eth9", props={"INTERFACE": "eth9", "IFINDEX": "99"}))
     print("\n" + r.describe("interface added"))
     assert r.attempt < 1.0 and r.connected < r.backoff_left - 1
-    assert messages.NETWORK_CHANGED.id in gw.log() and "interface eth9 add" in gw.log()
+    assert logevents.NETWORK_CHANGED.id in gw.log() and "interface eth9 add" in gw.log()
     last = gw.ctl()["hardware"]["lastNetworkChange"]
     assert last["reason"] == "interface eth9 add" and "127.0.0.1" in last["addresses"], last
 
@@ -273,7 +275,7 @@ def test_serial_sensor_plugged_publishes_records_and_unplugged_closes(
         (conn,) = gw.serial()
         assert conn["clientId"] == "soil-1" and conn["device"] == os.ttyname(slave), conn
         assert conn["rule"] == "downstream.serial[0]"
-        assert messages.SERIAL_OPENED.id in gw.log() and "ttyUSB1" not in gw.log()
+        assert logevents.SERIAL_OPENED.id in gw.log() and "ttyUSB1" not in gw.log()
         os.write(master, b'{"moisture": 31}\n')
         os.write(master, b"garbage that is not json\n")
         os.write(master, b'{"pad": "' + b"x" * 100 + b'"}\n')  # longer than max_record_bytes
@@ -289,14 +291,14 @@ def test_serial_sensor_plugged_publishes_records_and_unplugged_closes(
         ], lines
         assert all(line.startswith("gw-serial/sensors/soil-1/telemetry ") for line in lines)
         log = gw.log()
-        assert messages.SERIAL_RECORD_DROPPED.id in log and "not JSON" in log
+        assert logevents.SERIAL_RECORD_DROPPED.id in log and "not JSON" in log
         wait_until(lambda: gw.serial()[0]["dropped"] == 2, 15, "two dropped records")
         assert gw.serial()[0]["messagesIn"] == 3
         bed.remove(tty)
         took = _elapsed(lambda: gw.serial() == [], 5, "the serial sensor to close")
         print(f"serial sensor unplugged -> closed: {took * 1000:.0f} ms")
         assert took < 1.0
-        assert messages.SERIAL_CLOSED.id in gw.log() and "unplugged" in gw.log()
+        assert logevents.SERIAL_CLOSED.id in gw.log() and "unplugged" in gw.log()
         assert gw.ctl()["uplink"]["state"] == "connected"  # nothing else was disturbed
     finally:
         obs.stop()

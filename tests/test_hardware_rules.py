@@ -9,8 +9,8 @@ import pytest
 from gatewayd.adapters.udev import UdevDevice
 from gatewayd.core.config import validate
 from gatewayd.core.errors import ConfigError
+from gatewayd.service.downstream.serial import Port, SerialSensors, matches
 from gatewayd.service.hardware import tpm_device
-from gatewayd.service.serial import Port, SerialSensors, matches
 
 BASE = """
 [gateway]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd.core.mqtt.codec import encode
 from gatewayd.core.mqtt.packets import (
     MQTT_5,
@@ -29,9 +29,9 @@ from gatewayd.core.mqtt.packets import (
     Subscription,
 )
 from gatewayd.core.mqtt.topics import Policy, identity_problem, policy_variables
-from gatewayd.service.broker import Broker
 from gatewayd.service.daemon import file_descriptors
-from gatewayd.service.downstream import PendingGate
+from gatewayd.service.downstream.broker import Broker
+from gatewayd.service.downstream.listeners import PendingGate
 from gatewayd.service.logsetup import RateLimit
 
 from .test_broker_failures import RaisingForwarder, RawSensor, _config, _serve
@@ -118,7 +118,7 @@ def test_a_slow_sender_gets_no_more_time_than_connect_timeout(tmp_path: Path) ->
         assert closed_after < 2 + 1.5, closed_after
         sensor.close()
         await asyncio.sleep(0.1)
-        assert broker.closed_early == 1  # counted (CLOSED_BEFORE_CONNECT), not a log line each
+        assert broker.early.count == 1  # counted (CLOSED_BEFORE_CONNECT), not a log line each
 
     asyncio.run(_serve(broker, body))
 
@@ -142,7 +142,7 @@ def test_pending_gate_bounds_in_all_and_per_address(caplog: pytest.LogCaptureFix
         "127.0.0.2": 2,
         "198.51.100.7": 1,
     }
-    limited = [r for r in caplog.records if getattr(r, "message_id", "") == messages.CONNECTIONS_LIMITED.id]
+    limited = [r for r in caplog.records if getattr(r, "message_id", "") == logevents.CONNECTIONS_LIMITED.id]
     assert len(limited) == 1  # the second refusal within 10 s is counted, not logged
 
 
@@ -204,7 +204,7 @@ def test_pipelined_hostile_variants(tmp_path: Path, version: int, caplog: pytest
 
     asyncio.run(_serve(broker, body))
     assert not [
-        r for r in caplog.records if getattr(r, "message_id", "") == messages.SENSOR_CONNECTION_FAILED.id
+        r for r in caplog.records if getattr(r, "message_id", "") == logevents.SENSOR_CONNECTION_FAILED.id
     ]
 
 
@@ -268,8 +268,8 @@ def test_retained_messages_are_bounded_in_bytes_and_expire(tmp_path: Path) -> No
         props = Properties(((Prop.MESSAGE_EXPIRY_INTERVAL, 3),))
         other.send(Publish("sensors/other/brief", b"soon gone", 0, retain=True, properties=props))
         await asyncio.sleep(0.5)
-        assert broker._retained_by_owner["hog"] <= 250_000 and broker._retained_bytes <= 500_000
-        assert "sensors/hog/same" in broker.retained and broker.retained_refused >= 4
+        assert broker.retained.by_owner["hog"] <= 250_000 and broker.retained.bytes <= 500_000
+        assert "sensors/hog/same" in broker.retained.messages and broker.retained.refused >= 4
         await asyncio.sleep(1.0)  # the brief one has waited 1.5 s: 2 s of its 3 are left, rounded up
         reader = await asyncio.to_thread(RawSensor, port, MQTT_5)
         reader.send(Connect("reader", MQTT_5), Subscribe(1, (Subscription("sensors/#", 0),)))
@@ -287,7 +287,7 @@ def test_retained_messages_are_bounded_in_bytes_and_expire(tmp_path: Path) -> No
         assert sum(len(p.payload) + len(p.topic) for p in got) <= 500_000
         await asyncio.sleep(1.2)
         broker.expire_retained(time.monotonic())
-        assert "sensors/other/brief" not in broker.retained
+        assert "sensors/other/brief" not in broker.retained.messages
         for s in (hog, other, reader):
             s.close()
 

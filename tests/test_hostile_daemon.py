@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd.core.mqtt.codec import Decoder, encode
 from gatewayd.core.mqtt.packets import MQTT_311, Connect, Subscribe, Subscription
 from gatewayd.service.control import request
@@ -174,9 +174,9 @@ def test_connection_flood_and_slow_loris_while_a_sensor_keeps_publishing(
         status = live.status()
         assert status["state"] == "running" and status["uplink"]["state"] == "connected"
         log = live.daemon.log()
-        limited = [line for line in log.splitlines() if messages.CONNECTIONS_LIMITED.id in line]
+        limited = [line for line in log.splitlines() if logevents.CONNECTIONS_LIMITED.id in line]
         assert 1 <= len(limited) <= 2, limited  # counted, never one line per refusal
-        early = [line for line in log.splitlines() if messages.CLOSED_BEFORE_CONNECT.id in line]
+        early = [line for line in log.splitlines() if logevents.CLOSED_BEFORE_CONNECT.id in line]
         assert 1 <= len(early) <= 3, early  # 30 timed out and a slow-loris: counted, not a line each
     finally:
         publisher.stop.set()

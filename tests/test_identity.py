@@ -15,10 +15,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gatewayd.adapters import tpm
-from gatewayd.service.identity import Identity
+from gatewayd.core.errors import IdentityError, StoreLocked
+from gatewayd.service.upstream.identity import Identity
 from gatewayd.stores import atomic
 from gatewayd.stores.configfile import load
-from gatewayd.stores.identity import IdentityError, IdentityStore, StoreLocked
+from gatewayd.stores.identity import IdentityStore
 from gatewayd_dev import pki
 from gatewayd_dev.gateway import standin_config, write_config
 from gatewayd_dev.softtpm import SoftTPM

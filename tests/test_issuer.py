@@ -13,7 +13,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from gatewayd.service.issuer import CommandIssuer, IssuerError
+from gatewayd.core.errors import IssuerError
+from gatewayd.service.upstream.issuer import CommandIssuer
 from gatewayd.stores.x509util import load_pem_certificates, same_public_key
 from gatewayd_dev import pki
 

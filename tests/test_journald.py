@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd_dev.gateway import write_config
 
 from .conftest import REPO, base_config
@@ -55,18 +55,18 @@ def test_structured_fields_and_message_ids_reach_journald(tmp_path: Path) -> Non
     for entry in entries:
         by_id.setdefault(entry.get("MESSAGE_ID", ""), []).append(entry)
 
-    (started,) = by_id[messages.STARTED.id]
+    (started,) = by_id[logevents.STARTED.id]
     assert started["MESSAGE"] == "gatewayd 0.1.0 ready (thing gw-test)"
     assert started["GATEWAYD_COMPONENT"] == "daemon"
     assert started["GATEWAYD_THING_NAME"] == "gw-test"
-    assert started["PRIORITY"] == str(int(messages.STARTED.priority))  # NOTICE (logged at INFO)
+    assert started["PRIORITY"] == str(int(logevents.STARTED.priority))  # NOTICE (logged at INFO)
     assert started["SYSLOG_IDENTIFIER"] == "gatewayd"
     assert started["CODE_FUNC"] == "run"
 
-    for msg in (messages.CONFIG_RELOADED, messages.STOPPING, messages.STOPPED):
+    for msg in (logevents.CONFIG_RELOADED, logevents.STOPPING, logevents.STOPPED):
         assert len(by_id[msg.id]) == 1, msg.name
 
-    invalid = by_id[messages.CONFIG_INVALID.id]
+    invalid = by_id[logevents.CONFIG_INVALID.id]
     assert len(invalid) == 2  # the bad thing name and the missing endpoint
     assert all(e["PRIORITY"] == "3" for e in invalid)
     assert {e["MESSAGE"] for e in invalid} == {

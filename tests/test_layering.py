@@ -51,6 +51,41 @@ def test_module_respects_layers(path: Path) -> None:
             assert top in sys.stdlib_module_names or top == "__future__", f"core imports non-stdlib {name}"
 
 
+SIDES = ("upstream", "downstream")  # service/'s subpackages, along the config's sections
+
+
+@pytest.mark.parametrize(
+    "path", sorted((PACKAGE / "service").rglob("*.py")), ids=lambda p: str(p.relative_to(REPO))
+)
+def test_service_sides_import_only_themselves(path: Path) -> None:
+    """service/upstream (identity, uplink, renewal, trust) and service/downstream (listeners, broker,
+    registry, serial sensors) import neither each other nor service/'s root modules: they meet only there,
+    in the composition root (service/root.py), the daemon and the forwarder between them."""
+    rel = path.relative_to(PACKAGE / "service").parts
+    if len(rel) == 1:
+        return  # a root module: may join both sides
+    side = rel[0]
+    for name in imports(path):
+        parts = name.split(".")
+        if parts[:2] == ["gatewayd", "service"] and len(parts) > 2:
+            assert parts[2] == side, f"{path.relative_to(REPO)} (service/{side}) imports {name}"
+
+
+def test_service_root_holds_only_what_joins_the_sides() -> None:
+    root = sorted(p.stem for p in (PACKAGE / "service").glob("*.py") if p.stem != "__init__")
+    assert root == ["clock", "control", "daemon", "forwarder", "hardware", "logsetup", "root"], root
+    assert {p.name for p in (PACKAGE / "service").iterdir() if p.is_dir() and p.name != "__pycache__"} == set(
+        SIDES
+    )
+
+
+def test_imports_are_absolute() -> None:
+    """The layer tests read absolute imports only; a relative one would slip past them."""
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            assert not (isinstance(node, ast.ImportFrom) and node.level), f"{path}: relative import"
+
+
 def test_core_does_no_io() -> None:
     forbidden = {"socket", "threading", "asyncio", "subprocess", "time", "os", "random", "ssl", "select"}
     for path in (PACKAGE / "core").rglob("*.py"):
@@ -59,8 +94,8 @@ def test_core_does_no_io() -> None:
 
 
 def test_the_daemon_and_gatewayctl_do_not_import_the_tpm_library() -> None:
-    """tpm2-pytss is used in a helper process only (service/tpmproc.py): importing it in the daemon would
-    keep it resident for good."""
+    """tpm2-pytss is used in a helper process only (service/upstream/tpmproc.py): importing it in the daemon
+    would keep it resident for good."""
     import subprocess
 
     code = (

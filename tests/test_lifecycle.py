@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd.core.errors import ControlError
 from gatewayd.service.control import request
 from gatewayd_dev.gateway import Gateway, loopback_listener, write_config
@@ -64,7 +64,7 @@ def test_ready_only_after_components_started(
     # The control socket was serving before READY was sent: it answers at once.
     assert status(tmp_path)["state"] == "running"
     assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
-    assert messages.STARTED.id in gw.log()
+    assert logevents.STARTED.id in gw.log()
 
 
 def test_sigterm_sends_stopping_and_exits_0_quickly(
@@ -80,7 +80,7 @@ def test_sigterm_sends_stopping_and_exits_0_quickly(
     assert time.monotonic() - t0 < 10
     assert not (tmp_path / "control.sock").exists()  # closed and removed cleanly
     log = gw.log()
-    assert messages.STOPPING.id in log and messages.STOPPED.id in log
+    assert logevents.STOPPING.id in log and logevents.STOPPED.id in log
 
 
 def test_sigint_is_a_clean_stop_too(make_config: Callable[..., Path], start_gateway: Start) -> None:
@@ -161,10 +161,10 @@ def test_sighup_applies_live_keys_and_reports_restart_keys(
     assert st["lastReload"]["changed"] == ["logging.level"]
     assert st["lastReload"]["restartNeeded"] == ["gateway.thing_name"]
     log = wait_log(gw, "control request status")  # debug level now live
-    restart_line = next(line for line in log.splitlines() if messages.CONFIG_RESTART_REQUIRED.id in line)
+    restart_line = next(line for line in log.splitlines() if logevents.CONFIG_RESTART_REQUIRED.id in line)
     assert "gateway.thing_name changed ('gw-test' -> 'gw-renamed') but needs a restart" in restart_line
     assert "config_key=gateway.thing_name" in restart_line
-    assert messages.CONFIG_RELOADED.id in log
+    assert logevents.CONFIG_RELOADED.id in log
 
 
 def test_sighup_with_invalid_config_keeps_running_config(
@@ -182,7 +182,7 @@ def test_sighup_with_invalid_config_keeps_running_config(
     assert st["lastReload"] == {"at": st["lastReload"]["at"], "applied": False, "problems": 2}
     assert st["state"] == "running" and gw.proc.alive()
     log = wait_log(gw, "nonsense: unknown section")
-    refused = [line for line in log.splitlines() if messages.CONFIG_RELOAD_REFUSED.id in line]
+    refused = [line for line in log.splitlines() if logevents.CONFIG_RELOAD_REFUSED.id in line]
     assert len(refused) == 2
     assert any(f"{config}:logging.level: 'loud' is not one of" in line for line in refused)
     # Still the old config: a later valid reload works from it.
@@ -199,7 +199,7 @@ def test_invalid_config_at_start_exits_78_with_every_problem(tmp_path: Path, sta
     gw = start_gateway(config)
     assert gw.proc.popen.wait(10) == 78
     log = gw.log()
-    problems = [line for line in log.splitlines() if messages.CONFIG_INVALID.id in line]
+    problems = [line for line in log.splitlines() if logevents.CONFIG_INVALID.id in line]
     assert len(problems) == 3, log  # thing_name invalid, endpoint missing, port out of range
     gw.notify.poll()
     assert not [m for m in gw.notify.messages if "READY" in m]
@@ -284,7 +284,7 @@ def test_unusable_state_dir_is_one_clear_error(tmp_path: Path, start_gateway: St
     log = gw.log()
     assert f"cannot use state directory {tmp_path / 'afile/s'}: Not a directory" in log
     assert "Traceback" not in log
-    assert messages.FATAL_ERROR.id in log
+    assert logevents.FATAL_ERROR.id in log
 
 
 def test_unusable_control_socket_dir_is_one_clear_error(tmp_path: Path, start_gateway: Start) -> None:

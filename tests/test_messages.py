@@ -6,28 +6,28 @@ import re
 import subprocess
 from pathlib import Path
 
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd_dev.docgen import catalog, messages_md
 
 from .conftest import REPO
 
 
 def test_ids_are_unique_128_bit_hex() -> None:
-    ids = [m.id for m in messages.ALL]
+    ids = [m.id for m in logevents.ALL]
     assert len(set(ids)) == len(ids)
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
-    assert len({m.name for m in messages.ALL}) == len(ids)
+    assert len({m.name for m in logevents.ALL}) == len(ids)
 
 
 def test_all_lists_every_message_defined() -> None:
-    defined = {v for v in vars(messages).values() if isinstance(v, messages.Message)}
-    assert defined == set(messages.ALL)
+    defined = {v for v in vars(logevents).values() if isinstance(v, logevents.Entry)}
+    assert defined == set(logevents.ALL)
 
 
 def test_docs_page_is_current() -> None:
     committed = (REPO / "docs" / "messages.md").read_text()
     assert committed == messages_md(), "docs/messages.md is stale: run python -m gatewayd_dev.docgen"
-    for m in messages.ALL:
+    for m in logevents.ALL:
         assert f"## {m.name}\n\n- id: `{m.id}`" in committed
 
 
@@ -43,5 +43,5 @@ def test_catalog_is_current_and_journalctl_reads_every_entry(tmp_path: Path) -> 
     listed = subprocess.run(
         ["journalctl", f"--root={tmp_path}", "--list-catalog"], check=True, capture_output=True, text=True
     ).stdout
-    for m in messages.ALL:
+    for m in logevents.ALL:
         assert f"{m.id} gatewayd: {m.name}" in listed

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gatewayd.core.mqtt.codec import Decoder, ProtocolError, encode
+from gatewayd.core.errors import ProtocolError
+from gatewayd.core.mqtt.codec import Decoder, encode
 from gatewayd.core.mqtt.packets import (
     MQTT_5,
     MQTT_311,

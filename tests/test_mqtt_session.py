@@ -371,7 +371,7 @@ def test_unacknowledged_inbound_ids_are_not_carried_into_a_resumed_session() -> 
 
 
 def test_accept_and_reject_out_of_turn_raise_and_change_nothing() -> None:
-    from gatewayd.core.mqtt.session import ConnectionStateError
+    from gatewayd.core.errors import ConnectionStateError
 
     fresh = ServerConnection(0.0)
     with pytest.raises(ConnectionStateError):

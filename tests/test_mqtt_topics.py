@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gatewayd.core.errors import TemplateError
 from gatewayd.core.mqtt.topics import (
     Policy,
     TopicMap,
@@ -16,7 +17,6 @@ from gatewayd.core.mqtt.topics import (
     matches,
     policy_variables,
 )
-from gatewayd.core.topics import TemplateError
 
 
 @pytest.mark.parametrize(

@@ -6,13 +6,12 @@ import itertools
 
 import pytest
 
-from gatewayd.core.errors import GatewaydError
+from gatewayd.core.errors import GatewaydError, TransitionRefused
 from gatewayd.core.registry import (
     TRANSITIONS,
     Action,
     CaStatus,
     Status,
-    TransitionRefused,
     admits,
     deletable,
     transition,
@@ -77,7 +76,7 @@ def test_update_certificate_new_status() -> None:
     assert update_action("ACTIVE") is Action.ACTIVATE
     assert update_action("REVOKED") is Action.REVOKE
     for internal in ("PENDING_TRANSFER", "PENDING_ACTIVATION", "REGISTER_INACTIVE", "active", "GONE"):
-        with pytest.raises(GatewaydError, match="--new-status must be one of ACTIVE, INACTIVE, REVOKED"):
+        with pytest.raises(GatewaydError, match="'newStatus' must be one of ACTIVE, INACTIVE, REVOKED"):
             update_action(internal)
 
 

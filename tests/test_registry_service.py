@@ -19,11 +19,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gatewayd.core.errors import GatewaydError
-from gatewayd.core.registry import Action, TransitionRefused
-from gatewayd.service.registry import Admission, RegistryService
+from gatewayd.core.errors import GatewaydError, RegistryError, TransitionRefused
+from gatewayd.core.registry import Action
+from gatewayd.service.downstream.registry import Admission, RegistryService
 from gatewayd.stores.localca import LocalCA
-from gatewayd.stores.registry import Registry, RegistryError
+from gatewayd.stores.registry import Registry
 from gatewayd_dev import pki
 
 
@@ -196,11 +196,11 @@ def test_register_without_ca_and_input_checks(svc: RegistryService) -> None:
     ]:
         with pytest.raises(RegistryError, match=reason):
             svc.register_certificate_without_ca(data)
-    with pytest.raises(RegistryError, match="--status must be ACTIVE or INACTIVE"):
+    with pytest.raises(RegistryError, match="'status' must be ACTIVE or INACTIVE"):
         svc.register_certificate_without_ca(pki.make_client(self_signed, "y").cert_pem().decode(), "REVOKED")
     with pytest.raises(RegistryError, match="CA is not registered"):
         svc.register_certificate(pki.make_client(pki.make_root("z", "ecc"), "q").cert_pem().decode())
-    with pytest.raises(GatewaydError, match="--new-status must be one of"):
+    with pytest.raises(GatewaydError, match="'newStatus' must be one of"):
         svc.update_certificate(cid, "PENDING_TRANSFER")
 
 
@@ -238,7 +238,7 @@ def test_delete_and_list(svc: RegistryService) -> None:
 def test_a_common_name_the_listener_would_refuse_is_refused_at_creation(svc: RegistryService) -> None:
     """Issue 17, item 4: create-keys-and-certificate accepted a CN with "${" (TemplateError at CONNECT)."""
     for cn in ("${iot:ClientId}", "a/b", "+", "#"):
-        with pytest.raises(RegistryError, match="--common-name contains"):
+        with pytest.raises(RegistryError, match="'commonName' contains"):
             svc.create_keys_and_certificate(cn)
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from gatewayd.core.registry import Action, AutoRegistration, CaStatus, Status, TransitionRefused
-from gatewayd.stores.registry import SCHEMA_VERSION, Registry, RegistryError
+from gatewayd.core.errors import RegistryError, TransitionRefused
+from gatewayd.core.registry import Action, AutoRegistration, CaStatus, Status
+from gatewayd.stores.registry import SCHEMA_VERSION, Registry
 from gatewayd_dev import pki
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
@@ -144,9 +145,9 @@ def test_paging_both_ways_and_by_ca(reg: Registry) -> None:
     assert [r.common_name for r in rows] == [f"s{i}" for i in range(7)] and marker is None
     by_ca, _ = reg.page(page_size=10, ca_id=ca_id, ascending=True)
     assert [r.common_name for r in by_ca] == ["s1", "s3", "s5"]
-    with pytest.raises(RegistryError, match="page-size"):
+    with pytest.raises(RegistryError, match="pageSize"):
         reg.page(page_size=0)
-    with pytest.raises(RegistryError, match="invalid --starting-token"):
+    with pytest.raises(RegistryError, match="invalid 'marker'"):
         reg.page(marker="garbage")
 
 

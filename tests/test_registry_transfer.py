@@ -17,11 +17,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gatewayd.core.config import Config, DownstreamSection, GatewaySection, UpstreamSection
-from gatewayd.core.errors import GatewaydError
-from gatewayd.core.registry import TransitionRefused
-from gatewayd.service.registry import RegistryService, run_command
+from gatewayd.core.errors import GatewaydError, RegistryError, TransitionRefused
+from gatewayd.service.downstream.registry import RegistryService
+from gatewayd.service.downstream.registry_commands import run_command
 from gatewayd.stores.localca import LocalCA
-from gatewayd.stores.registry import Registry, RegistryError
+from gatewayd.stores.registry import Registry
 from gatewayd_dev import pki
 
 
@@ -277,13 +277,13 @@ def test_auto_registration(tmp_path: Path, clock: Clock, auto_activate: bool) ->
 
 def test_commands_check_their_arguments(pair: tuple[RegistryService, RegistryService]) -> None:
     a, _ = pair
-    with pytest.raises(RegistryError, match="--certificate-id is required"):
+    with pytest.raises(RegistryError, match="'certificateId' is required"):
         run_command(a, "describe-certificate", {})
-    with pytest.raises(RegistryError, match="--page-size must be a whole number"):
+    with pytest.raises(RegistryError, match="'pageSize' must be a whole number"):
         run_command(a, "list-certificates", {"pageSize": "ten"})
-    with pytest.raises(RegistryError, match="--set-as-active must be true or false"):
+    with pytest.raises(RegistryError, match="'setAsActive' must be true or false"):
         run_command(a, "create-keys-and-certificate", {"setAsActive": "yes"})
-    with pytest.raises(RegistryError, match="give --new-status or --new-auto-registration-status"):
+    with pytest.raises(RegistryError, match="give 'newStatus' or 'newAutoRegistrationStatus'"):
         run_command(a, "update-ca-certificate", {"certificateId": "0" * 64})
     with pytest.raises(RegistryError, match="invalid value"):
         fleet = pki.make_root("F", "ecc")

@@ -16,7 +16,7 @@ import pytest
 
 from gatewayd.adapters import tpm
 from gatewayd.service.control import request
-from gatewayd.service.renewal import Renewer
+from gatewayd.service.upstream.renewal import Renewer
 from gatewayd_dev.gateway import Gateway, gateway_env, provision, standin_config, write_config
 from gatewayd_dev.sensor import wait_until
 from gatewayd_dev.stack import DevStack

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gatewayd.core.errors import RenewalRefused, RenewalStateError
 from gatewayd.core.renewal import (
     RESUME,
     TRANSITIONS,
     Event,
-    RenewalRefused,
     RenewBefore,
     Resume,
     Step,
@@ -25,7 +25,7 @@ from gatewayd.core.renewal import (
     renewal_due,
     retry_delay,
 )
-from gatewayd.stores.renewal import Outcome, RenewalState, RenewalStateError, RenewalStore
+from gatewayd.stores.renewal import Outcome, RenewalState, RenewalStore
 
 DAY = 86400.0
 

@@ -451,7 +451,7 @@ def test_no_connection_outlives_its_sensor(gw: GW) -> None:
 def test_the_running_daemon_holds_no_tpm_library(gw: GW) -> None:
     """The identity checks before each connection ran (the uplink is connected with the TPM-held key), yet
     neither tpm2-pytss nor the TSS libraries are in the daemon: they run in a short-lived helper process
-    (service/tpmproc.py) and would otherwise keep 10-12 MB resident for good (issue 15)."""
+    (service/upstream/tpmproc.py) and would otherwise keep 10-12 MB resident for good (issue 15)."""
     assert gw.daemon is not None
     wait_until(gw.connected, 30, "the uplink")
     maps = Path(f"/proc/{gw.daemon.pid}/maps").read_text()

@@ -16,8 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gatewayd.core.errors import SpillError, SpillFull
 from gatewayd.stores.migrate import migrate_sqlite_spool
-from gatewayd.stores.spill import HEADER, MAGIC, Reading, SpillError, SpillFull, SpillStore
+from gatewayd.stores.spill import HEADER, MAGIC, Reading, SpillStore
 
 from .conftest import REPO
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd.service import forwarder
 from gatewayd.service.control import request
 from gatewayd_dev import pki
@@ -223,14 +223,14 @@ def test_full_spool_drops_qos0_first_and_holds_qos1(make_gw: Callable[..., GW], 
         time.sleep(1.0)
         assert not any(i.mid in s.acks for i in info[1:])  # the sensor has no PUBACK: it keeps them
         assert gw.spool()["full"] is True
-        assert gw.daemon is not None and messages.SPOOL_FULL.id in gw.daemon.log()
+        assert gw.daemon is not None and logevents.SPOOL_FULL.id in gw.daemon.log()
         daemon = gw.daemon
 
         def logged_drops() -> int:  # the first drop is logged at once, the rest of the burst 10 s later
             return sum(int(n) for n in re.findall(r"dropped_qos0=(\d+)", daemon.log()))
 
         wait_until(lambda: logged_drops() == 20, 15, "the drops in the log")
-        assert messages.SPOOL_BACKLOG.id in daemon.log()  # depth and age in the journal while messages wait
+        assert logevents.SPOOL_BACKLOG.id in daemon.log()  # depth and age in the journal while messages wait
         stack.standin.start()
         wait_until(lambda: all(i.mid in s.acks for i in info), 30, "PUBACKs once there is room")
         lines = obs.wait(43, timeout=60)
@@ -294,7 +294,7 @@ def test_publish_rate_stays_within_the_quota_and_sensors_share_it(
         assert rate <= quota * 1.05
         status = gw.ctl()["uplink"]
         assert status["throttledSeconds"] > 5 and status["published"] >= 309
-        assert gw.daemon is not None and messages.UPLINK_THROTTLED.id in gw.daemon.log()
+        assert gw.daemon is not None and logevents.UPLINK_THROTTLED.id in gw.daemon.log()
     finally:
         for c in calm:
             c.stop()
@@ -378,7 +378,7 @@ def test_old_messages_expire_and_the_status_line_shows_the_spool(
             return sum(int(n) for n in counts)
 
         wait_until(lambda: logged() == 5, 15, "the 5 drops logged")
-        assert messages.SPOOL_DROPPED.id in daemon.log()
+        assert logevents.SPOOL_DROPPED.id in daemon.log()
     finally:
         s.stop()
         stack.standin.start()

@@ -14,7 +14,7 @@ from gatewayd.adapters.systemd import (
     under_systemd,
     watchdog_interval,
 )
-from gatewayd.core import messages
+from gatewayd.core import logevents
 
 
 def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
@@ -66,11 +66,11 @@ def test_notifier_without_socket_does_nothing_and_survives_a_vanished_socket(tmp
 
 def test_stderr_format_carries_message_id_and_fields() -> None:
     record = logging.LogRecord("gatewayd.control", logging.WARNING, __file__, 1, "hello %s", ("x",), None)
-    for key, value in messages.extra(messages.CONFIG_RESTART_REQUIRED, config_key="a.b").items():
+    for key, value in logevents.extra(logevents.CONFIG_RESTART_REQUIRED, config_key="a.b").items():
         setattr(record, key, value)
     line = StderrFormatter().format(record)
     assert line.endswith(
-        f"WARNING control: hello x [message_id={messages.CONFIG_RESTART_REQUIRED.id} config_key=a.b]"
+        f"WARNING control: hello x [message_id={logevents.CONFIG_RESTART_REQUIRED.id} config_key=a.b]"
     )
 
 
@@ -96,7 +96,7 @@ def test_a_client_id_cannot_forge_a_log_line() -> None:
     record = logging.LogRecord(
         "gatewayd.broker", logging.INFO, __file__, 1, "sensor %s connected", (forged,), None
     )
-    record.__dict__.update(messages.extra(messages.SENSOR_CONNECTED, client_id=forged))
+    record.__dict__.update(logevents.extra(logevents.SENSOR_CONNECTED, client_id=forged))
     line = StderrFormatter().format(record)
     assert "\n" not in line and "\x1b" not in line and "\u2028" not in line
     assert (

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gatewayd.adapters.tls import client_context
-from gatewayd.service.downstream import server_context
+from gatewayd.service.downstream.listeners import server_context
 from gatewayd_dev import pki
 
 

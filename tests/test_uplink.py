@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd.service.control import request
 from gatewayd_dev import pki
 from gatewayd_dev.gateway import Gateway, gateway_env, gatewayctl, provision, standin_config, write_config
@@ -130,7 +130,7 @@ def test_connects_in_the_mode_of_its_endpoint(
         )
         for m in daemon.notify.messages + daemon.notify.poll()
     )
-    assert messages.UPLINK_CONNECTED.id in gw.log()
+    assert logevents.UPLINK_CONNECTED.id in gw.log()
 
 
 def test_cross_signed_chain_validates_without_starfield(make_gw: Callable[..., GW]) -> None:
@@ -191,9 +191,9 @@ def test_refuses_an_untrusted_endpoint_and_logs_why(
     gw.start()
     uplink = gw.wait_uplink(lambda u: reason in u["lastError"])
     assert uplink["connectedSince"] is None
-    failed = [line for line in gw.log().splitlines() if messages.UPLINK_CONNECT_FAILED.id in line]
+    failed = [line for line in gw.log().splitlines() if logevents.UPLINK_CONNECT_FAILED.id in line]
     assert failed and reason in failed[0]
-    assert messages.UPLINK_CONNECTED.id not in gw.log()
+    assert logevents.UPLINK_CONNECTED.id not in gw.log()
 
 
 def test_refuses_its_own_expired_certificate(make_gw: Callable[..., GW]) -> None:
@@ -203,7 +203,7 @@ def test_refuses_its_own_expired_certificate(make_gw: Callable[..., GW]) -> None
     gw.start()
     uplink = gw.wait_uplink(lambda u: u["state"] == "blocked")
     assert "expired at" in uplink["lastError"] and "install a new one" in uplink["lastError"]
-    assert messages.UPLINK_BLOCKED.id in gw.log()
+    assert logevents.UPLINK_BLOCKED.id in gw.log()
 
 
 def test_refuses_a_certificate_that_does_not_match_its_key(make_gw: Callable[..., GW]) -> None:
@@ -295,7 +295,7 @@ def test_reconnects_after_the_broker_restarts(make_gw: Callable[..., GW], own_st
     own_stack.standin.stop()
     lost = gw.wait_uplink(lambda u: u["state"] != "connected")
     assert lost["connectedSince"] is None
-    assert messages.UPLINK_DISCONNECTED.id in gw.log()
+    assert logevents.UPLINK_DISCONNECTED.id in gw.log()
     time.sleep(2)
     own_stack.standin.start()
     gw.wait_connected(timeout=30)
@@ -338,7 +338,7 @@ def test_waits_for_the_tpm_and_keeps_running(make_gw: Callable[..., GW], own_sta
     assert any(
         "waiting for TPM" in m.get("STATUS", "") for m in daemon.notify.messages + daemon.notify.poll()
     )
-    blocked = [line for line in gw.log().splitlines() if messages.UPLINK_BLOCKED.id in line]
+    blocked = [line for line in gw.log().splitlines() if logevents.UPLINK_BLOCKED.id in line]
     assert len(blocked) == 1  # said once, not on every retry
     own_stack.tpm.start_abrmd()
     daemon.signal(signal.SIGHUP)  # "try again now" (udev will do this on its own later)
@@ -398,11 +398,11 @@ def test_file_backend_works_and_warns_at_every_start(make_gw: Callable[..., GW])
     assert shown["keyBackend"] == "file" and "tpmParent" not in shown
     gw.start()
     gw.wait_connected()
-    assert gw.log().count(messages.INSECURE_KEY_BACKEND.id) == 1
+    assert gw.log().count(logevents.INSECURE_KEY_BACKEND.id) == 1
     gw.stop()
     gw.start()  # the log file is appended to
     gw.wait_connected()
-    assert gw.log().count(messages.INSECURE_KEY_BACKEND.id) == 2
+    assert gw.log().count(logevents.INSECURE_KEY_BACKEND.id) == 2
 
 
 def test_root_expiry_is_warned_in_log_and_status(make_gw: Callable[..., GW]) -> None:
@@ -412,7 +412,7 @@ def test_root_expiry_is_warned_in_log_and_status(make_gw: Callable[..., GW]) -> 
     uplink = gw.wait_connected()
     (warning,) = uplink["rootWarnings"]
     assert warning["root"] == "Stand-in Root CA RSA" and warning["daysLeft"] > 3000
-    assert messages.TRUST_ROOT_EXPIRING.id in gw.log()
+    assert logevents.TRUST_ROOT_EXPIRING.id in gw.log()
     daemon.notify.wait_for("STATUS")
     assert any(
         "root CA Stand-in Root CA RSA expires in" in m.get("STATUS", "") for m in daemon.notify.messages

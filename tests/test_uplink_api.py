@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gatewayd.service.upstream import Upstream, build_trust
+from gatewayd.service.upstream.link import Upstream, build_trust
 from gatewayd.stores.configfile import load
 from gatewayd.stores.identity import IdentityStore
 from gatewayd_dev.gateway import provision, standin_config, write_config

@@ -1,5 +1,5 @@
 """The uplink's connection state machine (core/uplinkstate.py) and the uplink's bookkeeping in process
-(service/uplink.py without spawning the uplink process: the test plays that process's side of the
+(service/upstream/uplink.py without spawning the uplink process: the test plays that process's side of the
 socketpair, and so decides what "AWS IoT" acknowledges)."""
 
 from __future__ import annotations
@@ -16,14 +16,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gatewayd.core import ipc
-from gatewayd.core.uplinkstate import (
-    TRANSITIONS,
-    IllegalTransition,
-    UplinkEvent,
-    UplinkMachine,
-    UplinkState,
-)
-from gatewayd.service.uplink import ChildSpec, Uplink
+from gatewayd.core.errors import IllegalTransition
+from gatewayd.core.uplinkstate import TRANSITIONS, UplinkEvent, UplinkMachine, UplinkState
+from gatewayd.service.upstream.uplink import ChildSpec, Uplink
 
 E, S = UplinkEvent, UplinkState
 

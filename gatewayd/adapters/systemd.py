@@ -111,7 +111,7 @@ class JournalHandler(logging.Handler):
     """Structured records to journald: MESSAGE, PRIORITY, MESSAGE_ID, GATEWAYD_COMPONENT, GATEWAYD_*.
 
     A record's `message_id` attribute becomes MESSAGE_ID and its `fields` mapping becomes upper-cased
-    GATEWAYD_<NAME> fields (see gatewayd.core.messages.extra).
+    GATEWAYD_<NAME> fields (see gatewayd.core.logevents.extra).
     """
 
     def __init__(self) -> None:

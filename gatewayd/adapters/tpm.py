@@ -9,8 +9,8 @@ Keys are created under a persistent storage root key (SRK) at a configurable han
 KEY PEM: the private part is wrapped by the SRK and can be loaded only by this TPM.
 
 The daemon does not import this module (tpm2-pytss and the TSS libraries cost it 10-12 MB of resident memory
-for good): it runs `python -m gatewayd.adapters.tpm` for each operation (service/tpmproc.py), one JSON
-request on stdin, one JSON answer on stdout.
+for good): it runs `python -m gatewayd.adapters.tpm` for each operation (service/upstream/tpmproc.py), one
+JSON request on stdin, one JSON answer on stdout.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ from tpm2_pytss.types import (
 )
 
 from gatewayd.core import der
-from gatewayd.core.errors import TPMError as TPMError  # re-exported: callers catch them from here
-from gatewayd.core.errors import TPMUnavailable as TPMUnavailable
+from gatewayd.core.errors import TPMError, TPMUnavailable
 from gatewayd.core.keys import Signature, algorithm_for, hash_for
 
 # The storage key template of the TCG "TSS2 private key" convention (and tpm2-tools' default SRK):
@@ -177,7 +176,7 @@ def persistent_handles(tcti: str) -> list[int]:
 
 
 def serve_one(request: dict[str, str]) -> dict[str, str]:
-    """One operation for service/tpmproc.py: bytes travel as base64."""
+    """One operation for service/upstream/tpmproc.py: bytes travel as base64."""
     blob = base64.b64decode(request.get("blob", ""))
     try:
         match request["op"]:

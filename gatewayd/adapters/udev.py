@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gatewayd.core.errors import UdevUnavailable
+
 log = logging.getLogger("gatewayd.udev")
 
 
@@ -27,10 +29,6 @@ class UdevDevice:
     @property
     def devname(self) -> str:
         return self.properties.get("DEVNAME", "")
-
-
-class UdevUnavailable(Exception):
-    """No udev here (no /run/udev, no netlink permission, pyudev or libudev missing)."""
 
 
 def _record(device: Any, action: str) -> UdevDevice:

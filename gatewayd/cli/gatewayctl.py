@@ -19,11 +19,18 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from gatewayd import __version__
-from gatewayd.core.commands import BY_NAME, COMMANDS, Arg, Command, Kind
+from gatewayd.core.commands import BY_NAME, COMMANDS, Arg, Command, Kind, cli_wording
 from gatewayd.core.config import Config
-from gatewayd.core.errors import ConfigError, ControlError, GatewaydError
-from gatewayd.service.control import DaemonUnreachable, request
-from gatewayd.service.identity import Identity
+from gatewayd.core.errors import (
+    ConfigError,
+    ControlError,
+    DaemonUnreachable,
+    EnvironmentProblem,
+    GatewaydError,
+    UsageError,
+)
+from gatewayd.service.control import request
+from gatewayd.service.upstream.identity import Identity
 from gatewayd.stores import atomic
 from gatewayd.stores.configfile import load
 
@@ -306,11 +313,10 @@ def _offline(args: argparse.Namespace, command: str, body: dict[str, Any]) -> An
 def _offline_work(config: Config, command: str, body: dict[str, Any]) -> Any:
     """The daemon is not running: do an identity or registry command on the state directory, under its lock
     (so a daemon cannot start meanwhile)."""
-    from gatewayd.service.registry import RegistryService, run_command
-    from gatewayd.service.upstream import run_identity_action
+    from gatewayd.service.downstream.registry_commands import run_command
+    from gatewayd.service.root import open_registry
+    from gatewayd.service.upstream.identity import run_identity_action
     from gatewayd.stores.identity import IdentityStore
-    from gatewayd.stores.localca import LocalCA
-    from gatewayd.stores.registry import Registry
     from gatewayd.stores.statedir import ensure_state_dir
 
     state_dir = Path(config.gateway.state_dir)
@@ -322,15 +328,8 @@ def _offline_work(config: Config, command: str, body: dict[str, Any]) -> Any:
             from gatewayd.adapters import tpm
 
             return run_identity_action(Identity(config, locked, tpm), body["action"], body)
-        local_ca = LocalCA(state_dir, config.gateway.thing_name)
-        local_ca.ensure()
-        registry = Registry(state_dir / "registry.db", config.gateway.thing_name)
-        try:
-            service = RegistryService(registry, local_ca, config.gateway.thing_name)
-            service.configure(config)
+        with open_registry(config) as service:  # as the daemon opens it (service/root.py)
             return run_command(service, command, body)
-        finally:
-            registry.close()
 
 
 def _command_word(argv: list[str]) -> str:
@@ -364,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(result["csrPem"])
             result["csrFile"] = str(args.out)
     except (GatewaydError, OSError) as exc:
-        print(f"gatewayctl: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        print(f"gatewayctl: {cli_wording(str(getattr(exc, 'strerror', None) or exc))}", file=sys.stderr)
         return 1
     json.dump(result, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
@@ -374,14 +373,6 @@ def main(argv: list[str] | None = None) -> int:
 # The AWS CLI's exit statuses, which registry commands keep: the service refused (254), the environment or
 # configuration is unusable (253: no daemon and no usable config, no permission), anything else (255).
 REFUSED, ENVIRONMENT, OTHER = 254, 253, 255
-
-
-class EnvironmentProblem(GatewaydError):
-    """The configuration gatewayctl needs is unusable (exit 253 for registry commands, as the AWS CLI's)."""
-
-
-class UsageError(GatewaydError):
-    """A command line that parsed but cannot run (exit 252, as the AWS CLI's parameter errors)."""
 
 
 def _registry_main(args: argparse.Namespace, command: Command) -> int:
@@ -397,11 +388,12 @@ def _registry_main(args: argparse.Namespace, command: Command) -> int:
         print(f"gatewayctl: {exc} (see gatewayctl {command.name} --help)", file=sys.stderr)
         return USAGE_AWS
     except GatewaydError as exc:
+        message = cli_wording(str(exc), command)  # the daemon names arguments by their keys: here, flags
         if exc.code:
-            print(f"\nAn error occurred ({exc.code}) when calling the {command.operation} operation: {exc}",
-                  file=sys.stderr)  # fmt: skip
+            line = f"An error occurred ({exc.code}) when calling the {command.operation} operation: {message}"
+            print(f"\n{line}", file=sys.stderr)
             return REFUSED
-        print(f"gatewayctl: {exc}", file=sys.stderr)
+        print(f"gatewayctl: {message}", file=sys.stderr)
         return ENVIRONMENT if isinstance(exc, (EnvironmentProblem, ControlError)) else OTHER
     except OSError as exc:
         print(f"gatewayctl: {exc.strerror or exc}", file=sys.stderr)

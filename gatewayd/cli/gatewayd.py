@@ -1,6 +1,6 @@
 """`gatewayd [run] --config PATH` runs the daemon; `gatewayd check-config --config PATH` validates.
 
-Exit statuses (documented in README and gatewayd(8)):
+Exit statuses (documented in docs/operations.md and gatewayd(8)):
   0   clean stop, or check-config found no problem
   1   check-config found problems; or the daemon failed at run time (systemd restarts it)
   78  the configuration, or the trust store it selects, is unusable at start (EX_CONFIG; the unit's
@@ -16,12 +16,11 @@ import sys
 from pathlib import Path
 
 from gatewayd import __version__
-from gatewayd.core import messages
-from gatewayd.core.errors import ConfigError, GatewaydError
+from gatewayd.core import logevents
+from gatewayd.core.errors import ConfigError, GatewaydError, TrustError
 from gatewayd.service.daemon import run_daemon
 from gatewayd.service.logsetup import setup_logging
 from gatewayd.stores.configfile import config_files, load
-from gatewayd.stores.truststore import TrustError
 
 DEFAULT_CONFIG = Path("/etc/gatewayd/gatewayd.toml")
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 78
@@ -92,20 +91,20 @@ def run(path: Path) -> int:
     except ConfigError as exc:
         setup_logging()
         for problem in exc.problems:
-            log.error("invalid configuration: %s", problem, extra=messages.extra(messages.CONFIG_INVALID))
+            log.error("invalid configuration: %s", problem, extra=logevents.extra(logevents.CONFIG_INVALID))
         return EXIT_CONFIG
     target = setup_logging(config.logging.level)
     log.debug("logging to %s", target)
     try:
         return asyncio.run(run_daemon(path, config))
     except TrustError as exc:  # the operator must act (ca-certificates, ca_file): restarting cannot help
-        log.error("%s", exc, extra=messages.extra(messages.CONFIG_INVALID))
+        log.error("%s", exc, extra=logevents.extra(logevents.CONFIG_INVALID))
         return EXIT_CONFIG
     except GatewaydError as exc:
-        log.error("%s", exc, extra=messages.extra(messages.FATAL_ERROR))
+        log.error("%s", exc, extra=logevents.extra(logevents.FATAL_ERROR))
         return EXIT_FAILURE
     except Exception:
-        log.exception("unexpected error", extra=messages.extra(messages.FATAL_ERROR))
+        log.exception("unexpected error", extra=logevents.extra(logevents.FATAL_ERROR))
         return EXIT_FAILURE
 
 

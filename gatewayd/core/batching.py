@@ -2,7 +2,7 @@
 upstream topic are combined into one JSON message up to a size and a latency bound, so thousands of readings
 per second fit within AWS IoT's 100 publishes per second.
 
-The batch format (documented in README and config/gatewayd.toml):
+The batch format (documented in docs/spool.md and config/gatewayd.toml):
 
     {"batch": [{"clientId": "temp-1", "timestamp": 1764201600123, "payload": {...}}, ...]}
 

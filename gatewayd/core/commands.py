@@ -8,6 +8,7 @@ each argument is an AWS CLI flag (`--certificate-id`) whose JSON key on the cont
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -29,7 +30,7 @@ class Arg:
     required: bool = False
     help: str = ""
     choices: tuple[str, ...] = ()  # for help and completion; the service checks the value
-    aws: bool = True  # False: gatewayd's own (the README's table says why)
+    aws: bool = True  # False: gatewayd's own (docs/sensors.md's table says why)
     cli: bool = True  # False: the control socket's only (gatewayctl sets it from its paging flags)
 
     @property
@@ -262,9 +263,21 @@ COMMANDS: tuple[Command, ...] = (
 BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
 
 
-def flag_of(key: str) -> str:
-    """The flag for a control-socket key (certificateId -> --certificate-id), for error messages."""
-    return "--" + "".join(f"-{c.lower()}" if c.isupper() else c for c in key)
+# the control socket's keys of commands outside the table (gatewayctl trust update), and of paging
+OTHER_FLAGS = {"mode": "--mode", "caFile": "--ca-file", "fromConfig": "--from-config"}
+PAGING_FLAGS = {"marker": "--starting-token", "pageSize": "--page-size"}
+_QUOTED_KEY = re.compile(r"'([a-z][A-Za-z]*)'")
+
+
+def cli_wording(message: str, command: Command | None = None) -> str:
+    """A daemon's message in the command line's words: each quoted control-socket key of the command
+    ('newStatus') becomes its flag (--new-status). The daemon and the services word every message with the
+    keys (AWS's API member names), so that clients of the control socket other than gatewayctl read their
+    own words; gatewayctl alone speaks of flags."""
+    flags = dict(OTHER_FLAGS) if command is None else {a.key: a.flag for a in command.args}
+    if command is not None and command.paged:
+        flags.update(PAGING_FLAGS)
+    return _QUOTED_KEY.sub(lambda m: flags.get(m.group(1), m.group(0)), message)
 
 
 def check_value(arg: Arg, value: Any) -> str | None:

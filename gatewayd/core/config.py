@@ -15,11 +15,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, TypeVar
 
-from gatewayd.core.errors import ConfigError, ConfigProblem
+from gatewayd.core.duration import Duration, parse_duration
+from gatewayd.core.errors import ConfigError, ConfigProblem, TemplateError
 from gatewayd.core.keys import KEY_BACKENDS, KEY_TYPES
 from gatewayd.core.mqtt.topics import TopicMap, check_policy_filters
-from gatewayd.core.renewal import RenewBefore, parse_duration
-from gatewayd.core.topics import TemplateError, expand
+from gatewayd.core.renewal import RenewBefore, RenewBeforeText
+from gatewayd.core.templates import expand
 from gatewayd.core.trust import FILE_MODES, MODES
 
 # Dotted key path -> file that set it (the last file wins, as for the value itself).
@@ -585,8 +586,10 @@ class BatchSection:
     max_bytes: int = opt(
         65536, "Largest batch message in bytes (at most upstream.quota.max_message_bytes).", minimum=64
     )
-    max_delay: str = opt(
-        "1s", "Longest a reading waits in an open batch before the batch goes.", check=check_duration
+    max_delay: Duration = opt(
+        Duration("1s"),
+        "Longest a reading waits in an open batch before the batch goes.",
+        check=check_duration,
     )
     basic_ingest_rule: str = opt(
         "",
@@ -622,8 +625,8 @@ class SpoolSection:
         "take them; when_full says what happens then.",
         minimum=4096,
     )
-    spill_after: str = opt(
-        "0.5s",
+    spill_after: Duration = opt(
+        Duration("0.5s"),
         "A message AWS IoT has not acknowledged this long is written to the spool and acknowledged to its "
         "sensor (readings AWS IoT acknowledges sooner never touch the disk). 0.5 s is above AWS IoT's usual "
         "PUBACK time (tens to a few hundred ms) and below the 1 s after which common embedded clients "
@@ -638,8 +641,8 @@ class SpoolSection:
         "catches up.",
         minimum=65536,
     )
-    max_age: str = opt(
-        "7d",
+    max_age: Duration = opt(
+        Duration("7d"),
         "A message older than this is dropped from the spool (counted and logged), QoS 1 included.",
         check=check_duration,
     )
@@ -684,8 +687,8 @@ class RenewalSection:
         (), "For issuer command: the argv, an absolute path first; run without a shell.", live=True,
         check=check_argv,
     )  # fmt: skip
-    issue_timeout: str = opt(
-        "2m",
+    issue_timeout: Duration = opt(
+        Duration("2m"),
         "How long the issuer may take: the command (then killed), or each answer from AWS IoT.",
         live=True,
         check=check_duration,
@@ -696,15 +699,15 @@ class RenewalSection:
     parameters: tuple[tuple[str, str], ...] = opt(
         (), "For issuer aws-fleet-provisioning: the template's parameters (a table of strings).", live=True
     )
-    renew_before: str = opt(
-        "33%",
+    renew_before: RenewBeforeText = opt(
+        RenewBeforeText("33%"),
         'How long before expiry to renew: a share of the certificate\'s lifetime ("33%") or a duration '
         '("30d", "12h").',
         live=True,
         check=check_renew_before,
     )
-    max_age: str = opt(
-        "365d",
+    max_age: Duration = opt(
+        Duration("365d"),
         "Also renew when the certificate is older than this (its notBefore), whatever its expiry: AWS IoT's "
         "certificates expire in 2049, so renew_before alone would never rotate the key; 365 days is AWS IoT "
         'Device Defender\'s default certificate age audit threshold. "" turns the age trigger off.',
@@ -714,13 +717,18 @@ class RenewalSection:
     rotate_key: bool = opt(
         True, "Make a new TPM key for every renewal (else: reuse the current key).", live=True
     )
-    retry_interval: str = opt(
-        "5m", "First wait after a failed renewal; doubled each time, with jitter.", live=True,
+    retry_interval: Duration = opt(
+        Duration("5m"), "First wait after a failed renewal; doubled each time, with jitter.", live=True,
         check=check_duration,
     )  # fmt: skip
-    retry_max: str = opt("6h", "Longest wait between renewal attempts.", live=True, check=check_duration)
-    check_interval: str = opt(
-        "1h", "How often the gateway checks whether renewal is due.", live=True, check=check_duration
+    retry_max: Duration = opt(
+        Duration("6h"), "Longest wait between renewal attempts.", live=True, check=check_duration
+    )
+    check_interval: Duration = opt(
+        Duration("1h"),
+        "How often the gateway checks whether renewal is due.",
+        live=True,
+        check=check_duration,
     )
     trial_client_id: str = opt(
         "",
@@ -728,11 +736,11 @@ class RenewalSection:
         "thing name, with the uplink paused for the trial (AWS policies often allow only that id).",
         live=True,
     )
-    trial_timeout: str = opt(
-        "30s", "How long the trial connection may take.", live=True, check=check_duration
+    trial_timeout: Duration = opt(
+        Duration("30s"), "How long the trial connection may take.", live=True, check=check_duration
     )
-    rollback_window: str = opt(
-        "10m",
+    rollback_window: Duration = opt(
+        Duration("10m"),
         "How long a promoted certificate has to connect before the previous one is restored.",
         live=True,
         check=check_duration,
@@ -883,6 +891,8 @@ class _Walker:
         if problem:
             self.problem(path, problem)
             return MISSING
+        if ftype is not str and isinstance(ftype, type) and issubclass(ftype, str):
+            return ftype(converted)  # text parsed once, here: Duration, RenewBeforeText
         return converted
 
 
@@ -904,7 +914,7 @@ def _convert(ftype: Any, raw: Any) -> Any:
         return raw if isinstance(raw, int) and not isinstance(raw, bool) else MISSING
     if ftype is float:
         return float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else MISSING
-    if ftype is str:
+    if isinstance(ftype, type) and issubclass(ftype, str):  # Duration & co. are made once checked (value)
         return raw if isinstance(raw, str) else MISSING
     if ftype == tuple[tuple[str, str], ...]:  # a table of strings, kept sorted by key
         if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
@@ -920,7 +930,8 @@ def _convert(ftype: Any, raw: Any) -> Any:
 
 
 def _type_name(ftype: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", Duration: "a duration",
+             RenewBeforeText: "a share or a duration"}  # fmt: skip
     if ftype in names:
         return names[ftype]
     if ftype == tuple[tuple[str, str], ...]:

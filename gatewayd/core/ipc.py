@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from gatewayd.core.errors import FrameError
+
 MAX_FRAME = 1024 * 1024  # > AWS IoT Core's 128 KiB message limit plus topic and header
 
 
@@ -27,10 +29,6 @@ class Kind(IntEnum):
     STOP = 8  # daemon -> child: disconnect cleanly and exit
     UNSUBSCRIBE = 9  # daemon -> child: JSON {"filters": [...]}
     NETWORK = 10  # daemon -> child: JSON {"addresses": [...] or null}: the network changed, try again now
-
-
-class FrameError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

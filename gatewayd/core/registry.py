@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from gatewayd.core.errors import GatewaydError
+from gatewayd.core.errors import AwsError, GatewaydError, TransitionRefused
 
 
 class Status(StrEnum):
@@ -39,30 +39,6 @@ class Action(StrEnum):
     CANCEL_TRANSFER = "cancel-transfer"  # cancel-certificate-transfer (source)
     TRANSFER_REJECTED = "transfer-rejected"  # the target's rejection, applied at the source
     TRANSFER_ACCEPTED = "transfer-accepted"  # the target's acceptance, applied at the source: it leaves
-
-
-class AwsError(StrEnum):
-    """The exception names AWS IoT's certificate operations answer with (botocore's iot service model);
-    scripts written for the AWS CLI branch on them."""
-
-    INVALID_REQUEST = "InvalidRequestException"
-    NOT_FOUND = "ResourceNotFoundException"
-    ALREADY_EXISTS = "ResourceAlreadyExistsException"
-    CERTIFICATE_STATE = "CertificateStateException"
-    CERTIFICATE_VALIDATION = "CertificateValidationException"
-    REGISTRATION_CODE = "RegistrationCodeValidationException"
-    TRANSFER_COMPLETED = "TransferAlreadyCompletedException"
-    DELETE_CONFLICT = "DeleteConflictException"
-
-
-class TransitionRefused(GatewaydError):
-    code = AwsError.CERTIFICATE_STATE.value
-
-    def __init__(self, certificate_id: str, status: Status, action: Action, reason: str) -> None:
-        super().__init__(reason)
-        self.certificate_id = certificate_id
-        self.status = status
-        self.action = action
 
 
 _S = Status
@@ -124,7 +100,7 @@ def update_action(new_status: str) -> Action:
         return UPDATE_ACTIONS[Status(new_status)]
     except (ValueError, KeyError):
         allowed = ", ".join(s.value for s in UPDATE_ACTIONS)
-        error = GatewaydError(f"--new-status must be one of {allowed}; {new_status} is not settable")
+        error = GatewaydError(f"'newStatus' must be one of {allowed}; {new_status} is not settable")
         error.code = AwsError.INVALID_REQUEST.value
         raise error from None
 

@@ -3,7 +3,7 @@ machine (one table of allowed transitions; a refused one changes nothing and say
 
 Pure: times are seconds since the epoch and randomness (uniform in [0, 1)) come in as arguments.
 
-The flow (README, "Renewal"): a new key in the TPM (KEYED) -> a CSR to the issuer (REQUESTED) -> the
+The flow (docs/identity.md, "Renewal"): a new key in the TPM (KEYED) -> a CSR to the issuer (REQUESTED) -> the
 certificate staged, never live before it is proven (STAGED) -> a trial mutual-TLS connection with the staged
 identity (TRIAL) -> promoted atomically, the uplink switches over, the previous version kept (PROMOTED) ->
 the new identity connected within the rollback window (IDLE, succeeded) or rolled back (IDLE, failed).
@@ -12,30 +12,14 @@ Any failure before promotion discards the staged version and its key and leaves 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-from gatewayd.core.errors import GatewaydError
+from gatewayd.core.duration import parse_duration as parse_duration
+from gatewayd.core.errors import RenewalRefused
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 JITTER_SHARE = 0.1  # the due time moves earlier by up to this share of the renew-before window
 MAX_JITTER = 86400.0  # ... but never by more than a day
-
-
-def parse_duration(text: str) -> float:
-    """ "45s", "90m", "12h", "30d" (or "1d12h") -> seconds; ValueError for anything else."""
-    text = text.strip()
-    pos, total = 0, 0.0
-    for match in _DURATION.finditer(text):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _UNITS[match.group(2)]
-        pos = match.end()
-    if pos != len(text) or not text or total <= 0:
-        raise ValueError(f"{text!r} is not a duration like 30d, 12h, 90m or 45s")
-    return total
 
 
 @dataclass(frozen=True)
@@ -64,6 +48,17 @@ class RenewBefore:
             return self.share * lifetime
         assert self.seconds is not None
         return min(self.seconds, lifetime)
+
+
+class RenewBeforeText(str):
+    """renewal.renew_before as written ("33%", "30d"), parsed once at config load: `policy`."""
+
+    policy: RenewBefore
+
+    def __new__(cls, text: str) -> RenewBeforeText:
+        self = super().__new__(cls, text)
+        self.policy = RenewBefore.parse(text)
+        return self
 
 
 def due_time(not_before: float, not_after: float, policy: RenewBefore, jitter: float) -> float:
@@ -126,13 +121,6 @@ class Event(StrEnum):
     CONFIRMED = "confirmed"  # the uplink connected with the promoted identity
     FAILED = "failed"  # anything before promotion: discard what was made
     ROLLED_BACK = "rolled-back"  # the promoted identity did not connect within the rollback window
-
-
-class RenewalRefused(GatewaydError):
-    def __init__(self, step: Step, event: Event) -> None:
-        super().__init__(f"renewal: {event.value} is not possible in step {step.value}")
-        self.step = step
-        self.event = event
 
 
 _S, _E = Step, Event

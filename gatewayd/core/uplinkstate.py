@@ -1,7 +1,7 @@
 """The uplink's connection state (pure: states, events, a transition table; time passed in, no I/O), as the
 daemon tracks it from its own decisions (prepare blocked, suspended for a renewal) and from what the uplink
-process reports (connecting, CONNACK, lost, backing off). service/uplink.py feeds it; `gatewayctl status`,
-STATUS= and the renewal's trial connection read it.
+process reports (connecting, CONNACK, lost, backing off). service/upstream/uplink.py feeds it; `gatewayctl
+status`, STATUS= and the renewal's trial connection read it.
 
 An event not allowed in the current state raises IllegalTransition and changes nothing (the caller logs it:
 a report that makes no sense must not bend the state, e.g. CONNECTED without CONNECTING first).
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from gatewayd.core.errors import GatewaydError
+from gatewayd.core.errors import IllegalTransition
 
 
 class UplinkState(Enum):
@@ -63,10 +63,6 @@ TRANSITIONS: dict[UplinkEvent, tuple[frozenset[UplinkState], UplinkState]] = {
 }
 IGNORED = {E.PROCESS_ENDED: _NOT_CONNECTED - {S.CONNECTING}}  # events that change nothing in these states
 FAILURES = frozenset({S.FAILED, S.REFUSED, S.SETUP_FAILED})
-
-
-class IllegalTransition(GatewaydError):
-    pass
 
 
 @dataclass(frozen=True)

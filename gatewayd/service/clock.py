@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gatewayd.adapters import timesync
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd.core.timefmt import iso_utc
 
 log = logging.getLogger("gatewayd.clock")
@@ -76,7 +76,9 @@ class ClockWatch:
         log.warning(
             "wall clock not synchronized (%s): it says %s; no renewal starts by the clock until it is",
             timesync.describe(self.source), iso_utc(now),
-            extra=messages.extra(messages.CLOCK_UNSYNCHRONIZED, source=self.source, wall_clock=iso_utc(now)),
+            extra=logevents.extra(
+                logevents.CLOCK_UNSYNCHRONIZED, source=self.source, wall_clock=iso_utc(now)
+            ),
         )  # fmt: skip
 
     def set_source(self, source: str) -> None:
@@ -98,8 +100,8 @@ class ClockWatch:
             log.info(
                 "wall clock jumped %s by %s: from %s to %s",
                 "forward" if jump > 0 else "back", _span(jump), iso_utc(now - jump), iso_utc(now),
-                extra=messages.extra(
-                    messages.CLOCK_JUMPED, jump_seconds=round(jump, 3), wall_clock=iso_utc(now)
+                extra=logevents.extra(
+                    logevents.CLOCK_JUMPED, jump_seconds=round(jump, 3), wall_clock=iso_utc(now)
                 ),
             )  # fmt: skip
         if synced is None:
@@ -111,8 +113,8 @@ class ClockWatch:
             if synced:
                 log.info(
                     "wall clock synchronized (%s): it says %s", timesync.describe(self.source), iso_utc(now),
-                    extra=messages.extra(
-                        messages.CLOCK_SYNCHRONIZED, source=self.source, wall_clock=iso_utc(now)
+                    extra=logevents.extra(
+                        logevents.CLOCK_SYNCHRONIZED, source=self.source, wall_clock=iso_utc(now)
                     ),
                 )  # fmt: skip
             else:

@@ -26,8 +26,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from gatewayd.core import jsonsafe, messages
-from gatewayd.core.errors import ControlError, GatewaydError
+from gatewayd.core import jsonsafe, logevents
+from gatewayd.core.errors import ControlError, DaemonUnreachable, GatewaydError
 
 log = logging.getLogger("gatewayd.control")
 
@@ -89,7 +89,7 @@ class ControlServer:
         log.warning(
             "control socket: refused uid %d (pid %d): not root, not uid %d, not in group %s",
             uid, pid, os.geteuid(), self.group or "(none)",
-            extra=messages.extra(messages.CONTROL_DENIED, peer_uid=uid, peer_pid=pid),
+            extra=logevents.extra(logevents.CONTROL_DENIED, peer_uid=uid, peer_pid=pid),
         )  # fmt: skip
         return False
 
@@ -207,10 +207,6 @@ def _remove_stale_socket(path: Path) -> None:
     finally:
         probe.close()
     raise ControlError(f"another gatewayd is already answering on {path}")
-
-
-class DaemonUnreachable(ControlError):
-    """No daemon listens on the control socket (it is not running)."""
 
 
 def request(path: Path, command: str, args: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 import resource
@@ -27,35 +26,23 @@ from typing import Any
 from gatewayd import __version__
 from gatewayd.adapters.heap import release_free_memory
 from gatewayd.adapters.systemd import Notifier, watchdog_interval
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd.core.commands import BY_NAME
 from gatewayd.core.config import Config, diff, with_live_changes
 from gatewayd.core.errors import ConfigError, ControlError
 from gatewayd.core.timefmt import iso_utc
-from gatewayd.core.topics import expand
-from gatewayd.service.broker import Broker, Peer
 from gatewayd.service.clock import ClockChange, ClockWatch
 from gatewayd.service.control import ControlServer
-from gatewayd.service.downstream import Downstream
-from gatewayd.service.forwarder import Forwarder
-from gatewayd.service.hardware import Hardware
+from gatewayd.service.downstream.registry_commands import run_command
 from gatewayd.service.logsetup import apply_level
-from gatewayd.service.registry import RegistryService, run_command
-from gatewayd.service.renewal import Renewer
-from gatewayd.service.serial import SerialSensors
-from gatewayd.service.upstream import Upstream, build_trust
+from gatewayd.service.root import Components, Hooks, build
+from gatewayd.service.upstream.renewal import Renewer
 from gatewayd.stores.configfile import load
-from gatewayd.stores.identity import IdentityStore
-from gatewayd.stores.migrate import migrate_sqlite_spool
-from gatewayd.stores.registry import Registry
-from gatewayd.stores.spill import SpillStore
 from gatewayd.stores.statedir import ensure_state_dir
 
 STATUS_REFRESH = 5.0  # seconds
 BACKLOG_LOG_EVERY = 60.0  # seconds
 HEAP_TRIM_EVERY = 30.0  # seconds between handing the C heap's free pages back (adapters/heap.py)
-
-JITR_EVENTS = "$aws/events/certificates/registered"  # AWS IoT's topic for JITR events (+ the CA's id)
 
 log = logging.getLogger("gatewayd.daemon")
 
@@ -99,13 +86,7 @@ class Daemon:
         self.last_reload: dict[str, Any] | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
-        self.upstream: Upstream | None = None
-        self.broker: Broker | None = None
-        self.forwarder: Forwarder | None = None
-        self.downstream: Downstream | None = None
-        self.registry: RegistryService | None = None
-        self.serial: SerialSensors | None = None
-        self.hardware: Hardware | None = None
+        self.parts: Components | None = None  # once build() has started them all
         self.clock = ClockWatch(config.time.synchronized)
         self.clock.listeners.append(self._clock_changed)
         self._last_status = ""
@@ -118,12 +99,10 @@ class Daemon:
             self.state, self.state_since = state, time.time()
 
     def status_line(self) -> str:
-        if self.state != "running" or self.upstream is None:
+        if self.state != "running" or self.parts is None:
             line = f"{self.state.capitalize()}; thing {self.config.gateway.thing_name}"
         else:
-            line = self.upstream.status_line()
-            if self.forwarder is not None:
-                line += self.forwarder.status_words()
+            line = self.parts.status.line() + self.parts.forwarder.status_words()
         if not self.clock.synchronized:
             line += "; clock not synchronized"
         if self.last_reload and not self.last_reload["applied"]:
@@ -131,10 +110,9 @@ class Daemon:
         return line
 
     def _clock_changed(self, change: ClockChange) -> None:
-        if self.upstream is not None:
-            self.upstream.clock_changed(change.synchronized)
-        if self.downstream is not None:
-            self.downstream.clock_changed(change.jump, change.synchronized)
+        if self.parts is not None:
+            self.parts.upstream.clock_changed(change.synchronized)
+            self.parts.downstream.clock_changed(change.jump, change.synchronized)
         self._status_changed()
 
     def _status_changed(self) -> None:
@@ -144,7 +122,7 @@ class Daemon:
             self.notifier.status(line)
 
     def status(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "state": self.state,
             "since": iso_utc(self.state_since),
             "thingName": self.config.gateway.thing_name,
@@ -155,16 +133,33 @@ class Daemon:
             "version": __version__,
             "uptimeSeconds": round(time.monotonic() - self.started_monotonic, 3),
             "lastReload": self.last_reload,
-            "uplink": self.upstream.summary() if self.upstream is not None else None,
-            "spool": self.forwarder.summary() if self.forwarder is not None else None,
-            "sensors": len(self.broker.clients) if self.broker is not None else 0,
-            "serialSensors": len(self.serial.ports) if self.serial is not None else 0,
-            "hardware": self.hardware.summary() if self.hardware is not None else None,
-            "sensorSessions": len(self.broker.sessions) if self.broker is not None else 0,
-            "upstreamSubscriptions": self.broker.upstream_refs if self.broker is not None else {},
-            "droppedForSensors": self.broker.dropped if self.broker is not None else 0,
-            "registry": self.registry.summary() if self.registry is not None else None,
+            "uplink": None,
+            "spool": None,
+            "sensors": 0,
+            "serialSensors": 0,
+            "hardware": None,
+            "sensorSessions": 0,
+            "upstreamSubscriptions": {},
+            "droppedForSensors": 0,
+            "registry": None,
             "clock": self.clock.summary(),
+        }
+        if self.parts is not None:  # running: every component answers
+            body.update(self._components_status(self.parts))
+        return body
+
+    @staticmethod
+    def _components_status(p: Components) -> dict[str, Any]:
+        return {
+            "uplink": p.status.summary(),
+            "spool": p.forwarder.summary(),
+            "sensors": len(p.broker.clients),
+            "serialSensors": len(p.serial.ports),
+            "hardware": p.hardware.summary(),
+            "sensorSessions": len(p.broker.sessions),
+            "upstreamSubscriptions": p.broker.upstream_refs,
+            "droppedForSensors": p.broker.dropped,
+            "registry": p.registry.summary(),
         }
 
     # ------------------------------------------------------------------ main
@@ -179,75 +174,15 @@ class Daemon:
         ensure_state_dir(state_dir)
         self.clock.announce()
         file_descriptors(self.config)
-        handlers = {
-            "status": self._cmd_status,
-            "identity": self._cmd_identity,
-            "list-connections": self._cmd_list_connections,
-            "disconnect": self._cmd_disconnect,
-            "trust": self._cmd_trust,
-        }
-        for name in BY_NAME:
-            handlers[name] = functools.partial(self._cmd_registry, name)
-        if self.environ.get(DEBUG_ENV) == "1":
-            log.warning("debug control commands are enabled (%s=1); never do this in production", DEBUG_ENV)
-            handlers["debug-stall-loop"] = self._cmd_stall
-            handlers["debug-renewal-release"] = self._cmd_renewal_release
+        hooks = Hooks(self._status_changed, lambda: self.clock.synchronized, self._renewal_holds())
         try:
             async with contextlib.AsyncExitStack() as components:
-                store = components.enter_context(
-                    IdentityStore(state_dir, self.config.identity.keep_versions).locked()
-                )
-                for cleaned in store.recover():
-                    log.warning("identity store: removed %s left by an interrupted write", cleaned)
-                trust = build_trust(self.config)
-                self.hardware = hardware = Hardware(self.config, self._tpm_changed, self._network_changed)
-                await components.enter_async_context(hardware)  # before the uplink: the TPM gate
-                self.upstream = Upstream(
-                    self.config,
-                    store,
-                    trust,
-                    on_change=self._status_changed,
-                    on_message=self._from_upstream,
-                    hold_at=self._renewal_holds(),
-                    tpm_absent=hardware.tpm_absent,
-                    clock_trusted=lambda: self.clock.synchronized,
-                )
-                await components.enter_async_context(self.upstream)
-                spill = await asyncio.to_thread(self._open_spool, state_dir)
-                self.forwarder = Forwarder(self.config, spill, self.upstream.uplink)
-                await components.enter_async_context(self.forwarder)  # closes the spool
-                self.broker = Broker(self.config, self.forwarder, admit=self._admit)
-                self.downstream = Downstream(
-                    self.config,
-                    self.broker,
-                    anchors=self._trust_anchors,
-                    clock_trusted=lambda: self.clock.synchronized,
-                )
-                self.downstream.ca.ensure()
-                registry = Registry(state_dir / "registry.db", self.config.gateway.thing_name)
-                components.callback(registry.close)
-                self.registry = RegistryService(
-                    registry,
-                    self.downstream.ca,
-                    self.config.gateway.thing_name,
-                    clock_trusted=lambda: self.clock.synchronized,
-                )
-                self.registry.configure(self.config)
-                await components.enter_async_context(self.downstream)
-                if self.config.downstream.serial:
-                    forwarder = self.forwarder
-                    self.serial = SerialSensors(
-                        self.config,
-                        self.broker.publish_as,
-                        self.registry.certificate_admission,
-                        forwarder.room,
-                        lambda: forwarder.accepting,
-                    )
-                    components.callback(self.serial.close_all)
-                    hardware.attach_serial(self.serial.device_event)
+                self.parts = parts = await build(self.config, components, hooks)
                 await components.enter_async_context(
                     ControlServer(
-                        Path(self.config.gateway.control_socket), handlers, self.config.gateway.control_group
+                        Path(self.config.gateway.control_socket),
+                        self._handlers(parts),
+                        self.config.gateway.control_group,
                     )
                 )
                 self._set_state("running")
@@ -256,7 +191,7 @@ class Daemon:
                     "gatewayd %s ready (thing %s)",
                     __version__,
                     self.config.gateway.thing_name,
-                    extra=messages.extra(messages.STARTED, thing_name=self.config.gateway.thing_name),
+                    extra=logevents.extra(logevents.STARTED, thing_name=self.config.gateway.thing_name),
                 )
                 self.notifier.ready(self.status_line())
                 await self._serve_until_stopped()
@@ -268,28 +203,8 @@ class Daemon:
                     return 1
         finally:
             self.notifier.close()
-        log.info("clean shutdown complete", extra=messages.extra(messages.STOPPED))
+        log.info("clean shutdown complete", extra=logevents.extra(logevents.STOPPED))
         return 0
-
-    def _open_spool(self, state_dir: Path) -> SpillStore:
-        """The spill store, its torn tails cut (logged), and an earlier version's spool.db moved into it."""
-        store = SpillStore(state_dir / "spool", self.config.spool.max_bytes, self.config.spool.when_full)
-        for line in store.recovered.torn:
-            log.warning("spool: %s", line, extra=messages.extra(messages.SPOOL_REPAIRED, detail=line))
-        if store.recovered.readings:
-            log.info(
-                "spool: %d message(s) waiting from before the restart (%d segment file(s))",
-                store.recovered.readings, store.recovered.segments,
-            )  # fmt: skip
-        moved = migrate_sqlite_spool(state_dir / "spool.db", store)
-        if moved is not None:
-            log.info(
-                "spool: moved %d message(s) (%d bytes) from spool.db of an earlier version into %s; "
-                "spool.db removed", moved.messages, moved.bytes, store.directory,
-                extra=messages.extra(messages.SPOOL_MIGRATED, spool_messages=moved.messages,
-                                     spool_bytes=moved.bytes),
-            )  # fmt: skip
-        return store
 
     async def _serve_until_stopped(self) -> None:
         tasks = [
@@ -306,7 +221,7 @@ class Daemon:
             await self._stop.wait()
             self._set_state("stopping")
             self.notifier.stopping("Stopping")
-            log.info("stopping on signal", extra=messages.extra(messages.STOPPING))
+            log.info("stopping on signal", extra=logevents.extra(logevents.STOPPING))
         finally:
             for task in tasks:
                 task.cancel()
@@ -321,7 +236,7 @@ class Daemon:
             self._status_changed()
             now = time.monotonic()
             due = now - last_backlog_log >= BACKLOG_LOG_EVERY
-            if due and self.forwarder is not None and self.forwarder.log_backlog():
+            if due and self.parts is not None and self.parts.forwarder.log_backlog():
                 last_backlog_log = now
 
     async def _release_memory(self) -> None:
@@ -355,7 +270,7 @@ class Daemon:
                 log.error(
                     "reload refused: %s",
                     problem,
-                    extra=messages.extra(messages.CONFIG_RELOAD_REFUSED, config_key=problem.key),
+                    extra=logevents.extra(logevents.CONFIG_RELOAD_REFUSED, config_key=problem.key),
                 )
             self.last_reload = {"at": iso_utc(time.time()), "applied": False, "problems": len(exc.problems)}
             self.notifier.ready(self.status_line())
@@ -369,27 +284,26 @@ class Daemon:
                     change.old,
                     change.new,
                     change.old,
-                    extra=messages.extra(messages.CONFIG_RESTART_REQUIRED, config_key=change.key),
+                    extra=logevents.extra(logevents.CONFIG_RESTART_REQUIRED, config_key=change.key),
                 )
         self.config = with_live_changes(self.config, new)
         apply_level(self.config.logging.level)
         if self.clock.source != self.config.time.synchronized:
             self.clock.set_source(self.config.time.synchronized)
-        if self.broker is not None:
-            self.broker.reconfigure(self.config)
-        if self.registry is not None:
-            self.registry.configure(self.config)
-        if self.upstream is not None:
-            self.upstream.reconfigure(self.config)
-            self.upstream.uplink.kick()  # a reload also means "try to connect again now"
+        if self.parts is not None:
+            self.parts.broker.reconfigure(self.config)
+            self.parts.registry.configure(self.config)
+            self.parts.admission.configure(self.config)
+            self.parts.upstream.reconfigure(self.config)
+            self.parts.uplink.kick()  # a reload also means "try to connect again now"
         applied = [c.key for c in changes if c.live]
         pending = [c.key for c in changes if not c.live]
         log.info(
             "configuration reloaded: applied %s; restart needed for %s",
             ", ".join(applied) or "nothing",
             ", ".join(pending) or "nothing",
-            extra=messages.extra(
-                messages.CONFIG_RELOADED, applied=",".join(applied), restart=",".join(pending)
+            extra=logevents.extra(
+                logevents.CONFIG_RELOADED, applied=",".join(applied), restart=",".join(pending)
             ),
         )
         self.last_reload = {
@@ -402,91 +316,51 @@ class Daemon:
 
     # ------------------------------------------------------------------ control commands
 
+    def _handlers(self, parts: Components) -> dict[str, Any]:
+        handlers: dict[str, Any] = {
+            "status": self._cmd_status,
+            "identity": functools.partial(self._cmd_identity, parts),
+            "list-connections": functools.partial(self._cmd_list_connections, parts),
+            "disconnect": functools.partial(self._cmd_disconnect, parts),
+            "trust": functools.partial(self._cmd_trust, parts),
+        }
+        for name in BY_NAME:
+            handlers[name] = functools.partial(self._cmd_registry, parts, name)
+        if self.environ.get(DEBUG_ENV) == "1":
+            log.warning("debug control commands are enabled (%s=1); never do this in production", DEBUG_ENV)
+            handlers["debug-stall-loop"] = self._cmd_stall
+            handlers["debug-renewal-release"] = functools.partial(self._cmd_renewal_release, parts)
+        return handlers
+
     async def _cmd_status(self, args: dict[str, Any]) -> dict[str, Any]:
         return self.status()
 
-    def _from_upstream(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
-        if self.broker is not None:
-            self.broker.on_upstream_message(topic, payload, qos, retain)
+    async def _cmd_list_connections(self, parts: Components, args: dict[str, Any]) -> dict[str, Any]:
+        return {"connections": parts.broker.list_connections() + parts.serial.list_connections()}
 
-    async def _cmd_list_connections(self, args: dict[str, Any]) -> dict[str, Any]:
-        assert self.broker is not None
-        serial = self.serial.list_connections() if self.serial is not None else []
-        return {"connections": self.broker.list_connections() + serial}
-
-    async def _cmd_disconnect(self, args: dict[str, Any]) -> dict[str, Any]:
-        assert self.broker is not None
+    async def _cmd_disconnect(self, parts: Components, args: dict[str, Any]) -> dict[str, Any]:
         client_id = str(args.get("clientId", ""))
-        if not self.broker.disconnect(client_id):
+        if not parts.broker.disconnect(client_id):
             raise ControlError(f"no sensor connected with client id {client_id!r}")
         return {"disconnected": client_id}
 
-    # ------------------------------------------------------------------ the registry
-
-    def _trust_anchors(self) -> list[str]:
-        return self.registry.trust_anchors() if self.registry is not None else []
-
-    def _admit(self, peer: Peer, client_id: str) -> tuple[int, str] | None:
-        assert self.registry is not None
-        decision = self.registry.admission(peer.der, client_id)
-        if decision.event is not None:
-            self._publish_registration_event(decision.event)
-        return None if decision.admitted else (decision.code, decision.why)
-
-    # ------------------------------------------------------------------ hardware events
-
-    def _tpm_changed(self, present: bool) -> None:
-        if self.upstream is None:
-            return
-        if present:
-            self.upstream.uplink.kick()  # connect now
-        else:
-            self.upstream.uplink.restart("wait for the TPM")  # preparing again finds it absent
-
-    def _network_changed(self, addresses: list[str] | None, reason: str) -> None:
-        if self.upstream is not None:
-            self.upstream.uplink.network_changed(addresses)
-        if self.downstream is not None and addresses is not None:
-            self.downstream.addresses_changed(addresses)
-
-    def _publish_registration_event(self, event: dict[str, Any]) -> None:
-        """AWS IoT's JITR event: on the local broker on $aws/events/certificates/registered/<caCertificateId>
-        (for a provisioning agent on the gateway), and upstream on downstream.registration_event_topic + the
-        CA's id (a device cannot publish under $aws/events/)."""
-        payload = json.dumps(event).encode()
-        ca_id = event["caCertificateId"]
-        if self.broker is not None:
-            self.broker.publish_event(f"{JITR_EVENTS}/{ca_id}", payload)
-        template = self.config.downstream.registration_event_topic
-        if not template or self.upstream is None:
-            return
-        topic = expand(template, {"gateway:ThingName": self.config.gateway.thing_name}) + f"/{ca_id}"
-        try:
-            self.upstream.uplink.enqueue(topic, payload, 1)
-        except Exception as exc:  # the uplink's queue is full: the journald event still records it
-            log.warning("registration event for %s not queued: %s", event["certificateId"], exc)
-
-    async def _cmd_registry(self, command: str, args: dict[str, Any]) -> Any:
-        assert self.registry is not None and self.broker is not None and self.downstream is not None
-        result = run_command(self.registry, command, args)
+    async def _cmd_registry(self, parts: Components, command: str, args: dict[str, Any]) -> Any:
+        result = run_command(parts.registry, command, args)
         if BY_NAME[command].changes:
-            self.downstream.refresh_trust()
-            self.broker.enforce_admission()  # a certificate or CA no longer ACTIVE: its sensors go now
-            if self.serial is not None:
-                self.serial.enforce_admission()
+            parts.downstream.refresh_trust()
+            parts.broker.enforce_admission()  # a certificate or CA no longer ACTIVE: its sensors go now
+            parts.serial.enforce_admission()
         return result
 
-    async def _cmd_trust(self, args: dict[str, Any]) -> Any:
-        assert self.upstream is not None
+    async def _cmd_trust(self, parts: Components, args: dict[str, Any]) -> Any:
         if args.get("action") != "update":
             raise ControlError("unknown trust action")
-        return await self.upstream.trust_update(
+        return await parts.upstream.trust_update(
             str(args.get("mode") or ""), str(args.get("caFile") or ""), bool(args.get("fromConfig"))
         )
 
-    async def _cmd_identity(self, args: dict[str, Any]) -> Any:
-        assert self.upstream is not None
-        return await self.upstream.cmd_identity(str(args.get("action", "")), args)
+    async def _cmd_identity(self, parts: Components, args: dict[str, Any]) -> Any:
+        return await parts.upstream.cmd_identity(str(args.get("action", "")), args)
 
     def _renewal_holds(self) -> frozenset[str]:
         """GATEWAYD_DEBUG_RENEWAL_HOLD=name,...: pause renewals at these checkpoints (tests only)."""
@@ -503,10 +377,9 @@ class Daemon:
         log.warning("debug: renewals will pause at %s", ", ".join(sorted(names)))
         return names
 
-    async def _cmd_renewal_release(self, args: dict[str, Any]) -> dict[str, Any]:
-        assert self.upstream is not None
-        held = self.upstream.renewer.held
-        self.upstream.renewer.release()
+    async def _cmd_renewal_release(self, parts: Components, args: dict[str, Any]) -> dict[str, Any]:
+        held = parts.renewer.held
+        parts.renewer.release()
         return {"released": held}
 
     async def _cmd_stall(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -40,13 +40,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd.core.batching import Batch, Batcher, basic_ingest
 from gatewayd.core.config import BatchSection, Config
+from gatewayd.core.errors import SpillFull, UplinkError, UplinkRefused
 from gatewayd.core.mqtt.topics import TopicMap, matches
-from gatewayd.core.renewal import parse_duration
-from gatewayd.service.uplink import Uplink, UplinkError, UplinkRefused
-from gatewayd.stores.spill import Reading, SpillFull, SpillStore, Stats, Stored
+from gatewayd.service.upstream.uplink import Uplink
+from gatewayd.stores.spill import Reading, SpillStore, Stats, Stored
 
 log = logging.getLogger("gatewayd.forwarder")
 
@@ -131,8 +131,8 @@ class Forwarder:
         self.monotonic = monotonic
         self.topic_map = TopicMap.from_template(config.forwarding.upstream_topic, config.gateway.thing_name)
         self.max_message = config.upstream.quota.max_message_bytes
-        self.max_age = parse_duration(config.spool.max_age)
-        self.spill_after = parse_duration(config.spool.spill_after)
+        self.max_age = config.spool.max_age.seconds
+        self.spill_after = config.spool.spill_after.seconds
         self.memory_bytes = config.spool.memory_bytes
         self.expire_every = min(EXPIRE_EVERY, max(self.max_age / 4, 0.5))
         self.ahead = 2 * config.upstream.quota.max_inflight
@@ -461,7 +461,7 @@ class Forwarder:
             log.warning(
                 "spool full (%d messages, %d bytes): holding back sensors' QoS 1 messages until AWS IoT "
                 "acknowledges some", self._stats.messages, self._stats.bytes,
-                extra=messages.extra(messages.SPOOL_FULL, spool_bytes=self._stats.bytes,
+                extra=logevents.extra(logevents.SPOOL_FULL, spool_bytes=self._stats.bytes,
                                      spool_messages=self._stats.messages),
             )  # fmt: skip
         elif not full and self._full:
@@ -681,8 +681,8 @@ class Forwarder:
             "spool: dropped %d QoS 0 and %d QoS 1 message(s) for room (spool.when_full = %s) and %d "
             "message(s) older than spool.max_age",
             q0, q1, self.store.when_full, old,
-            extra=messages.extra(
-                messages.SPOOL_DROPPED, reason=", ".join(reasons), dropped_qos0=q0, dropped_qos1=q1,
+            extra=logevents.extra(
+                logevents.SPOOL_DROPPED, reason=", ".join(reasons), dropped_qos0=q0, dropped_qos1=q1,
                 dropped_expired=old,
             ),
         )  # fmt: skip
@@ -697,8 +697,8 @@ class Forwarder:
         log.info(
             "spool: %d messages (%d bytes, the oldest %d s old) waiting; uplink publishing %g/s%s",
             s.messages, s.bytes, age, rate, ", throttled by the quota" if throttled else "",
-            extra=messages.extra(
-                messages.SPOOL_BACKLOG, spool_messages=s.messages, spool_bytes=s.bytes,
+            extra=logevents.extra(
+                logevents.SPOOL_BACKLOG, spool_messages=s.messages, spool_bytes=s.bytes,
                 oldest_age_seconds=age, publish_rate=rate, throttled=throttled,
             ),
         )  # fmt: skip
@@ -749,6 +749,6 @@ def _pop(queues: dict[str, deque[_Entry]], sensor: str) -> _Entry | None:
 def _rule(section: BatchSection) -> _Rule:
     return _Rule(
         section.topic,
-        Batcher(section.max_bytes, parse_duration(section.max_delay)),
+        Batcher(section.max_bytes, section.max_delay.seconds),
         section.basic_ingest_rule,
     )

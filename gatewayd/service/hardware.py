@@ -5,7 +5,7 @@
 - The network: an interface added or removed (udev), a link going up or down, an address added or removed
   (rtnetlink) make the uplink try again at once, and re-issue the listener's certificate when the addresses
   changed. Events within NETWORK_SETTLE seconds are handled together.
-- Serial sensors: ttys are handed to gatewayd.service.serial.
+- Serial sensors: ttys are handed to gatewayd.service.downstream.serial.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from types import TracebackType
 from typing import Any
 
 from gatewayd.adapters import netlink
-from gatewayd.adapters.udev import UdevDevice, UdevMonitor, UdevUnavailable
-from gatewayd.core import messages
+from gatewayd.adapters.udev import UdevDevice, UdevMonitor
+from gatewayd.core import logevents
 from gatewayd.core.config import Config
+from gatewayd.core.errors import UdevUnavailable
 
 log = logging.getLogger("gatewayd.hardware")
 
@@ -78,7 +79,7 @@ class Hardware:
         except UdevUnavailable as exc:
             log.warning(
                 "udev events unavailable (%s): no hotplug for the TPM or serial sensors", exc,
-                extra=messages.extra(messages.HARDWARE_EVENTS_UNAVAILABLE, reason=f"udev: {exc}"),
+                extra=logevents.extra(logevents.HARDWARE_EVENTS_UNAVAILABLE, reason=f"udev: {exc}"),
             )  # fmt: skip
         routes = netlink.RouteMonitor(self._on_route)
         try:
@@ -87,7 +88,7 @@ class Hardware:
         except OSError as exc:
             log.warning(
                 "rtnetlink events unavailable (%s): the uplink reconnects on its backoff only", exc,
-                extra=messages.extra(messages.HARDWARE_EVENTS_UNAVAILABLE, reason=f"rtnetlink: {exc}"),
+                extra=logevents.extra(logevents.HARDWARE_EVENTS_UNAVAILABLE, reason=f"rtnetlink: {exc}"),
             )  # fmt: skip
         if self.udev is not None and self.tpm_path:
             self._udev_tpm = any(
@@ -153,12 +154,12 @@ class Hardware:
         if after:
             log.info(
                 "TPM device %s appeared", self.tpm_path,
-                extra=messages.extra(messages.TPM_ARRIVED, device=self.tpm_path),
+                extra=logevents.extra(logevents.TPM_ARRIVED, device=self.tpm_path),
             )  # fmt: skip
         else:
             log.warning(
                 "TPM device %s was removed: stopping the uplink until it returns", self.tpm_path,
-                extra=messages.extra(messages.TPM_REMOVED, device=self.tpm_path),
+                extra=logevents.extra(logevents.TPM_REMOVED, device=self.tpm_path),
             )  # fmt: skip
         self.tpm_changed(after)
 
@@ -200,6 +201,6 @@ class Hardware:
         shown = "unknown" if found is None else " ".join(found) or "none"
         log.info(
             "network changed (%s); addresses now %s", reason, shown,
-            extra=messages.extra(messages.NETWORK_CHANGED, reason=reason, addresses=",".join(found or [])),
+            extra=logevents.extra(logevents.NETWORK_CHANGED, reason=reason, addresses=",".join(found or [])),
         )  # fmt: skip
         self.network_changed(found, reason)

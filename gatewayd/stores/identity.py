@@ -30,21 +30,13 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 
-from gatewayd.core.errors import GatewaydError
+from gatewayd.core.errors import StoreLocked
 from gatewayd.stores import atomic
 from gatewayd.stores.x509util import load_pem_certificates
 
 T = TypeVar("T")
 
 _NUMBER = re.compile(r"[0-9]+")
-
-
-class IdentityError(GatewaydError):
-    """An identity operation was refused or failed; nothing was changed."""
-
-
-class StoreLocked(IdentityError):
-    """Another process (normally the running daemon) holds the state directory."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The gateway's local CA: created on first start (software key, 0600), it issues the listener's server
-certificate, whose SANs cover the host name and the gateway's current addresses, and (later) sensors'
-certificates. Sensors trust it to authenticate the gateway (`gatewayctl describe-endpoint` will print it).
+certificate, whose SANs cover the host name and the gateway's current addresses, and sensors' certificates
+(`LocalCA.issue`, the one certificate builder). Sensors trust it to authenticate the gateway
+(`gatewayctl describe-endpoint` prints it).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gatewayd.stores import atomic
@@ -25,7 +26,7 @@ RENEW_WITHIN = dt.timedelta(days=30)
 # How far back certificates are valid from, for sensors whose clock differs from the gateway's: a listener
 # certificate made while the gateway's clock is synchronized tolerates an hour's difference, one made while
 # it is not tolerates a month (a Pi's clock at boot is where its last shutdown left it) and is made again
-# once the clock is set (service/downstream.py); the CA itself, never made again, tolerates a year.
+# once the clock is set (service/downstream/listeners.py); the CA itself, never made again, tolerates a year.
 SLACK_SYNCHRONIZED = dt.timedelta(hours=1)
 SLACK_UNSYNCHRONIZED = dt.timedelta(days=30)
 CA_SLACK = dt.timedelta(days=366)
@@ -109,6 +110,37 @@ class LocalCA:
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         return cert, key
 
+    def issue(
+        self,
+        public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,  # what sensors' CSRs may carry
+        common_name: str,
+        valid_from: dt.datetime,
+        valid_until: dt.datetime,
+        server: bool = False,
+        sans: list[x509.GeneralName] | None = None,
+    ) -> x509.Certificate:
+        """The one place a certificate is made from this CA: an end-entity certificate for `public_key`, its
+        CN `common_name`, for client authentication (sensors) or, `server`, server authentication (the
+        listener, with its `sans`); never valid beyond the CA itself."""
+        ca_cert, ca_key = self.ca()
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca_cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(valid_from)
+            .not_valid_after(min(valid_until, not_after(ca_cert)))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False).add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        return builder.sign(ca_key, hashes.SHA256())
+
     def server_identity(
         self, names: list[str], addresses: list[str], clock_trusted: bool = True, reissue: bool = False
     ) -> ServerIdentity:
@@ -129,30 +161,14 @@ class LocalCA:
                 and same_public_key(current.public_key(), key_now.public_key())
             ):
                 return ServerIdentity(cert_file, key_file, *wanted)
-        ca_cert, ca_key = self.ca()
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         slack = SLACK_SYNCHRONIZED if clock_trusted else SLACK_UNSYNCHRONIZED
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
         sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(
-                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0] if names else self.thing_name)])
-            )
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - slack)
-            .not_valid_after(now - slack + dt.timedelta(days=SERVER_DAYS))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
+        start = now - slack
+        cn = names[0] if names else self.thing_name
+        cert = self.issue(key.public_key(), cn, start, start + dt.timedelta(days=SERVER_DAYS), True, sans)
         atomic.write_file(key_file, _key_pem(key), 0o600)
         atomic.write_file(cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return ServerIdentity(cert_file, key_file, *wanted)

@@ -21,16 +21,8 @@ from typing import Any
 
 from cryptography import x509
 
-from gatewayd.core.errors import GatewaydError
-from gatewayd.core.registry import (
-    Action,
-    AutoRegistration,
-    AwsError,
-    CaStatus,
-    Status,
-    deletable,
-    transition,
-)
+from gatewayd.core.errors import AwsError, RegistryError
+from gatewayd.core.registry import Action, AutoRegistration, CaStatus, Status, deletable, transition
 from gatewayd.core.timefmt import iso_utc
 from gatewayd.stores.x509util import certificate_id, not_after, not_before, pem
 
@@ -89,15 +81,6 @@ CREATE TABLE IF NOT EXISTS revoked (certificate_id TEXT PRIMARY KEY, revoked_at 
 _TRANSFERS = """
 CREATE TABLE IF NOT EXISTS transfers_answered (transfer_id TEXT PRIMARY KEY, answered_at TEXT NOT NULL)
 """
-
-
-class RegistryError(GatewaydError):
-    """A registry request was refused; nothing was written. The message is one line for gatewayctl; `code`
-    the AWS exception name AWS IoT answers the same refusal with."""
-
-    def __init__(self, message: str, code: AwsError = AwsError.INVALID_REQUEST) -> None:
-        super().__init__(message)
-        self.code = code.value
 
 
 def _generation() -> str:
@@ -362,6 +345,22 @@ class Registry:
                 "INSERT OR IGNORE INTO transfers_answered VALUES (?, ?)", (transfer_id, iso_utc(now))
             )
 
+    def trust_anchor_pems(self) -> list[str]:
+        """Registered CAs, and certificates registered without a CA: what the listeners' TLS trusts."""
+        rows = self.db.execute(
+            "SELECT pem FROM ca_certificates UNION ALL "
+            "SELECT pem FROM certificates WHERE ca_certificate_id IS NULL"
+        ).fetchall()
+        return [pem for (pem,) in rows]
+
+    def counts(self) -> tuple[dict[str, int], int]:
+        """Device certificates by status, and the number of CA certificates."""
+        by_status = dict(
+            self.db.execute("SELECT status, COUNT(*) FROM certificates GROUP BY status").fetchall()
+        )
+        (cas,) = self.db.execute("SELECT COUNT(*) FROM ca_certificates").fetchone()
+        return by_status, int(cas)
+
     def was_revoked(self, cid: str) -> bool:
         """Deleted while REVOKED (and not registered again explicitly since)."""
         return self.db.execute("SELECT 1 FROM revoked WHERE certificate_id=?", (cid,)).fetchone() is not None
@@ -389,7 +388,7 @@ class Registry:
         self, table: str, page_size: int, marker: str | None, ascending: bool, ca_id: str | None
     ) -> tuple[list[str], str | None]:
         if not 1 <= page_size <= 250:
-            raise RegistryError("--page-size must be between 1 and 250")
+            raise RegistryError("'pageSize' must be between 1 and 250")
         order = "ASC" if ascending else "DESC"
         where, params = [], []
         if ca_id is not None:
@@ -399,7 +398,7 @@ class Registry:
             try:  # base64, as AWS's markers ([A-Za-z0-9+/]+={0,2})
                 created, after_id = base64.b64decode(marker, validate=True).decode().split("|", 1)
             except (ValueError, binascii.Error):
-                raise RegistryError("invalid --starting-token (a marker)") from None
+                raise RegistryError("invalid 'marker' (not one this registry gave)") from None
             op = ">" if ascending else "<"
             where.append(f"(creation_date, certificate_id) {op} (?, ?)")
             params += [created, after_id]

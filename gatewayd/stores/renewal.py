@@ -11,16 +11,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gatewayd.core.errors import GatewaydError
+from gatewayd.core.errors import RenewalStateError
 from gatewayd.core.renewal import Event, Step, next_step
 from gatewayd.stores import atomic
 
 FILE = "renewal.json"
 FORMAT = 1
-
-
-class RenewalStateError(GatewaydError):
-    """The state file exists but cannot be read; the message is one line."""
 
 
 @dataclass(frozen=True)

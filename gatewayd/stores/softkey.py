@@ -9,8 +9,8 @@ from __future__ import annotations
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from gatewayd.core.errors import CertificateError
 from gatewayd.core.keys import Signature, algorithm_for, hash_for
-from gatewayd.stores.x509util import CertificateError
 
 
 def create_key(key_type: str) -> bytes:

@@ -46,7 +46,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gatewayd.core.errors import GatewaydError
+from gatewayd.core.errors import SpillError, SpillFull
 from gatewayd.stores.ageclock import AgeClock
 
 MAGIC = b"GWSPILL2"
@@ -67,14 +67,6 @@ _NO_ROOM = {
     "hold": "when_full is hold: nothing stored is dropped",
     "drop-oldest": "the batch is larger than the spool",
 }
-
-
-class SpillError(GatewaydError):
-    pass
-
-
-class SpillFull(SpillError):
-    """Readings that did not fit; the caller must not acknowledge them to their sensor."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gatewayd.core import jsonsafe
-from gatewayd.stores.registry import RegistryError
+from gatewayd.core.errors import RegistryError
 from gatewayd.stores.x509util import certificate_id, pem
 
 BUNDLE_FORMAT = "gatewayd-certificate-transfer/1"

@@ -17,24 +17,12 @@ from pathlib import Path
 
 from cryptography import x509
 
-from gatewayd.core.errors import GatewaydError
+from gatewayd.core.errors import CertificateError, TrustError
 from gatewayd.core.trust import FILE_MODES, Catalog, Root
 from gatewayd.stores import atomic
-from gatewayd.stores.x509util import (
-    CertificateError,
-    common_name,
-    is_ca,
-    not_after,
-    pem,
-    pem_blocks_der,
-    read_certificates,
-)
+from gatewayd.stores.x509util import common_name, is_ca, not_after, pem, pem_blocks_der, read_certificates
 
 DEV_CATALOG_ENV = "GATEWAYD_DEV_ROOT_CATALOG"  # tests and the demo: the stand-in's roots play Amazon's
-
-
-class TrustError(GatewaydError):
-    """The trust bundle cannot be built; the message says which root and what to do."""
 
 
 @dataclass(frozen=True)

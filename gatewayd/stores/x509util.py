@@ -14,13 +14,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
-from gatewayd.core.errors import GatewaydError
+from gatewayd.core.errors import CertificateError
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.S)
-
-
-class CertificateError(GatewaydError):
-    """A certificate or PEM file is unusable; the message says why in one line."""
 
 
 def load_pem_certificates(data: bytes, what: str = "file") -> list[x509.Certificate]:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd.service.control import request
 from gatewayd_dev import pki
 from gatewayd_dev.gateway import Gateway, gateway_env, provision, register_ca, standin_config, write_config
@@ -114,7 +114,7 @@ def test_address_gone_drops_the_connection_and_its_return_reconnects_at_once(
         print(f"\naddress removed -> connection dropped: {took * 1000:.0f} ms")
         assert took < 1.0
         assert f"the local address {UPLINK_ADDRESS} is gone" in gw.log()
-        assert messages.NETWORK_CHANGED.id in gw.log()
+        assert logevents.NETWORK_CHANGED.id in gw.log()
         wait_for_long_backoff(gw.uplink, 4)
         time.sleep(1.0)  # the one-per-second rule is not what this measures
         r = reaction(gw.uplink, lambda: ip("addr", "add", f"{UPLINK_ADDRESS}/24", "dev", "gw0"))
@@ -175,7 +175,7 @@ def test_listener_certificate_follows_the_addresses_without_dropping_sensors(
     try:
         assert kept.connect() == 0
         ip("addr", "add", "10.77.0.9/24", "dev", "gw0")
-        wait_until(lambda: messages.LISTENER_CERT_REISSUED.id in gw.log(), 5, "the re-issued certificate")
+        wait_until(lambda: logevents.LISTENER_CERT_REISSUED.id in gw.log(), 5, "the re-issued certificate")
         assert "10.77.0.9" in _san_addresses(server_pem)
         # a sensor that checks the gateway's address against the certificate (mosquitto_pub does)
         argv = ["mosquitto_pub", "-h", "10.77.0.9", "-p", str(listener["port"]), "-i", "kept2", "-q", "1"]

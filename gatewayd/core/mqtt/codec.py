@@ -12,6 +12,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from gatewayd.core.errors import ProtocolError
 from gatewayd.core.mqtt.packets import (
     BOOLEAN_PROPS,
     MQTT_5,
@@ -47,14 +48,6 @@ from gatewayd.core.mqtt.packets import (
 
 DEFAULT_MAX_PACKET_SIZE = 128 * 1024  # AWS IoT Core's message size limit
 MAX_VARINT = 268_435_455  # section 1.5.5
-
-
-class ProtocolError(Exception):
-    """The peer broke the protocol; `reason` is the 5.0 reason code to close the connection with."""
-
-    def __init__(self, reason: int, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def malformed(message: str) -> ProtocolError:

@@ -226,6 +226,14 @@ class Properties:
     def get_all(self, prop: int) -> list[Any]:
         return [v for k, v in self.items if k == prop]
 
+    def without(self, prop: int) -> Properties:
+        """These properties but `prop` (a property that does not travel on: Will Delay, a topic alias)."""
+        return Properties(tuple((k, v) for k, v in self.items if k != prop))
+
+    def replaced(self, prop: int, value: Any) -> Properties:
+        """These properties with `prop` set to `value` (first, in place of any it had)."""
+        return Properties(((prop, value), *self.without(prop).items))
+
     def __bool__(self) -> bool:
         return bool(self.items)
 

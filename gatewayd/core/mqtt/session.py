@@ -27,8 +27,8 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
-from gatewayd.core.errors import GatewaydError
-from gatewayd.core.mqtt.codec import Decoder, ProtocolError, encode
+from gatewayd.core.errors import ConnectionStateError, ProtocolError
+from gatewayd.core.mqtt.codec import Decoder, encode
 from gatewayd.core.mqtt.packets import (
     MQTT_5,
     Connack,
@@ -65,10 +65,6 @@ CONNACK_311 = {
     Reason.UNSPECIFIED_ERROR: 0x03,  # our own failure: "server unavailable", the client may retry
     Reason.IMPLEMENTATION_SPECIFIC_ERROR: 0x03,
 }
-
-
-class ConnectionStateError(GatewaydError):
-    """The broker answered a connection in a state where the answer means nothing: our bug, not the peer's."""
 
 
 @dataclass(frozen=True)
@@ -369,7 +365,7 @@ class ServerConnection:
                     raise ProtocolError(Reason.PROTOCOL_ERROR, f"unknown topic alias {alias}")
         resolved = p
         if alias is not None:  # the alias is resolved here: nobody downstream sees it
-            props = Properties(tuple((k, v) for k, v in p.properties.items if k != Prop.TOPIC_ALIAS))
+            props = p.properties.without(Prop.TOPIC_ALIAS)
             resolved = Publish(topic, p.payload, p.qos, p.retain, p.dup, p.packet_id, props)
         self.messages_in += 1
         if p.qos == 0:
@@ -549,8 +545,7 @@ class ServerConnection:
                 continue  # expired while waiting (section 3.3.2.3.3)
             if msg.expires_at is not None:
                 remaining = int(msg.expires_at - now)
-                others = tuple((k, v) for k, v in msg.properties.items if k != Prop.MESSAGE_EXPIRY_INTERVAL)
-                msg.properties = Properties(((Prop.MESSAGE_EXPIRY_INTERVAL, max(remaining, 0)), *others))
+                msg.properties = msg.properties.replaced(Prop.MESSAGE_EXPIRY_INTERVAL, max(remaining, 0))
             pid = None
             if msg.qos:
                 pid = self._next_id(session)

@@ -11,9 +11,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gatewayd.core.mqtt.codec import ProtocolError, check_topic_filter
+from gatewayd.core.errors import ProtocolError, TemplateError
+from gatewayd.core.mqtt.codec import check_topic_filter
 from gatewayd.core.mqtt.packets import MQTT_5
-from gatewayd.core.topics import TemplateError, expand
+from gatewayd.core.templates import expand
 
 # AWS IoT Core limits on topics (AWS IoT Core quotas, "Message broker and protocol limits").
 AWS_MAX_TOPIC_BYTES = 256

@@ -5,7 +5,7 @@ who may connect (client id rules, the admission check the registry fills in, lim
 sensor may publish and subscribe to (its bound policy), where messages go (local subscribers, and upstream
 through the uplink under the mapped topic), and what happens at the end of a connection (will, session).
 
-Bounds and what happens when they are hit (documented in README, "Sensors"):
+Bounds and what happens when they are hit (documented in docs/sensors.md):
 - connections: max_connections; one more is refused at CONNECT with Server busy (5.0 0x89 / 3.1.1 3).
 - per connection: packets over max_packet_size close it (0x95); with receive_maximum unacknowledged QoS 1/2
   publishes, its socket is not read until one is acknowledged (never a disconnect: session.py says why);
@@ -22,9 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import logging
-import math
 import secrets
 import ssl
 import time
@@ -33,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd.core.config import Config
 from gatewayd.core.mqtt.packets import (
     MQTT_5,
@@ -57,42 +55,23 @@ from gatewayd.core.mqtt.session import (
     SubscribeRequest,
     UnsubscribeRequest,
 )
-from gatewayd.core.mqtt.subindex import FilterIndex
-from gatewayd.core.mqtt.topics import (
-    AWS_RESERVED_PREFIX,
-    BoundPolicy,
-    Policy,
-    TopicMap,
-    aws_filter_problem,
-    aws_topic_problem,
-    filter_covers,
-    identity_problem,
-    matches,
-)
+from gatewayd.core.mqtt.topics import BoundPolicy, Policy, TopicMap, aws_topic_problem
 from gatewayd.core.mqtt.topics import policy_variables as variables
+from gatewayd.service.downstream.admission import Admit, EarlyCloses, Peer, connect_refusal, peer_of
+from gatewayd.service.downstream.retained import RetainedMessages
+from gatewayd.service.downstream.sessions import StoredSession, queue_offline, session_expiry
+from gatewayd.service.downstream.subscriptions import SharedGroup, Subscriptions, shared_parts
+from gatewayd.service.downstream.wills import WillDelays
+from gatewayd.service.downstream.writes import Writes
+
+__all__ = ["Admit", "Broker", "Client", "Outbound", "Peer", "SharedGroup", "StoredSession", "shared_parts"]
 
 log = logging.getLogger("gatewayd.broker")
 
 RECEIVE_WINDOW = 100  # QoS 1/2 messages of one sensor being decided at once (gatewayd.core.mqtt.session)
 
-AWS_EVENTS_PREFIX = "$aws/events/"
-
-CLOSED_LOG_EVERY = 10.0  # seconds between two lines about connections closed before CONNECT
 READ_SIZE = 16384  # per read from a sensor: what may still arrive from each one after the spool says stop
 MAX_ROUTES = 256  # cached publish decisions per sensor
-
-
-@dataclass(frozen=True)
-class Peer:
-    address: str
-    certificate_id: str | None  # hex SHA-256 of the client certificate's DER (AWS IoT's certificate id)
-    common_name: str
-    listener: str
-    der: bytes | None = None  # the client certificate
-
-
-# (peer, client id) -> None to admit, or (reason code, why) to refuse
-Admit = Callable[[Peer, str], tuple[int, str] | None]
 
 
 @dataclass
@@ -109,35 +88,7 @@ class Client:
     routes: dict[str, tuple[int | None, str]] = field(default_factory=dict)
 
 
-@dataclass
-class StoredSession:
-    state: SessionState
-    expires_at: float | None = None  # monotonic, while disconnected
-    policy: BoundPolicy | None = None  # its sensor's, for what is kept for it while it is away
-    common_name: str = ""  # its sensor's certificate CN, to bind the policy again on reload
-
-
-SHARE_PREFIX = "$share/"
-
-
-def shared_parts(topic_filter: str) -> tuple[str, str] | None:
-    """($share/<group>/<filter>) -> (group, filter); ("", "") for a malformed one; None if not shared."""
-    if not topic_filter.startswith(SHARE_PREFIX):
-        return None
-    group, _, inner = topic_filter[len(SHARE_PREFIX) :].partition("/")
-    if not group or not inner or any(c in group for c in "+#"):
-        return "", ""
-    return group, inner
-
-
-@dataclass
-class SharedGroup:
-    topic_filter: str  # the filter after $share/<group>/
-    members: dict[str, Subscription] = field(default_factory=dict)  # client id -> its subscription
-    turn: int = 0  # round robin
-
-
-class Upstream(Protocol):
+class Forwarding(Protocol):
     """What the broker needs of the way upstream (gatewayd.service.forwarder.Forwarder provides it)."""
 
     def forward(
@@ -167,29 +118,18 @@ class Upstream(Protocol):
 
 
 class Broker:
-    def __init__(self, config: Config, upstream: Upstream | None, admit: Admit | None = None) -> None:
+    def __init__(self, config: Config, upstream: Forwarding | None, admit: Admit | None = None) -> None:
         self.upstream = upstream
-        self._dirty: dict[ServerConnection, asyncio.StreamWriter] = {}  # written by _flush_dirty
-        self._flush_scheduled = False
+        self.writes = Writes()
         self.admit: Admit = admit or (lambda peer, cid: None)
         self.clients: dict[str, Client] = {}
         self.sessions: dict[str, StoredSession] = {}
-        self.closed_early = 0  # connections ended before their CONNECT was accepted, since the start
-        self._closed_unlogged = 0
-        self._closed_logged_at = -CLOSED_LOG_EVERY
-        self.retained: dict[str, Publish] = {}
-        # per retained topic: who retained it, its size (topic + payload), when (monotonic), its expiry (s)
-        self._retained_meta: dict[str, tuple[str, int, float, int | None]] = {}
-        self._retained_bytes = 0
-        self._retained_by_owner: dict[str, int] = {}
-        self.retained_refused = 0
-        self._retained_logged_at = -10.0
-        self.upstream_refs: dict[str, int] = {}
-        self._index: FilterIndex[Subscription] = FilterIndex()  # every session's subscriptions, for fan-out
-        self._shared: dict[str, SharedGroup] = {}  # by "$share/<group>/<filter>"
-        self._shared_index: FilterIndex[str] = FilterIndex()  # owner and value: that key
-        # wills waiting for their Will Delay Interval, by client id: (timer, the ended connection, the will)
-        self._pending_wills: dict[str, tuple[asyncio.TimerHandle, Client, Will]] = {}
+        self.early = EarlyCloses()  # connections ended before their CONNECT was accepted
+        self.retained = RetainedMessages(config.downstream)
+        topic_map = TopicMap.from_template(config.forwarding.upstream_topic, config.gateway.thing_name)
+        self.subscriptions = Subscriptions(config, topic_map, upstream)
+        self.upstream_refs = self.subscriptions.upstream_refs  # mapped upstream filter -> sessions holding it
+        self.wills = WillDelays()
         self.dropped = 0
         # publish_as(): (client id, common name, topic) -> route, as Client.routes; cleared on reconfigure
         self._local_routes: dict[tuple[str, str, str], tuple[int | None, str]] = {}
@@ -213,6 +153,8 @@ class Broker:
         p = d.policy
         self.policy = Policy(p.publish, p.subscribe, p.deny_publish, p.deny_subscribe)
         self.topic_map = TopicMap.from_template(config.forwarding.upstream_topic, config.gateway.thing_name)
+        self.retained.settings = d
+        self.subscriptions.configure(config, self.topic_map)
         self._local_routes.clear()
         for client in self.clients.values():
             client.policy = self._bind(client.client_id, client.peer)
@@ -240,11 +182,11 @@ class Broker:
         `accepted_at` (monotonic): when the connection was accepted, from which connect_timeout counts;
         `connected` is called once its CONNECT is accepted."""
         try:
-            peer = _peer(writer, listener)
+            peer = peer_of(writer, listener)
         except Exception as exc:  # nothing else can be said of this connection: log it and close it
             log.error(
                 "sensor connection on %s failed before its first packet: %r", listener, exc, exc_info=exc,
-                extra=messages.extra(messages.SENSOR_CONNECTION_FAILED, client_id="", reason="0x80",
+                extra=logevents.extra(logevents.SENSOR_CONNECTION_FAILED, client_id="", reason="0x80",
                                      error=repr(exc)),
             )  # fmt: skip
             writer.close()
@@ -261,7 +203,7 @@ class Broker:
                     if client is not None:
                         connected()
                     events = conn.resume(time.monotonic())
-                self._flush(conn, writer)
+                self.writes.now(conn, writer)
                 if (
                     client is not None
                     and writer.transport.get_write_buffer_size() > self.limits.max_queued_bytes
@@ -269,7 +211,7 @@ class Broker:
                     self._end(
                         client, conn.disconnect(Reason.QUOTA_EXCEEDED, "sensor does not read its socket")
                     )
-                    self._flush(conn, writer)
+                    self.writes.now(conn, writer)
                 await writer.drain()
         except (ConnectionError, ssl.SSLError, OSError) as exc:
             log.debug("connection from %s: %s", peer.address, exc)
@@ -320,7 +262,7 @@ class Broker:
         log.error(
             "sensor connection %s from %s failed: %r; closing it", who or "(before CONNECT)", peer.address,
             exc, exc_info=exc,
-            extra=messages.extra(messages.SENSOR_CONNECTION_FAILED, client_id=who, reason="0x80",
+            extra=logevents.extra(logevents.SENSOR_CONNECTION_FAILED, client_id=who, reason="0x80",
                                  error=repr(exc)),
         )  # fmt: skip
         with contextlib.suppress(Exception):
@@ -330,29 +272,8 @@ class Broker:
                 self._end(client, conn.disconnect(Reason.UNSPECIFIED_ERROR, f"internal error: {exc!r}"))
             elif not conn.closed:
                 conn.disconnect(Reason.UNSPECIFIED_ERROR, f"internal error: {exc!r}")
-            self._flush(conn, writer)
+            self.writes.now(conn, writer)
         writer.close()
-
-    def _flush_soon(self, conn: ServerConnection, writer: asyncio.StreamWriter) -> None:
-        """Write a connection's pending bytes once the current burst of callbacks is over: the many
-        acknowledgements one read from the uplink brings go to each sensor in one write (one TLS record, one
-        system call) instead of one each."""
-        self._dirty[conn] = writer
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_dirty)
-
-    def _flush_dirty(self) -> None:
-        dirty, self._dirty = self._dirty, {}
-        self._flush_scheduled = False
-        for conn, writer in dirty.items():
-            with contextlib.suppress(ConnectionError, OSError, RuntimeError):
-                self._flush(conn, writer)
-
-    def _flush(self, conn: ServerConnection, writer: asyncio.StreamWriter) -> None:
-        data = conn.data_to_send()
-        if data and not writer.is_closing():
-            writer.write(data)
 
     def _on_event(
         self,
@@ -379,26 +300,8 @@ class Broker:
                 if client is not None:
                     self._end(client, closed)
                 elif closed.reason >= 0x80:
-                    self.closed_before_connect(peer.address, closed.message)
+                    self.early.closed(peer.address, closed.message)
         return None
-
-    def closed_before_connect(self, address: str, why: str) -> None:
-        """A connection ended before its CONNECT was accepted (no CONNECT within connect_timeout, a TLS
-        handshake that failed or took too long, a malformed first packet): counted, and logged at most every
-        CLOSED_LOG_EVERY seconds with the count, so a slow-loris or a scan never floods the journal."""
-        self.closed_early += 1
-        self._closed_unlogged += 1
-        now = time.monotonic()
-        if now - self._closed_logged_at < CLOSED_LOG_EVERY:
-            return
-        self._closed_logged_at = now
-        log.info(
-            "%d connection(s) closed before CONNECT; the last from %s: %s",
-            self._closed_unlogged, address, why,
-            extra=messages.extra(messages.CLOSED_BEFORE_CONNECT, count=self._closed_unlogged,
-                                 address=address, reason=why),
-        )  # fmt: skip
-        self._closed_unlogged = 0
 
     def _acknowledger(
         self, conn: ServerConnection, writer: asyncio.StreamWriter, peer: Peer, client: Client, token: int
@@ -411,7 +314,7 @@ class Broker:
         def durable(reason: int) -> None:
             try:
                 conn.ack_message(token, reason)
-                self._flush_soon(conn, writer)
+                self.writes.soon(conn, writer)
             except Exception as exc:
                 self._failed(conn, writer, peer, client, exc)
             finally:
@@ -432,22 +335,22 @@ class Broker:
             # no client id and no certificate to name the sensor (a plain or unix listener): the server
             # assigns one (3.1.1 and 5.0 [MQTT-3.1.3-6]; 5.0 tells it in CONNACK [MQTT-3.1.3-7])
             client_id = self._assigned_id()
-        refusal = self._refusal(peer, client_id)
+        refusal = connect_refusal(self.config, peer, client_id, self.clients, len(self.clients), self.admit)
         if refusal is not None:
             log.warning(
                 "refused %s from %s: %s", client_id or "(no client id)", peer.address, refusal[1],
-                extra=messages.extra(messages.SENSOR_REFUSED, client_id=client_id, reason=refusal[1],
+                extra=logevents.extra(logevents.SENSOR_REFUSED, client_id=client_id, reason=refusal[1],
                                      certificate_id=peer.certificate_id or ""),
             )  # fmt: skip
             conn.reject_connect(refusal[0], refusal[1])
             return None
         policy = self._bind(client_id, peer)
-        expiry = self._session_expiry(c)
+        expiry = session_expiry(c, self.config.downstream.session_expiry_max)
         old = self.clients.get(client_id)
         if old is not None:  # session takeover (section 3.1.4): the newer connection wins; the old one's end
             # settles the session as any end does (5.0: an expiry of 0 ends it with that connection)
             self._end(old, old.conn.disconnect(Reason.SESSION_TAKEN_OVER, "session taken over"))
-            self._flush(old.conn, old.writer)
+            self.writes.now(old.conn, old.writer)
             old.writer.close()
         stored = self.sessions.get(client_id)
         now = time.monotonic()
@@ -459,7 +362,7 @@ class Broker:
         state.expiry_interval = expiry
         conn.accept_connect(state, present, client_id if not c.client_id else None, time.monotonic())
         # accepted: from here on the new session is the stored one
-        self._will_for_new_connection(client_id, present)
+        self.wills.reconnected(client_id, present)
         if stored is not None and present:
             stored.state, stored.expires_at = state, None
         else:
@@ -467,14 +370,14 @@ class Broker:
                 self._drop_session(client_id)
             self.sessions[client_id] = StoredSession(state)
         self.sessions[client_id].policy, self.sessions[client_id].common_name = policy, peer.common_name
-        self._reindex(client_id)
+        self.subscriptions.reindex(client_id, self.sessions[client_id].state.subscriptions)
         client = Client(conn, writer, peer, client_id, policy, wake)
         self.clients[client_id] = client
         log.info(
             "sensor %s connected from %s (MQTT %s, %s session)", client_id, peer.address,
             "5.0" if c.protocol_level == MQTT_5 else "3.1.1", "resumed" if present else "new",
-            extra=messages.extra(
-                messages.SENSOR_CONNECTED, client_id=client_id, certificate_id=peer.certificate_id or ""
+            extra=logevents.extra(
+                logevents.SENSOR_CONNECTED, client_id=client_id, certificate_id=peer.certificate_id or ""
             ),
         )  # fmt: skip
         return client
@@ -484,30 +387,6 @@ class Broker:
             candidate = f"auto-{secrets.token_hex(8)}"
             if candidate not in self.sessions:
                 return candidate
-
-    def _refusal(self, peer: Peer, client_id: str) -> tuple[int, str] | None:
-        """Why this CONNECT is refused (reason code, why), or None to accept it."""
-        if not client_id:  # 3.1.1 with clean session 0: a session needs a name [MQTT-3.1.3-8]
-            return Reason.CLIENT_IDENTIFIER_NOT_VALID, "empty client id with clean session 0"
-        for what, value in (("client id", client_id), ("certificate CN", peer.common_name)):
-            problem = identity_problem(value)  # checked before any session exists (issue 17, items 4-5)
-            if problem is not None:
-                return Reason.CLIENT_IDENTIFIER_NOT_VALID, f"{what} {value!r} {problem}"
-        if (
-            self.config.downstream.client_id_must_match_cn
-            and peer.certificate_id
-            and client_id != peer.common_name
-        ):
-            return Reason.CLIENT_IDENTIFIER_NOT_VALID, f"client id {client_id!r} is not the certificate CN"
-        if client_id not in self.clients and len(self.clients) >= self.config.downstream.max_connections:
-            return Reason.SERVER_BUSY, "max_connections reached"
-        return self.admit(peer, client_id)
-
-    def _session_expiry(self, c: Any) -> int:
-        cap = self.config.downstream.session_expiry_max
-        if c.protocol_level == MQTT_5:
-            return int(min(c.properties.get(Prop.SESSION_EXPIRY_INTERVAL, 0), cap))
-        return 0 if c.clean_start else cap  # 3.1.1: a persistent session, bounded by the cap
 
     # ------------------------------------------------------------------ messages
 
@@ -529,7 +408,7 @@ class Broker:
             reason = self.upstream.forward(client.client_id, upstream_topic, p.payload, p.qos, False, durable)
             if reason is not None and reason >= 0x80:
                 return reason  # refused (too large for AWS IoT): not delivered locally either
-        self._retain(p, client.client_id)
+        self.retained.keep(p, client.client_id)
         self._fan_out(p.topic, p.payload, p.qos, p.retain, p.properties, sender=client.client_id)
         return reason
 
@@ -577,91 +456,14 @@ class Broker:
             return Reason.TOPIC_NAME_INVALID, f"published to {topic}: {problem}; dropped"
         return None, upstream_topic
 
-    def _retain(self, p: Publish, owner: str) -> None:
-        if not p.retain:
-            return
-        self._unretain(
-            p.topic
-        )  # an empty retained message clears it (section 3.3.1.3); any other replaces it
-        if not p.payload:
-            return
-        d = self.config.downstream
-        size = len(p.payload) + len(p.topic)
-        mine = self._retained_by_owner.get(owner, 0)
-        why = (
-            f"{d.max_retained_messages} retained messages" if len(self.retained) >= d.max_retained_messages
-            else f"{self._retained_bytes} of {d.max_retained_bytes} bytes retained"
-            if self._retained_bytes + size > d.max_retained_bytes
-            else f"it retains {mine} of {d.max_retained_bytes_per_sensor} bytes"
-            if mine + size > d.max_retained_bytes_per_sensor
-            else None
-        )  # fmt: skip
-        if why is not None:
-            self._retained_refused(owner, p.topic, why)
-            return
-        expiry = p.properties.get(Prop.MESSAGE_EXPIRY_INTERVAL) if p.properties else None
-        self.retained[p.topic] = p
-        self._retained_meta[p.topic] = (owner, size, time.monotonic(), expiry)
-        self._retained_bytes += size
-        self._retained_by_owner[owner] = mine + size
-
-    def _unretain(self, topic: str) -> None:
-        if self.retained.pop(topic, None) is None:
-            return
-        owner, size, _, _ = self._retained_meta.pop(topic)
-        self._retained_bytes -= size
-        left = self._retained_by_owner.get(owner, 0) - size
-        if left > 0:
-            self._retained_by_owner[owner] = left
-        else:
-            self._retained_by_owner.pop(owner, None)
-
-    def _retained_refused(self, owner: str, topic: str, why: str) -> None:
-        now = time.monotonic()
-        self.retained_refused += 1
-        if now - self._retained_logged_at < 10.0:
-            return
-        self._retained_logged_at = now
-        log.warning(
-            "retained message of %s on %s not kept (delivered all the same): %s", owner, topic, why,
-            extra=messages.extra(messages.RETAINED_LIMITED, client_id=owner, topic=topic, reason=why,
-                                 refused=self.retained_refused),
-        )  # fmt: skip
-
-    def _retained_for(self, topic_filter: str, now: float) -> list[tuple[str, Publish]]:
-        """The retained messages matching a new subscription, each with its remaining Message Expiry
-        Interval; the expired ones are dropped."""
-        out = []
-        for topic, p in list(self.retained.items()):
-            if not matches(topic_filter, topic):
-                continue
-            _, _, since, expiry = self._retained_meta[topic]
-            if expiry is not None:
-                left = math.ceil(expiry - (now - since))
-                if left <= 0:
-                    self._unretain(topic)
-                    continue
-                others = tuple((k, v) for k, v in p.properties.items if k != Prop.MESSAGE_EXPIRY_INTERVAL)
-                p = dataclasses.replace(
-                    p, properties=Properties(((Prop.MESSAGE_EXPIRY_INTERVAL, left), *others))
-                )
-            out.append((topic, p))
-        return out
-
     def expire_retained(self, now: float) -> None:
-        for topic, (_, _, since, expiry) in list(self._retained_meta.items()):
-            if expiry is not None and now - since >= expiry:
-                self._unretain(topic)
+        self.retained.expire(now)
 
     def _fan_out(
         self, topic: str, payload: bytes, qos: int, retain: bool, props: Properties, sender: str | None
     ) -> None:
         now = time.monotonic()
-        best: dict[str, Subscription] = {}  # the matching subscription with the highest QoS, per session
-        for client_id, s in self._index.match(topic):
-            if client_id not in best or s.qos > best[client_id].qos:
-                best[client_id] = s
-        for client_id, sub in best.items():
+        for client_id, sub in self.subscriptions.match(topic).items():
             stored = self.sessions.get(client_id)
             if stored is None or (sub.no_local and client_id == sender):
                 continue
@@ -676,13 +478,13 @@ class Broker:
             if client is not None:
                 if not client.conn.deliver(topic, payload, out_qos, keep_retain, props, now):
                     self.dropped += 1
-                self._flush_soon(client.conn, client.writer)
-            elif out_qos and not _queue_offline(
+                self.writes.soon(client.conn, client.writer)
+            elif out_qos and not queue_offline(
                 stored.state, topic, payload, out_qos, props, now, self.limits
             ):
                 self.dropped += 1
-        if self._shared:
-            self._share_out(topic, payload, qos, props, sender, now)
+        if self.subscriptions.shared:
+            self._share_out(topic, payload, qos, props, now)
 
     def publish_event(self, topic: str, payload: bytes) -> None:
         """An event of the gateway's own (AWS IoT's $aws/events/... topics) to the local subscribers, QoS 1;
@@ -709,65 +511,47 @@ class Broker:
             return Reason.NOT_AUTHORIZED
         stored = self.sessions[client.client_id]
         existed = s.topic_filter in stored.state.subscriptions
-        forwarded = self._forwarded(s.topic_filter)
-        refusal = None if existed else self._subscription_refusal(client, stored, s.topic_filter, forwarded)
+        forwarded = self.subscriptions.forwarded(s.topic_filter)
+        refusal = (
+            None
+            if existed
+            else self.subscriptions.refusal(stored.state.subscriptions, s.topic_filter, forwarded)
+        )
         if refusal is not None:
             log.warning(
                 "sensor %s may not subscribe to %s: %s", client.client_id, s.topic_filter, refusal[1],
-                extra=messages.extra(messages.SUBSCRIPTION_REFUSED, client_id=client.client_id,
+                extra=logevents.extra(logevents.SUBSCRIPTION_REFUSED, client_id=client.client_id,
                                      topic_filter=s.topic_filter, reason=refusal[1]),
             )  # fmt: skip
             return refusal[0]
-        if not existed and forwarded and not self._ref_upstream(s.topic_filter):
+        if not existed and forwarded and not self.subscriptions.ref_upstream(s.topic_filter):
             return Reason.QUOTA_EXCEEDED
         stored.state.subscriptions[s.topic_filter] = s
+        self.subscriptions.add(client.client_id, s)
         if share is not None:  # no retained messages for a shared subscription (5.0 section 4.8.2)
-            self._join(client.client_id, s)
             return s.qos
-        self._index.add(client.client_id, s.topic_filter, s)
         if s.retain_handling == 0 or (s.retain_handling == 1 and not existed):  # section 3.3.1.3
             now = time.monotonic()
-            for topic, p in self._retained_for(s.topic_filter, now):
+            for topic, p in self.retained.matching(s.topic_filter, now):
                 if client.policy.may_receive(topic):
                     client.conn.deliver(topic, p.payload, min(p.qos, s.qos), True, p.properties, now)
         return s.qos
 
     def _unsubscribe(self, client_id: str, topic_filter: str) -> int:
         stored = self.sessions.get(client_id)
-        self._index.remove(client_id, topic_filter)
-        self._leave(client_id, topic_filter)
+        self.subscriptions.remove(client_id, topic_filter)
         if stored is None or stored.state.subscriptions.pop(topic_filter, None) is None:
             return Reason.NO_SUBSCRIPTION_EXISTED
-        if self._forwarded(topic_filter):
-            self._unref_upstream(topic_filter)
+        if self.subscriptions.forwarded(topic_filter):
+            self.subscriptions.unref_upstream(topic_filter)
         return Reason.SUCCESS
 
     # shared subscriptions ($share/<group>/<filter>): each message to one member of the group
 
-    def _join(self, client_id: str, s: Subscription) -> None:
-        group = self._shared.get(s.topic_filter)
-        if group is None:
-            share = shared_parts(s.topic_filter)
-            assert share is not None
-            group = self._shared[s.topic_filter] = SharedGroup(share[1])
-            self._shared_index.add(s.topic_filter, share[1], s.topic_filter)
-        group.members[client_id] = s
-
-    def _leave(self, client_id: str, topic_filter: str) -> None:
-        group = self._shared.get(topic_filter)
-        if group is None or group.members.pop(client_id, None) is None:
-            return
-        if not group.members:
-            del self._shared[topic_filter]
-            self._shared_index.remove(topic_filter, group.topic_filter)
-
-    def _share_out(
-        self, topic: str, payload: bytes, qos: int, props: Properties, sender: str | None, now: float
-    ) -> None:
+    def _share_out(self, topic: str, payload: bytes, qos: int, props: Properties, now: float) -> None:
         """One delivery per shared subscription matching the topic: the next connected member in turn that
         may receive it (round robin), else, for QoS 1/2, the next member's session kept while it is away."""
-        for _, key in self._shared_index.match(topic):
-            group = self._shared[key]
+        for key, group in self.subscriptions.groups_matching(topic):
             members = list(group.members.items())
             turn = group.turn
             group.turn += 1
@@ -779,19 +563,14 @@ class Broker:
             )  # fmt: skip
             if target is not None:
                 cid, sub = target
-                client = self.clients[cid]
-                if not client.conn.deliver(topic, payload, min(qos, sub.qos), False, props, now, share=key):
-                    self.dropped += 1
-                self._flush_soon(client.conn, client.writer)
+                self._deliver_shared(self.clients[cid], topic, payload, min(qos, sub.qos), props, now, key)
                 continue
             for cid, sub in candidates:
                 stored = self.sessions.get(cid)
                 allowed = stored is not None and (stored.policy is None or stored.policy.may_receive(topic))
                 out_qos = min(qos, sub.qos)
                 if allowed and out_qos and stored is not None:
-                    if not _queue_offline(
-                        stored.state, topic, payload, out_qos, props, now, self.limits, key
-                    ):
+                    if not queue_offline(stored.state, topic, payload, out_qos, props, now, self.limits, key):
                         self.dropped += 1
                     break
 
@@ -800,7 +579,7 @@ class Broker:
         acknowledged (in flight or queued) go to another connected member of the same group (5.0 section
         4.8.2), so a stopped worker does not hold the group's messages back."""
         stored = self.sessions.get(client_id)
-        if stored is None or not self._shared:
+        if stored is None or not self.subscriptions.shared:
             return
         state, now = stored.state, time.monotonic()
         for pid, msg in list(state.inflight.items()):
@@ -811,93 +590,32 @@ class Broker:
         state.queued = kept
 
     def _redeliver(self, leaving: str, msg: Outbound, now: float) -> bool:
-        group = self._shared.get(msg.share or "")
+        group = self.subscriptions.shared.get(msg.share or "")
         if group is None:
             return False
         for cid, sub in group.members.items():
             client = self.clients.get(cid)
             if cid != leaving and client is not None and client.policy.may_receive(msg.topic):
-                client.conn.deliver(msg.topic, msg.payload, min(msg.qos, sub.qos), False, msg.properties, now,
-                                    share=msg.share)  # fmt: skip
-                self._flush_soon(client.conn, client.writer)
+                qos = min(msg.qos, sub.qos)
+                self._deliver_shared(client, msg.topic, msg.payload, qos, msg.properties, now, msg.share)
                 return True
         return False
 
-    def _forwarded(self, topic_filter: str) -> bool:
-        """Is a sensor's subscription also made upstream? Within the command filter, or one of AWS IoT's
-        reserved topics (a shadow's or job's answers: only AWS IoT publishes them), except its events: those a
-        local subscriber gets are the gateway's own (registrations here). A shared subscription: by its
-        filter (then it is shared upstream too)."""
-        share = shared_parts(topic_filter)
-        if share is not None:
-            topic_filter = share[1]
-        if topic_filter.startswith(AWS_RESERVED_PREFIX):
-            return not topic_filter.startswith(AWS_EVENTS_PREFIX)
-        return filter_covers(self.config.forwarding.command_filter, topic_filter)
-
-    def _reindex(self, client_id: str) -> None:
-        """The indexes hold exactly this client's session's subscriptions (after its CONNECT)."""
-        self._index.remove_owner(client_id)
-        stored = self.sessions.get(client_id)
-        if stored is not None:
-            for sub in stored.state.subscriptions.values():
-                if sub.topic_filter.startswith(SHARE_PREFIX):
-                    self._join(client_id, sub)
-                else:
-                    self._index.add(client_id, sub.topic_filter, sub)
-
-    def _subscription_refusal(
-        self, client: Client, stored: StoredSession, topic_filter: str, forwarded: bool
-    ) -> tuple[int, str] | None:
-        """Per-sensor bounds on a new subscription (issue 17, items 6 and 7): its session's subscriptions
-        (downstream.max_subscriptions_per_sensor), the upstream ones it holds (max_upstream_subscriptions_per_
-        sensor, of AWS IoT's 50 per connection), and AWS IoT's topic rules for the filter sent upstream."""
-        d = self.config.downstream
-        subs = stored.state.subscriptions
-        if len(subs) >= d.max_subscriptions_per_sensor:
-            return Reason.QUOTA_EXCEEDED, f"it has {len(subs)} subscriptions (max_subscriptions_per_sensor)"
-        if not forwarded:
-            return None
-        share = shared_parts(topic_filter)
-        problem = aws_filter_problem(self.topic_map.upstream(share[1] if share else topic_filter))
-        if problem is not None:
-            return Reason.TOPIC_FILTER_INVALID, f"AWS IoT would refuse it upstream: {problem}"
-        upstream = sum(1 for f in subs if self._forwarded(f))
-        if upstream >= d.max_upstream_subscriptions_per_sensor:
-            return Reason.QUOTA_EXCEEDED, (
-                f"it holds {upstream} upstream subscriptions (max_upstream_subscriptions_per_sensor)"
-            )
-        return None
-
-    def _upstream_filter(self, topic_filter: str) -> str:
-        share = shared_parts(topic_filter)
-        if share is not None:  # shared upstream too: $share/<group>/<mapped filter>
-            return f"{SHARE_PREFIX}{share[0]}/{self.topic_map.upstream(share[1])}"
-        return self.topic_map.upstream(topic_filter)
-
-    def _ref_upstream(self, topic_filter: str) -> bool:
-        """Share one upstream subscription among sensors; AWS IoT allows 50 per connection
-        (upstream.quota.max_subscriptions)."""
-        mapped = self._upstream_filter(topic_filter)
-        if mapped not in self.upstream_refs:
-            limit = self.config.upstream.quota.max_subscriptions
-            if len(self.upstream_refs) >= limit:
-                log.warning("upstream subscription limit (%d) reached: %s not subscribed", limit, mapped)
-                return False
-            if self.upstream is not None:
-                self.upstream.subscribe(mapped, 1)
-        self.upstream_refs[mapped] = self.upstream_refs.get(mapped, 0) + 1
-        return True
-
-    def _unref_upstream(self, topic_filter: str) -> None:
-        mapped = self._upstream_filter(topic_filter)
-        count = self.upstream_refs.get(mapped, 0) - 1
-        if count > 0:
-            self.upstream_refs[mapped] = count
-            return
-        self.upstream_refs.pop(mapped, None)
-        if self.upstream is not None:
-            self.upstream.unsubscribe(mapped)
+    def _deliver_shared(
+        self,
+        client: Client,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        props: Properties,
+        now: float,
+        key: str | None,
+    ) -> None:
+        """One shared subscription's message to the member chosen for it; counted in `dropped` when the
+        member's queue is full."""
+        if not client.conn.deliver(topic, payload, qos, False, props, now, share=key):
+            self.dropped += 1
+        self.writes.soon(client.conn, client.writer)
 
     # ------------------------------------------------------------------ the end of a connection
 
@@ -918,8 +636,8 @@ class Broker:
         log.info(
             "sensor %s disconnected (0x%02x%s)", client.client_id, reason,
             f": {closed.message}" if closed and closed.message else f": {detail}" if detail else "",
-            extra=messages.extra(
-                messages.SENSOR_DISCONNECTED, client_id=client.client_id, reason=f"0x{reason:02x}"
+            extra=logevents.extra(
+                logevents.SENSOR_DISCONNECTED, client_id=client.client_id, reason=f"0x{reason:02x}"
             ),
         )  # fmt: skip
         if closed is not None and closed.will is not None:
@@ -928,26 +646,11 @@ class Broker:
             if delay and stored is not None and stored.expires_at is not None:
                 # 5.0 section 3.1.3.2.2: after the Will Delay Interval or when the session ends, whichever
                 # comes first; a new connection to the session before then cancels it [MQTT-3.1.3-9]
+                will = closed.will
                 due = min(delay, stored.state.expiry_interval)
-                handle = asyncio.get_running_loop().call_later(due, self._delayed_will, client.client_id)
-                self._pending_wills[client.client_id] = (handle, client, closed.will)
+                self.wills.wait(client.client_id, due, lambda: self._publish_will(client, will))
             else:
                 self._publish_will(client, closed.will)
-
-    def _delayed_will(self, client_id: str) -> None:
-        pending = self._pending_wills.pop(client_id, None)
-        if pending is not None:
-            self._publish_will(pending[1], pending[2])
-
-    def _will_for_new_connection(self, client_id: str, resumed: bool) -> None:
-        """A sensor connected again while its will waited for its delay: cancelled if it resumed the
-        session, published now if it started a new one (the old session ended)."""
-        pending = self._pending_wills.pop(client_id, None)
-        if pending is None:
-            return
-        pending[0].cancel()
-        if not resumed:
-            self._publish_will(pending[1], pending[2])
 
     def _publish_will(self, client: Client, will: Will) -> None:
         """Publish a will as its sensor's message (its policy, mapping and spool). Never raises: a failure of
@@ -957,12 +660,12 @@ class Broker:
         except Exception as exc:
             log.error(
                 "will of %s not published: %r", client.client_id, exc, exc_info=exc,
-                extra=messages.extra(messages.SENSOR_CONNECTION_FAILED, client_id=client.client_id,
+                extra=logevents.extra(logevents.SENSOR_CONNECTION_FAILED, client_id=client.client_id,
                                      reason="0x80", error=repr(exc)),
             )  # fmt: skip
 
     def _publish_will_now(self, client: Client, will: Will) -> None:
-        props = Properties(tuple((k, v) for k, v in will.properties.items if k != Prop.WILL_DELAY_INTERVAL))
+        props = will.properties.without(Prop.WILL_DELAY_INTERVAL)
         reason = self._inbound(
             client,
             Publish(will.topic, will.payload, will.qos, will.retain, properties=props),
@@ -973,28 +676,19 @@ class Broker:
 
     def _drop_session(self, client_id: str) -> None:
         stored = self.sessions.pop(client_id, None)
-        self._index.remove_owner(client_id)
-        if stored is None:
-            return
-        for topic_filter in list(stored.state.subscriptions):
-            self._leave(client_id, topic_filter)
-            if self._forwarded(topic_filter):
-                self._unref_upstream(topic_filter)
+        self.subscriptions.drop(client_id, list(stored.state.subscriptions) if stored is not None else [])
 
     def _session_ended(self, client_id: str) -> None:
         """A disconnected session's expiry passed: a will still waiting for its delay goes now."""
         self._drop_session(client_id)
-        pending = self._pending_wills.pop(client_id, None)
-        if pending is not None:
-            pending[0].cancel()
-            self._publish_will(pending[1], pending[2])
+        self.wills.session_ended(client_id)
 
     def expire_sessions(self, now: float) -> None:
         """Sessions whose expiry passed, and retained messages whose Message Expiry Interval did."""
         for client_id, stored in list(self.sessions.items()):
             if client_id not in self.clients and stored.expires_at is not None and stored.expires_at <= now:
                 self._session_ended(client_id)
-        self.expire_retained(now)
+        self.retained.expire(now)
 
     # ------------------------------------------------------------------ administration
 
@@ -1029,7 +723,7 @@ class Broker:
                 continue
             log.warning(
                 "disconnecting sensor %s: %s", client.client_id, refusal[1],
-                extra=messages.extra(messages.SENSOR_ADMISSION_REVOKED, client_id=client.client_id,
+                extra=logevents.extra(logevents.SENSOR_ADMISSION_REVOKED, client_id=client.client_id,
                                      certificate_id=client.peer.certificate_id, reason=refusal[1]),
             )  # fmt: skip
             # its will is not published: the certificate no longer speaks for anyone (issue 17, item 11)
@@ -1051,40 +745,6 @@ class Broker:
         if not with_will and closed is not None and closed.will is not None:
             closed = dataclasses.replace(closed, will=None)
         self._end(client, closed)
-        self._flush(client.conn, client.writer)
+        self.writes.now(client.conn, client.writer)
         client.writer.close()
         return True
-
-
-def _queue_offline(
-    state: SessionState,
-    topic: str,
-    payload: bytes,
-    qos: int,
-    props: Properties,
-    now: float,
-    limits: Limits,
-    share: str | None = None,
-) -> bool:
-    """Keep a QoS 1/2 message for a persistent session whose sensor is away (bounded like a live queue)."""
-    if len(state.queued) >= limits.max_queued or state.queued_bytes + len(payload) > limits.max_queued_bytes:
-        state.dropped += 1
-        return False
-    expiry = props.get(Prop.MESSAGE_EXPIRY_INTERVAL)
-    msg = Outbound(topic, payload, qos, False, props, now + expiry if expiry is not None else None)
-    msg.share = share
-    state.queued.append(msg)
-    state.queued_bytes += len(payload)
-    return True
-
-
-def _peer(writer: asyncio.StreamWriter, listener: str) -> Peer:
-    address = writer.get_extra_info("peername")
-    text = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address or "unix")
-    ssl_object = writer.get_extra_info("ssl_object")
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    if not der:
-        return Peer(text, None, "", listener)
-    cert = ssl_object.getpeercert()
-    cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), "")
-    return Peer(text, hashlib.sha256(der).hexdigest(), cn, listener, der)

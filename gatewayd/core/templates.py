@@ -5,11 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from gatewayd.core.errors import TemplateError
+
 _VARIABLE = re.compile(r"\$\{([^}]*)\}")
-
-
-class TemplateError(ValueError):
-    pass
 
 
 def expand(template: str, variables: Mapping[str, str]) -> str:

@@ -16,10 +16,10 @@ from types import TracebackType
 from gatewayd.adapters.netlink import addresses as netlink_addresses
 from gatewayd.adapters.netlink import certificate_addresses
 from gatewayd.adapters.tls import TLS12_CIPHERS
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd.core.config import Config, ListenerSection
 from gatewayd.core.errors import GatewaydError
-from gatewayd.service.broker import Broker
+from gatewayd.service.downstream.broker import Broker
 from gatewayd.stores.localca import LocalCA, ServerIdentity, host_names_and_addresses
 
 log = logging.getLogger("gatewayd.downstream")
@@ -108,7 +108,7 @@ class PendingGate:
             "closed %d new connection(s) before CONNECT: too many pending (%d %s, limit %d in all and %d per "
             "address); the last from %s", self._unlogged, self.pending, which, self.total, self.per_address,
             address or "a local socket",
-            extra=messages.extra(messages.CONNECTIONS_LIMITED, refused=self._unlogged, pending=self.pending,
+            extra=logevents.extra(logevents.CONNECTIONS_LIMITED, refused=self._unlogged, pending=self.pending,
                                  address=address),
         )  # fmt: skip
         self._unlogged = 0
@@ -206,7 +206,8 @@ class Downstream:
             if isinstance(exc, PermissionError) and any(0 < port < 1024 for port in tcp_ports):
                 hint = (
                     " (a port below 1024 needs CAP_NET_BIND_SERVICE: give it to the unit in a drop-in with"
-                    " AmbientCapabilities= and CapabilityBoundingSet=CAP_NET_BIND_SERVICE; see README)"
+                    " AmbientCapabilities= and CapabilityBoundingSet=CAP_NET_BIND_SERVICE; see"
+                    " /usr/share/doc/gatewayd/installation.md, Hardening)"
                 )
             raise GatewaydError(f"cannot open the sensor listener: {exc}{hint}") from exc
         self.refresh_trust()
@@ -242,7 +243,7 @@ class Downstream:
                     await w.start_tls(ctx, ssl_handshake_timeout=timeout)
                 except (OSError, ssl.SSLError, TimeoutError) as exc:
                     log.debug("TLS handshake with %s on %s failed: %s", address or "a local peer", name, exc)
-                    self.broker.closed_before_connect(address or name, f"TLS handshake: {exc}")
+                    self.broker.early.closed(address or name, f"TLS handshake: {exc}")
                     w.transport.abort()
                     return
             await self.broker.serve(r, w, name, accepted_at=accepted, connected=connected)
@@ -277,7 +278,9 @@ class Downstream:
         self.server = server
         log.info(
             "listener certificate re-issued for %s (%s)", ", ".join(addresses), why,
-            extra=messages.extra(messages.LISTENER_CERT_REISSUED, addresses=",".join(addresses), reason=why),
+            extra=logevents.extra(
+                logevents.LISTENER_CERT_REISSUED, addresses=",".join(addresses), reason=why
+            ),
         )  # fmt: skip
 
     def _time_checks(self) -> None:

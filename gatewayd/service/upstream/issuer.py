@@ -24,16 +24,12 @@ from typing import Any, Protocol
 
 from gatewayd.adapters import proctree
 from gatewayd.core import jsonsafe
-from gatewayd.core.errors import GatewaydError
-from gatewayd.stores.x509util import CertificateError, load_pem_certificates
+from gatewayd.core.errors import CertificateError, GatewaydError, IssuerError
+from gatewayd.stores.x509util import load_pem_certificates
 
 MAX_OUTPUT = 256 * 1024  # a certificate chain is a few KiB; more is garbage
 MAX_STDERR = 64 * 1024  # of a command's stderr, the last this many bytes are kept (all of it is read)
 PIPE_GRACE = 1.0  # seconds a command's pipes may stay open after it exited (a child it left holds them)
-
-
-class IssuerError(GatewaydError):
-    """The issuer did not deliver a certificate; the message says why in one line."""
 
 
 class Issuer(Protocol):
@@ -169,7 +165,9 @@ class CommandIssuer:
 Route = Callable[[str, bytes], None]
 
 
-class Uplink(Protocol):
+class Channel(Protocol):
+    """What fleet provisioning needs of the uplink (service/upstream/uplink.py:Uplink provides it)."""
+
     async def subscribed(self, topic_filters: list[str], timeout: float, qos: int = 1) -> None: ...
 
     async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
@@ -185,7 +183,7 @@ class FleetProvisioningIssuer:
 
     def __init__(
         self,
-        uplink: Uplink,
+        uplink: Channel,
         routes: MutableMapping[str, Route],
         template: str,
         parameters: dict[str, str],

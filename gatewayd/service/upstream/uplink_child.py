@@ -6,7 +6,7 @@ over the IPC socket and the MQTT socket. It owns no message state beyond the MQT
 when the connection drops, every message in flight is reported back as not delivered, and the daemon
 (which owns them) sends them again after the reconnect.
 
-Run as: python -m gatewayd.service.uplink_child FD   (FD: this end of the socketpair)
+Run as: python -m gatewayd.service.upstream.uplink_child FD   (FD: this end of the socketpair)
 """
 
 from __future__ import annotations

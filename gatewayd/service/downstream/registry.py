@@ -17,32 +17,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
-from gatewayd.core import messages
-from gatewayd.core.commands import BY_NAME, Command, Kind, check_value, flag_of
+from gatewayd.core import logevents
 from gatewayd.core.config import Config, DownstreamSection, check_thing_name, parse_utc
-from gatewayd.core.errors import GatewaydError
+from gatewayd.core.errors import AwsError, CertificateError, RegistryError, TransitionRefused
 from gatewayd.core.mqtt.packets import Reason
 from gatewayd.core.mqtt.topics import identity_problem
-from gatewayd.core.registry import (
-    Action,
-    AutoRegistration,
-    AwsError,
-    CaStatus,
-    Status,
-    TransitionRefused,
-    admits,
-    update_action,
-)
+from gatewayd.core.registry import Action, AutoRegistration, CaStatus, Status, admits, update_action
 from gatewayd.core.timefmt import iso_utc
 from gatewayd.stores import transfer
 from gatewayd.stores.localca import LocalCA
-from gatewayd.stores.registry import CaRow, CertificateRow, Registry, RegistryError
+from gatewayd.stores.registry import CaRow, CertificateRow, Registry
 from gatewayd.stores.x509util import (
-    CertificateError,
     certificate_id,
     common_name,
     is_ca,
@@ -170,7 +159,7 @@ class RegistryService:
         self, cid: str, new_status: str | None = None, new_auto_registration_status: str | None = None
     ) -> dict[str, Any]:
         if new_status is None and new_auto_registration_status is None:
-            raise RegistryError("give --new-status or --new-auto-registration-status")
+            raise RegistryError("give 'newStatus' or 'newAutoRegistrationStatus'")
         try:
             status = CaStatus(new_status) if new_status else None
             auto = AutoRegistration(new_auto_registration_status) if new_auto_registration_status else None
@@ -223,7 +212,7 @@ class RegistryService:
     ) -> dict[str, Any]:
         """AWS RegisterCertificate: --status, or the older --set-as-active (the same as --status ACTIVE)."""
         if set_as_active and status not in (None, "ACTIVE"):
-            raise RegistryError(f"--set-as-active and --status {status} disagree")
+            raise RegistryError(f"'setAsActive' and 'status' {status} disagree")
         status = "ACTIVE" if set_as_active else status or "INACTIVE"
         cert = self._device_certificate(cert_pem)
         ca_id = None
@@ -261,10 +250,10 @@ class RegistryService:
         gets "sensor-" and 12 random hex digits; a sensor's client id must equal it
         (client_id_must_match_cn)."""
         if common_name_ and (len(common_name_) > 64 or not common_name_.isprintable()):
-            raise RegistryError("--common-name must be 1-64 printable characters")
+            raise RegistryError("'commonName' must be 1-64 printable characters")
         problem = identity_problem(common_name_)  # a CN the listener would refuse at CONNECT
         if problem is not None:
-            raise RegistryError(f"--common-name {problem}")
+            raise RegistryError(f"'commonName' {problem}")
         common_name_ = common_name_ or f"sensor-{secrets.token_hex(6)}"
         key = ec.generate_private_key(ec.SECP256R1())
         row = self._issue(common_name_, key.public_key(), set_as_active, not_after_)
@@ -291,7 +280,7 @@ class RegistryService:
             csr = x509.load_pem_x509_csr(csr_pem.encode())
         except ValueError:
             raise RegistryError(
-                "--certificate-signing-request is not a PEM certificate signing request"
+                "'certificateSigningRequest' is not a PEM certificate signing request"
             ) from None
         if not csr.is_signature_valid:
             raise RegistryError("the CSR's signature does not verify: it was not made with its key")
@@ -328,23 +317,12 @@ class RegistryService:
         first use, ACTIVE, so that the listener admits what it issues)."""
         if not_after_ is None:
             not_after_ = parse_utc(self.settings.certificate_not_after)
-        ca_cert, ca_key = self.local_ca.ca()
+        ca_cert, _ = self.local_ca.ca()
         ca_id = certificate_id(ca_cert)
         if self._find_ca(ca_id) is None:
             self.registry.add_ca(ca_cert, CaStatus.ACTIVE, AutoRegistration.DISABLE, self.now())
         now = self.now()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name_)]))
-            .issuer_name(ca_cert.subject)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(min(not_after_, not_after(ca_cert)))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
+        cert = self.local_ca.issue(public_key, common_name_, now - dt.timedelta(minutes=5), not_after_)
         status = Status.ACTIVE if set_as_active else Status.INACTIVE
         return self.registry.add(cert, status, ca_id, now)
 
@@ -452,7 +430,7 @@ class RegistryService:
         log.info(
             "auto-registered certificate %s from CA %s as %s (sensor %s)",
             cid, ca_id, status.value, client_id,
-            extra=messages.extra(messages.CERTIFICATE_AUTO_REGISTERED, certificate_id=cid,
+            extra=logevents.extra(logevents.CERTIFICATE_AUTO_REGISTERED, certificate_id=cid,
                                  ca_certificate_id=ca_id, status=status.value, client_id=client_id),
         )  # fmt: skip
         return row, self._registration_event(row, client_id, first=True)
@@ -484,24 +462,20 @@ class RegistryService:
 
     def trust_anchors(self) -> list[str]:
         """PEMs the listeners' TLS must trust: registered CAs, and certificates registered without a CA."""
-        rows = self.registry.db.execute(
-            "SELECT pem FROM ca_certificates UNION ALL "
-            "SELECT pem FROM certificates WHERE ca_certificate_id IS NULL"
-        ).fetchall()
-        return [pem_ for (pem_,) in rows]
+        return self.registry.trust_anchor_pems()
 
     # ------------------------------------------------------------------ transfers between gateways
 
     def transfer_certificate(self, cid: str, target: str, message: str = "") -> dict[str, Any]:
         """TransferCertificate: INACTIVE -> PENDING_TRANSFER, and a signed bundle for the target gateway."""
         if check_thing_name(target):
-            raise RegistryError(f"--target-gateway {target!r}: {check_thing_name(target)}")
+            raise RegistryError(f"'targetGateway' {target!r}: {check_thing_name(target)}")
         if target == self.thing:
             raise RegistryError(
-                "--target-gateway is this gateway: a certificate cannot be transferred to itself"
+                "'targetGateway' is this gateway: a certificate cannot be transferred to itself"
             )
         if len(message) > 128:
-            raise RegistryError("--transfer-message is longer than 128 characters (AWS IoT's limit)")
+            raise RegistryError("'transferMessage' is longer than 128 characters (AWS IoT's limit)")
         row = self.registry.get(cid)
         now = self.now()
         body: dict[str, Any] = {
@@ -622,7 +596,7 @@ class RegistryService:
     ) -> dict[str, Any]:
         """RejectCertificateTransfer on the target: nothing is stored here; the reply tells the source."""
         if len(reject_reason) > 128:
-            raise RegistryError("--reject-reason is longer than 128 characters (AWS IoT's limit)")
+            raise RegistryError("'rejectReason' is longer than 128 characters (AWS IoT's limit)")
         doc, _ = self._incoming(bundle_text, expect_signer)
         transfer_id = transfer.field(doc, "transferId", "transfer bundle")
         self.registry.check_unanswered(transfer_id)
@@ -682,9 +656,7 @@ class RegistryService:
 
     def summary(self) -> dict[str, Any]:
         """Counts for gatewayctl status: certificates by status, CA certificates."""
-        db = self.registry.db
-        by_status = dict(db.execute("SELECT status, COUNT(*) FROM certificates GROUP BY status").fetchall())
-        (cas,) = db.execute("SELECT COUNT(*) FROM ca_certificates").fetchone()
+        by_status, cas = self.registry.counts()
         return {"certificates": by_status, "caCertificates": cas}
 
     # ------------------------------------------------------------------ the listeners
@@ -696,7 +668,7 @@ class RegistryService:
         counterpart here. gatewayd's own fields: the listeners and the CA certificate sensors must trust."""
         if endpoint_type not in (None, *DATA_ENDPOINT_TYPES):
             raise RegistryError(
-                f"--endpoint-type {endpoint_type!r}: this gateway serves "
+                f"'endpointType' {endpoint_type!r}: this gateway serves "
                 f"{' and '.join(DATA_ENDPOINT_TYPES)} only"
             )
         endpoints = []
@@ -727,9 +699,9 @@ class RegistryService:
         try:
             value = Status(status)
         except ValueError:
-            raise RegistryError(f"--status must be ACTIVE or INACTIVE, not {status}") from None
+            raise RegistryError(f"'status' must be ACTIVE or INACTIVE, not {status}") from None
         if value not in (Status.ACTIVE, Status.INACTIVE):
-            raise RegistryError(f"--status must be ACTIVE or INACTIVE, not {status}")
+            raise RegistryError(f"'status' must be ACTIVE or INACTIVE, not {status}")
         return value
 
     def _device_certificate(self, cert_pem: str) -> x509.Certificate:
@@ -817,58 +789,3 @@ class RegistryService:
             "validity": {"notBefore": cli_date(r.not_before), "notAfter": cli_date(r.not_after)},
             "certificateMode": "DEFAULT",
         }
-
-
-# ------------------------------------------------------------------ the control socket's registry commands
-
-
-def _arguments(command: Command, args: dict[str, Any]) -> dict[str, Any]:
-    """The service method's keywords from a control-socket request, checked against the command table."""
-    known = {a.key: a for a in command.args if a.kind is not Kind.OUTFILE}
-    unknown = sorted(set(args) - set(known))
-    if unknown:
-        raise RegistryError(f"{command.name} takes no {', '.join(flag_of(k) for k in unknown)}")
-    keywords: dict[str, Any] = {}
-    for key, arg in known.items():
-        value = args.get(key)
-        if value is None or value == "":
-            if arg.required:
-                raise RegistryError(f"{arg.flag} is required")
-            continue
-        problem = check_value(arg, value)
-        if problem:
-            raise RegistryError(f"{arg.flag} {problem}")
-        keywords[arg.keyword] = value
-    return keywords
-
-
-def run_command(service: RegistryService, command: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Run one registry command of gatewayd.core.commands; a change is logged (REGISTRY_CHANGED).
-
-    RegistryError (one line, with AWS's exception name as `code`): refused, nothing written."""
-    spec = BY_NAME.get(command)
-    if spec is None:
-        raise RegistryError(f"unknown registry command {command!r}")
-    try:
-        result: dict[str, Any] = getattr(service, spec.method)(**_arguments(spec, args))
-    except TransitionRefused:
-        raise
-    except GatewaydError as exc:
-        if not exc.code:
-            exc.code = AwsError.INVALID_REQUEST.value
-        raise
-    except ValueError as exc:  # e.g. an unknown status name reaching an enum
-        raise RegistryError(str(exc)) from None
-    if spec.changes:
-        cid = str(result.get("certificateId") or args.get("certificateId") or "")
-        status = str(args.get("newStatus") or result.get("status") or "")
-        log.info(
-            "registry: %s %s%s",
-            command,
-            cid or "-",
-            f" -> {status}" if status else "",
-            extra=messages.extra(
-                messages.REGISTRY_CHANGED, command=command, certificate_id=cid, status=status
-            ),
-        )
-    return result

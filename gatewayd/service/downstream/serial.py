@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gatewayd.adapters.udev import UdevDevice
-from gatewayd.core import jsonsafe, messages
+from gatewayd.core import jsonsafe, logevents
 from gatewayd.core.config import Config, SerialSection
 
 log = logging.getLogger("gatewayd.serial")
@@ -140,7 +140,7 @@ class SerialSensors:
         except OSError as exc:
             log.error(
                 "cannot open serial sensor %s (downstream.serial[%d]): %s", path, index, exc.strerror,
-                extra=messages.extra(messages.SERIAL_OPEN_FAILED, device=path, reason=str(exc.strerror)),
+                extra=logevents.extra(logevents.SERIAL_OPEN_FAILED, device=path, reason=str(exc.strerror)),
             )  # fmt: skip
             return
         try:
@@ -151,7 +151,7 @@ class SerialSensors:
             os.close(fd)
             log.error(
                 "cannot configure serial sensor %s (downstream.serial[%d]): %s", path, index, exc,
-                extra=messages.extra(messages.SERIAL_OPEN_FAILED, device=path, reason=str(exc)),
+                extra=logevents.extra(logevents.SERIAL_OPEN_FAILED, device=path, reason=str(exc)),
             )  # fmt: skip
             return
         port = Port(path, rule, index, fd, rule.client_id)
@@ -161,7 +161,7 @@ class SerialSensors:
         log.info(
             "serial sensor %s opened on %s (%d baud, %d%s%d, %s records)", port.client_id or "?", path,
             rule.baudrate, rule.data_bits, rule.parity[0].upper(), rule.stop_bits, rule.format,
-            extra=messages.extra(messages.SERIAL_OPENED, client_id=port.client_id, device=path),
+            extra=logevents.extra(logevents.SERIAL_OPENED, client_id=port.client_id, device=path),
         )  # fmt: skip
 
     def _identify(self, port: Port) -> None:
@@ -173,7 +173,7 @@ class SerialSensors:
         if refusal != port.refusal and refusal is not None:
             log.warning(
                 "serial sensor on %s: %s; its records are dropped until it is ACTIVE", port.device, refusal,
-                extra=messages.extra(messages.SENSOR_REFUSED, client_id=port.client_id, reason=refusal,
+                extra=logevents.extra(logevents.SENSOR_REFUSED, client_id=port.client_id, reason=refusal,
                                      certificate_id=port.rule.certificate_id),
             )  # fmt: skip
         port.refusal = refusal
@@ -195,7 +195,7 @@ class SerialSensors:
         log.info(
             "serial sensor %s on %s closed (%s): %d records published, %d dropped", port.client_id,
             port.device, why, port.records, port.dropped,
-            extra=messages.extra(messages.SERIAL_CLOSED, client_id=port.client_id, device=port.device,
+            extra=logevents.extra(logevents.SERIAL_CLOSED, client_id=port.client_id, device=port.device,
                                  reason=why),
         )  # fmt: skip
 
@@ -286,7 +286,7 @@ class SerialSensors:
         log.warning(
             "serial sensor %s on %s: %d record(s) dropped (last: %s)", port.client_id, port.device,
             port.unlogged_drops, why or "see above",
-            extra=messages.extra(messages.SERIAL_RECORD_DROPPED, client_id=port.client_id,
+            extra=logevents.extra(logevents.SERIAL_RECORD_DROPPED, client_id=port.client_id,
                                  device=port.device, reason=why, dropped=port.unlogged_drops),
         )  # fmt: skip
         port.unlogged_drops, port.last_drop_log = 0, now

@@ -1,5 +1,5 @@
 """The uplink as the daemon sees it: a publish API with per-message acknowledgement, subscriptions, and a
-supervised child process (gatewayd.service.uplink_child) that holds the TLS connection.
+supervised child process (gatewayd.service.upstream.uplink_child) that holds the TLS connection.
 
 The daemon owns every message: `publish()` queues it, at most `window` (AWS IoT Core: 100) are in flight to
 the child at once, and a message is done only when the child reports its PUBACK. A message the child reports
@@ -27,23 +27,15 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from gatewayd.core import ipc, messages
+from gatewayd.core import ipc, logevents
 from gatewayd.core.backoff import Backoff
-from gatewayd.core.errors import GatewaydError
+from gatewayd.core.errors import IllegalTransition, UplinkError, UplinkRefused
 from gatewayd.core.shaping import Quota, Shaper
-from gatewayd.core.uplinkstate import IllegalTransition, UplinkEvent, UplinkMachine
+from gatewayd.core.uplinkstate import UplinkEvent, UplinkMachine
 
 log = logging.getLogger("gatewayd.uplink")
 
 EXIT_BAD_SETUP = 3  # uplink_child: certificate/key/bundle unusable
-
-
-class UplinkError(GatewaydError):
-    pass
-
-
-class UplinkRefused(UplinkError):
-    """A message AWS IoT would refuse (larger than upstream.quota.max_message_bytes): never sent."""
 
 
 @dataclass(frozen=True)
@@ -389,7 +381,7 @@ class Uplink:
                 log.warning(
                     "cannot connect: %s",
                     spec.reason,
-                    extra=messages.extra(messages.UPLINK_BLOCKED, reason=spec.reason),
+                    extra=logevents.extra(logevents.UPLINK_BLOCKED, reason=spec.reason),
                 )
             self._set(
                 UplinkEvent.TPM_ABSENT if spec.state == "waiting-for-tpm" else UplinkEvent.BLOCKED,
@@ -426,7 +418,7 @@ class Uplink:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "gatewayd.service.uplink_child",
+                "gatewayd.service.upstream.uplink_child",
                 str(child_sock.fileno()),
                 pass_fds=(child_sock.fileno(),),
                 env=env,
@@ -535,7 +527,7 @@ class Uplink:
                     return
                 log.info(
                     "connected to AWS IoT",
-                    extra=messages.extra(messages.UPLINK_CONNECTED, child_pid=self.status.child_pid),
+                    extra=logevents.extra(logevents.UPLINK_CONNECTED, child_pid=self.status.child_pid),
                 )
                 n = self.filters_per_subscribe  # AWS IoT: 8 filters per SUBSCRIBE
                 for start in range(0, len(self._subscriptions), n):
@@ -555,7 +547,7 @@ class Uplink:
                     log.warning(
                         "connection to AWS IoT lost: %s",
                         error or "closed",
-                        extra=messages.extra(messages.UPLINK_DISCONNECTED, reason=error),
+                        extra=logevents.extra(logevents.UPLINK_DISCONNECTED, reason=error),
                     )
             case "failed" | "refused" | "setup-failed":
                 self._set(_FAILURE_EVENTS[state], error)
@@ -565,7 +557,7 @@ class Uplink:
                 log.error(
                     "connection to AWS IoT failed: %s",
                     error,
-                    extra=messages.extra(messages.UPLINK_CONNECT_FAILED, reason=error),
+                    extra=logevents.extra(logevents.UPLINK_CONNECT_FAILED, reason=error),
                 )
             case "waiting":
                 self.status.next_attempt_at = time.time() + float(body.get("retry_in", 0.0))
@@ -620,7 +612,7 @@ class Uplink:
             log.info(
                 "uplink throttled: holding publishes back to stay within upstream.quota (%g publishes/s now)",
                 rate,
-                extra=messages.extra(messages.UPLINK_THROTTLED, publish_rate=rate),
+                extra=logevents.extra(logevents.UPLINK_THROTTLED, publish_rate=rate),
             )
         self._throttled_at = now
         self.status.throttled = True

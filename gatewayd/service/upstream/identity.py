@@ -18,16 +18,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from gatewayd.core import der, messages
+from gatewayd.core import der, logevents
 from gatewayd.core.config import Config
-from gatewayd.core.errors import TPMUnavailable
+from gatewayd.core.errors import CertificateError, IdentityError, TPMUnavailable
 from gatewayd.core.keys import Signature
 from gatewayd.core.timefmt import iso_utc
-from gatewayd.service import tpmproc
+from gatewayd.service.upstream import tpmproc
 from gatewayd.stores import softkey
-from gatewayd.stores.identity import IdentityError, IdentityStore, StoredKey, Version
+from gatewayd.stores.identity import IdentityStore, StoredKey, Version
 from gatewayd.stores.x509util import (
-    CertificateError,
     CertSummary,
     common_name,
     is_ca,
@@ -58,8 +57,9 @@ class Ready:
 
 
 class TPMOperations(Protocol):
-    """What the identity needs of the TPM: gatewayd.service.tpmproc (a helper process per operation, for the
-    long-running daemon) or gatewayd.adapters.tpm itself (in process, for the short-lived gatewayctl)."""
+    """What the identity needs of the TPM: gatewayd.service.upstream.tpmproc (a helper process per operation,
+    for the long-running daemon) or gatewayd.adapters.tpm itself (in process, for the short-lived
+    gatewayctl)."""
 
     def create_key(self, tcti: str, key_type: str, parent_handle: int) -> bytes: ...
 
@@ -113,7 +113,7 @@ class Identity:
             ident.key_type,
             key.number,
             "inside the TPM" if ident.key_backend == "tpm" else "as a software key file",
-            extra=messages.extra(messages.IDENTITY_CHANGED, action="create-key", key=key.number),
+            extra=logevents.extra(logevents.IDENTITY_CHANGED, action="create-key", key=key.number),
         )
         return key
 
@@ -125,7 +125,7 @@ class Identity:
         live = self.store.live()
         if live is not None:
             return self.store.key(live.key_number)
-        raise IdentityError("no key yet: run `gatewayctl identity create-key` first")
+        raise IdentityError("no key yet: create one first (identity create-key)")
 
     # ------------------------------------------------------------------ CSR
 
@@ -177,8 +177,8 @@ class Identity:
             summary.certificate_id,
             iso_utc(summary.not_after),
             version.number,
-            extra=messages.extra(
-                messages.IDENTITY_CHANGED,
+            extra=logevents.extra(
+                logevents.IDENTITY_CHANGED,
                 action=action,
                 certificate_id=summary.certificate_id,
                 not_after=iso_utc(summary.not_after),
@@ -342,3 +342,21 @@ class Identity:
             for v in self.store.versions()
         ]
         return out
+
+
+def run_identity_action(identity: Identity, action: str, args: dict[str, Any]) -> Any:
+    """One `gatewayctl identity` action, in the daemon or offline; JSON-ready result."""
+    match action:
+        case "create-key":
+            key = identity.create_key()
+            return {"key": key.number, **key.meta}
+        case "create-csr":
+            return {"csrPem": identity.create_csr().decode()}
+        case "install-certificate":
+            cert = str(args.get("certificatePem", "")).encode()
+            chain = str(args.get("chainPem", "")).encode()
+            version = identity.install_certificate(cert, chain)
+            return {"version": version.number, **identity.show()}
+        case "show":
+            return identity.show()
+    raise IdentityError(f"unknown identity action {action!r}")

@@ -21,7 +21,7 @@ class Priority(IntEnum):
 
 
 @dataclass(frozen=True)
-class Message:
+class Entry:
     name: str
     id: str  # 128-bit id, 32 lowercase hex digits, as sd-id128 formats it
     priority: Priority
@@ -30,7 +30,7 @@ class Message:
     fields: str = ""  # the event's own journal fields, for the docs
 
 
-STARTED = Message(
+STARTED = Entry(
     "STARTED",
     "4424b38321b54e6284e8d941ce335ae1",
     Priority.NOTICE,
@@ -38,21 +38,21 @@ STARTED = Message(
     "",
     fields="GATEWAYD_THING_NAME",
 )
-STOPPING = Message(
+STOPPING = Entry(
     "STOPPING",
     "ff238b37fe304f88bcd5ed36e8752adf",
     Priority.NOTICE,
     "gatewayd received SIGTERM or SIGINT and is closing its connections.",
     "",
 )
-STOPPED = Message(
+STOPPED = Entry(
     "STOPPED",
     "b22034a63fa5412f961e84697eacad93",
     Priority.NOTICE,
     "gatewayd finished a clean shutdown.",
     "",
 )
-CONFIG_INVALID = Message(
+CONFIG_INVALID = Entry(
     "CONFIG_INVALID",
     "5433ee6686064fe093cd41e0cf6789c5",
     Priority.ERR,
@@ -61,7 +61,7 @@ CONFIG_INVALID = Message(
     "`gatewayd check-config --config PATH`, then start the service again.",
     fields="none; MESSAGE holds one FILE:section.key: problem (one entry per problem)",
 )
-CONFIG_RELOADED = Message(
+CONFIG_RELOADED = Entry(
     "CONFIG_RELOADED",
     "f888cd108c4b40578400b26460a642c9",
     Priority.NOTICE,
@@ -69,7 +69,7 @@ CONFIG_RELOADED = Message(
     "",
     fields="GATEWAYD_APPLIED (keys applied live), GATEWAYD_RESTART (keys that need a restart)",
 )
-CONFIG_RELOAD_REFUSED = Message(
+CONFIG_RELOAD_REFUSED = Entry(
     "CONFIG_RELOAD_REFUSED",
     "c219c94109484390859b46b4ca7d38b9",
     Priority.ERR,
@@ -77,7 +77,7 @@ CONFIG_RELOAD_REFUSED = Message(
     "Fix the problems logged with this message, then reload again.",
     fields="GATEWAYD_CONFIG_KEY (one entry per problem)",
 )
-CONFIG_RESTART_REQUIRED = Message(
+CONFIG_RESTART_REQUIRED = Entry(
     "CONFIG_RESTART_REQUIRED",
     "b04cdcb0692e45d18bbedefdd0ded8d1",
     Priority.WARNING,
@@ -86,7 +86,7 @@ CONFIG_RESTART_REQUIRED = Message(
     "Restart the service (`systemctl restart gatewayd`) when convenient.",
     fields="GATEWAYD_CONFIG_KEY",
 )
-FATAL_ERROR = Message(
+FATAL_ERROR = Entry(
     "FATAL_ERROR",
     "4a318c3303c441059a56d618d2fec6ea",
     Priority.ERR,
@@ -94,7 +94,7 @@ FATAL_ERROR = Message(
     "Read the traceback in this entry and report it with the gatewayd version.",
 )
 
-UPLINK_CONNECTED = Message(
+UPLINK_CONNECTED = Entry(
     "UPLINK_CONNECTED",
     "73e8ecf3f1c14611ba9a302e37e9ac4b",
     Priority.NOTICE,
@@ -102,7 +102,7 @@ UPLINK_CONNECTED = Message(
     "",
     fields="GATEWAYD_CHILD_PID (the uplink process)",
 )
-UPLINK_DISCONNECTED = Message(
+UPLINK_DISCONNECTED = Entry(
     "UPLINK_DISCONNECTED",
     "75fd1d7931d542bb9c140db7169b6408",
     Priority.WARNING,
@@ -111,7 +111,7 @@ UPLINK_DISCONNECTED = Message(
     "None if it reconnects; otherwise check the network and GATEWAYD_REASON.",
     fields="GATEWAYD_REASON",
 )
-UPLINK_CONNECT_FAILED = Message(
+UPLINK_CONNECT_FAILED = Entry(
     "UPLINK_CONNECT_FAILED",
     "450e16a5a66b448a9d664aa2a6e2f0f7",
     Priority.ERR,
@@ -121,7 +121,7 @@ UPLINK_CONNECT_FAILED = Message(
     "certificate AWS IoT does not accept (inactive, revoked, policy) will not fix itself.",
     fields="GATEWAYD_REASON",
 )
-UPLINK_BLOCKED = Message(
+UPLINK_BLOCKED = Entry(
     "UPLINK_BLOCKED",
     "0415ad79d5d041d79e27c964b4104e92",
     Priority.ERR,
@@ -130,7 +130,7 @@ UPLINK_BLOCKED = Message(
     "Follow GATEWAYD_REASON, e.g. `gatewayctl identity create-key`, `create-csr`, `install-certificate`.",
     fields="GATEWAYD_REASON",
 )
-TRUST_ROOT_EXPIRING = Message(
+TRUST_ROOT_EXPIRING = Entry(
     "TRUST_ROOT_EXPIRING",
     "6e085e281c00443dbd777ad284bfa087",
     Priority.WARNING,
@@ -140,7 +140,7 @@ TRUST_ROOT_EXPIRING = Message(
     "gatewayctl trust update --mode all (proven by a trial connection before it is used).",
     fields="GATEWAYD_ROOT, GATEWAYD_NOT_AFTER, GATEWAYD_DAYS_LEFT",
 )
-INSECURE_KEY_BACKEND = Message(
+INSECURE_KEY_BACKEND = Entry(
     "INSECURE_KEY_BACKEND",
     "fdbf5799a6ab49988d12274970d952e2",
     Priority.WARNING,
@@ -148,7 +148,7 @@ INSECURE_KEY_BACKEND = Message(
     "it can impersonate this gateway. Logged at every start.",
     'Use key_backend = "tpm" on hardware with a TPM.',
 )
-LEGACY_TRUST = Message(
+LEGACY_TRUST = Entry(
     "LEGACY_TRUST",
     "df4bf252c71c46a481321308edddbea4",
     Priority.WARNING,
@@ -156,7 +156,7 @@ LEGACY_TRUST = Message(
     "longer supports legacy (non-ATS) endpoints. Logged at every start.",
     "Move to the ATS endpoint (`aws iot describe-endpoint --endpoint-type iot:Data-ATS`), mode rsa or ecc.",
 )
-DEV_TRUST_CATALOG = Message(
+DEV_TRUST_CATALOG = Entry(
     "DEV_TRUST_CATALOG",
     "4fff441bd2ac48c8926529797b33100a",
     Priority.WARNING,
@@ -164,7 +164,7 @@ DEV_TRUST_CATALOG = Message(
     "(tests and the demo). Never in production.",
     "Remove GATEWAYD_DEV_ROOT_CATALOG from the daemon's environment.",
 )
-IDENTITY_CHANGED = Message(
+IDENTITY_CHANGED = Entry(
     "IDENTITY_CHANGED",
     "d5695610d12044eeb14c37d13b79e297",
     Priority.NOTICE,
@@ -174,7 +174,7 @@ IDENTITY_CHANGED = Message(
     fields="GATEWAYD_ACTION, GATEWAYD_KEY or GATEWAYD_CERTIFICATE_ID and GATEWAYD_NOT_AFTER",
 )
 
-SENSOR_CONNECTED = Message(
+SENSOR_CONNECTED = Entry(
     "SENSOR_CONNECTED",
     "1c3350bfbdc24d149b618d5d237f3fa4",
     Priority.INFO,
@@ -182,7 +182,7 @@ SENSOR_CONNECTED = Message(
     "",
     fields="GATEWAYD_CLIENT_ID, GATEWAYD_CERTIFICATE_ID",
 )
-SENSOR_DISCONNECTED = Message(
+SENSOR_DISCONNECTED = Entry(
     "SENSOR_DISCONNECTED",
     "7e4d5e72ac2d493f91eb6cf240b2621c",
     Priority.INFO,
@@ -190,7 +190,7 @@ SENSOR_DISCONNECTED = Message(
     "",
     fields="GATEWAYD_CLIENT_ID, GATEWAYD_REASON",
 )
-SENSOR_REFUSED = Message(
+SENSOR_REFUSED = Entry(
     "SENSOR_REFUSED",
     "b6212cfc5c584b7fa5d25b8021bab179",
     Priority.WARNING,
@@ -200,7 +200,7 @@ SENSOR_REFUSED = Message(
     fields="GATEWAYD_CLIENT_ID, GATEWAYD_CERTIFICATE_ID, GATEWAYD_REASON",
 )
 
-SENSOR_CONNECTION_FAILED = Message(
+SENSOR_CONNECTION_FAILED = Entry(
     "SENSOR_CONNECTION_FAILED",
     "5418aceef99e4ec0858310df574556b0",
     Priority.ERR,
@@ -211,7 +211,7 @@ SENSOR_CONNECTION_FAILED = Message(
     fields="GATEWAYD_CLIENT_ID, GATEWAYD_REASON, GATEWAYD_ERROR",
 )
 
-CERTIFICATE_AUTO_REGISTERED = Message(
+CERTIFICATE_AUTO_REGISTERED = Entry(
     "CERTIFICATE_AUTO_REGISTERED",
     "e59be6f34bd84d8697dce0c2f4f06d58",
     Priority.NOTICE,
@@ -221,7 +221,7 @@ CERTIFICATE_AUTO_REGISTERED = Message(
     "--new-status ACTIVE.",
     fields="GATEWAYD_CERTIFICATE_ID, GATEWAYD_CA_CERTIFICATE_ID, GATEWAYD_STATUS, GATEWAYD_CLIENT_ID",
 )
-REGISTRY_CHANGED = Message(
+REGISTRY_CHANGED = Entry(
     "REGISTRY_CHANGED",
     "59fcee0d24bc49719678dfee4205955e",
     Priority.NOTICE,
@@ -230,7 +230,7 @@ REGISTRY_CHANGED = Message(
     "",
     fields="GATEWAYD_COMMAND, GATEWAYD_CERTIFICATE_ID, GATEWAYD_STATUS",
 )
-SENSOR_ADMISSION_REVOKED = Message(
+SENSOR_ADMISSION_REVOKED = Entry(
     "SENSOR_ADMISSION_REVOKED",
     "d6a10210d043420eade8410c218601d9",
     Priority.NOTICE,
@@ -238,7 +238,7 @@ SENSOR_ADMISSION_REVOKED = Message(
     "",
     fields="GATEWAYD_CLIENT_ID, GATEWAYD_CERTIFICATE_ID, GATEWAYD_REASON",
 )
-CONTROL_DENIED = Message(
+CONTROL_DENIED = Entry(
     "CONTROL_DENIED",
     "f547d19c113b44df8e8976c22465f96d",
     Priority.WARNING,
@@ -248,7 +248,7 @@ CONTROL_DENIED = Message(
     fields="GATEWAYD_PEER_UID, GATEWAYD_PEER_PID",
 )
 
-RENEWAL_SCHEDULED = Message(
+RENEWAL_SCHEDULED = Entry(
     "RENEWAL_SCHEDULED",
     "2596c0ed56d64c3c980ee2fa0d1b2c65",
     Priority.INFO,
@@ -257,7 +257,7 @@ RENEWAL_SCHEDULED = Message(
     "",
     fields="GATEWAYD_DUE, GATEWAYD_CERTIFICATE_ID, GATEWAYD_NOT_AFTER",
 )
-RENEWAL_STARTED = Message(
+RENEWAL_STARTED = Entry(
     "RENEWAL_STARTED",
     "6ec98490f2bb4f79af36396d3a645549",
     Priority.NOTICE,
@@ -265,7 +265,7 @@ RENEWAL_STARTED = Message(
     "",
     fields="GATEWAYD_ISSUER, GATEWAYD_CERTIFICATE_ID",
 )
-RENEWAL_ISSUED = Message(
+RENEWAL_ISSUED = Entry(
     "RENEWAL_ISSUED",
     "35406479ca404b28bf8b81e8d1b8aa2b",
     Priority.NOTICE,
@@ -274,7 +274,7 @@ RENEWAL_ISSUED = Message(
     "",
     fields="GATEWAYD_CERTIFICATE_ID, GATEWAYD_NOT_BEFORE, GATEWAYD_NOT_AFTER",
 )
-RENEWAL_TRIAL_FAILED = Message(
+RENEWAL_TRIAL_FAILED = Entry(
     "RENEWAL_TRIAL_FAILED",
     "fccc691baa464b56bbbfc7423461fc11",
     Priority.WARNING,
@@ -284,7 +284,7 @@ RENEWAL_TRIAL_FAILED = Message(
     "or not active, wrong CA, policy).",
     fields="GATEWAYD_CERTIFICATE_ID, GATEWAYD_REASON",
 )
-RENEWAL_PROMOTED = Message(
+RENEWAL_PROMOTED = Entry(
     "RENEWAL_PROMOTED",
     "ce00d0eac7da4b869d8b6ff357872963",
     Priority.NOTICE,
@@ -293,7 +293,7 @@ RENEWAL_PROMOTED = Message(
     "",
     fields="GATEWAYD_CERTIFICATE_ID, GATEWAYD_NOT_AFTER",
 )
-RENEWAL_ROLLED_BACK = Message(
+RENEWAL_ROLLED_BACK = Entry(
     "RENEWAL_ROLLED_BACK",
     "5d7d9cffea774762a87eec4beb59c79d",
     Priority.ERR,
@@ -303,7 +303,7 @@ RENEWAL_ROLLED_BACK = Message(
     "entries before this one).",
     fields="GATEWAYD_REASON, GATEWAYD_VERSION",
 )
-IDENTITY_EVENT = Message(
+IDENTITY_EVENT = Entry(
     "IDENTITY_EVENT",
     "0b13dc27d9b04a0f91038d41dee0fb12",
     Priority.INFO,
@@ -311,11 +311,12 @@ IDENTITY_EVENT = Message(
     "trial, or installed by hand); the identity event naming the certificate in use and the one no longer "
     "used was queued for renewal.identity_event_topic.",
     "Nothing on the gateway. In AWS IoT, deactivate the certificate no longer used "
-    "(GATEWAYD_UNUSED_CERTIFICATE_ID): the README's rotation recipe does it with a rule and a Lambda.",
+    "(GATEWAYD_UNUSED_CERTIFICATE_ID): the rotation recipe in identity.md (the documentation) does it "
+    "with a rule and a Lambda.",
     fields="GATEWAYD_EVENT, GATEWAYD_CERTIFICATE_ID, GATEWAYD_UNUSED_CERTIFICATE_ID",
 )
 
-RENEWAL_FAILED = Message(
+RENEWAL_FAILED = Entry(
     "RENEWAL_FAILED",
     "b65fac4ca24c4c7dac4d7dfcd0c7f8dd",
     Priority.ERR,
@@ -325,7 +326,7 @@ RENEWAL_FAILED = Message(
     fields="GATEWAYD_REASON, GATEWAYD_RETRY_IN",
 )
 
-TRUST_UPDATED = Message(
+TRUST_UPDATED = Entry(
     "TRUST_UPDATED",
     "0020c608aca0421ea43a257fa04a6996",
     Priority.NOTICE,
@@ -334,7 +335,7 @@ TRUST_UPDATED = Message(
     "",
     fields="GATEWAYD_MODE, GATEWAYD_ROOTS",
 )
-TRUST_UPDATE_FAILED = Message(
+TRUST_UPDATE_FAILED = Entry(
     "TRUST_UPDATE_FAILED",
     "e72d37e79c784a00a63402f090089723",
     Priority.WARNING,
@@ -343,7 +344,7 @@ TRUST_UPDATE_FAILED = Message(
     "Check that the new mode's roots include the one that signed the endpoint's certificate.",
     fields="GATEWAYD_MODE, GATEWAYD_REASON",
 )
-SPOOL_DROPPED = Message(
+SPOOL_DROPPED = Entry(
     "SPOOL_DROPPED",
     "575f1bf6cfe544b7a79f2ed64ef39218",
     Priority.WARNING,
@@ -355,7 +356,7 @@ SPOOL_DROPPED = Message(
     "spool.max_bytes / spool.max_age.",
     fields="GATEWAYD_REASON, GATEWAYD_DROPPED_QOS0, GATEWAYD_DROPPED_QOS1, GATEWAYD_DROPPED_EXPIRED",
 )
-SPOOL_FULL = Message(
+SPOOL_FULL = Entry(
     "SPOOL_FULL",
     "f03cd78115984ed3ba3c66ca772df8f4",
     Priority.WARNING,
@@ -364,7 +365,7 @@ SPOOL_FULL = Message(
     "Restore the uplink, or raise spool.max_bytes.",
     fields="GATEWAYD_SPOOL_BYTES, GATEWAYD_SPOOL_MESSAGES",
 )
-CONNECTIONS_LIMITED = Message(
+CONNECTIONS_LIMITED = Entry(
     "CONNECTIONS_LIMITED",
     "be287c52a40844188f8034b9257662ac",
     Priority.WARNING,
@@ -377,7 +378,7 @@ CONNECTIONS_LIMITED = Message(
     fields="GATEWAYD_REFUSED, GATEWAYD_PENDING, GATEWAYD_ADDRESS",
 )
 
-CLOSED_BEFORE_CONNECT = Message(
+CLOSED_BEFORE_CONNECT = Entry(
     "CLOSED_BEFORE_CONNECT",
     "d01d216c3c534b42b22665dc03b720f4",
     Priority.INFO,
@@ -390,7 +391,7 @@ CLOSED_BEFORE_CONNECT = Message(
     fields="GATEWAYD_COUNT, GATEWAYD_ADDRESS, GATEWAYD_REASON",
 )
 
-SUBSCRIPTION_REFUSED = Message(
+SUBSCRIPTION_REFUSED = Entry(
     "SUBSCRIPTION_REFUSED",
     "d1d932112d1742448e4012ee3eb17908",
     Priority.WARNING,
@@ -403,7 +404,7 @@ SUBSCRIPTION_REFUSED = Message(
     fields="GATEWAYD_CLIENT_ID, GATEWAYD_TOPIC_FILTER, GATEWAYD_REASON",
 )
 
-RETAINED_LIMITED = Message(
+RETAINED_LIMITED = Entry(
     "RETAINED_LIMITED",
     "a9d3b1cdf39a40ce8d9503a70eb50756",
     Priority.WARNING,
@@ -414,7 +415,7 @@ RETAINED_LIMITED = Message(
     fields="GATEWAYD_CLIENT_ID, GATEWAYD_TOPIC, GATEWAYD_REASON, GATEWAYD_REFUSED",
 )
 
-CLOCK_UNSYNCHRONIZED = Message(
+CLOCK_UNSYNCHRONIZED = Entry(
     "CLOCK_UNSYNCHRONIZED",
     "3f2546e1af7c4e27bd2ce66c37247e18",
     Priority.WARNING,
@@ -427,7 +428,7 @@ CLOCK_UNSYNCHRONIZED = Message(
     fields="GATEWAYD_SOURCE, GATEWAYD_WALL_CLOCK",
 )
 
-CLOCK_SYNCHRONIZED = Message(
+CLOCK_SYNCHRONIZED = Entry(
     "CLOCK_SYNCHRONIZED",
     "0da649487ce3427f9fcf6dd523237c5f",
     Priority.INFO,
@@ -437,7 +438,7 @@ CLOCK_SYNCHRONIZED = Message(
     fields="GATEWAYD_SOURCE, GATEWAYD_WALL_CLOCK",
 )
 
-CLOCK_JUMPED = Message(
+CLOCK_JUMPED = Entry(
     "CLOCK_JUMPED",
     "024585a9b01245d9878eb538e08eb614",
     Priority.NOTICE,
@@ -449,7 +450,7 @@ CLOCK_JUMPED = Message(
     fields="GATEWAYD_JUMP_SECONDS, GATEWAYD_WALL_CLOCK",
 )
 
-CLOCK_SUSPECT = Message(
+CLOCK_SUSPECT = Entry(
     "CLOCK_SUSPECT",
     "c54066cc3b044a4aa7f2d9e25e56a744",
     Priority.WARNING,
@@ -461,7 +462,7 @@ CLOCK_SUSPECT = Message(
     fields="GATEWAYD_WALL_CLOCK, GATEWAYD_REASON",
 )
 
-SPOOL_REPAIRED = Message(
+SPOOL_REPAIRED = Entry(
     "SPOOL_REPAIRED",
     "d95d426a6b5b4d4fbcf20990055425fa",
     Priority.WARNING,
@@ -472,7 +473,7 @@ SPOOL_REPAIRED = Message(
     "Nothing after a power cut. Repeated lines without power cuts: check the SD card (dmesg for I/O errors).",
     fields="GATEWAYD_DETAIL",
 )
-SPOOL_MIGRATED = Message(
+SPOOL_MIGRATED = Entry(
     "SPOOL_MIGRATED",
     "13e1c9287efd4b36b0b5ba4dbecea0ce",
     Priority.NOTICE,
@@ -481,7 +482,7 @@ SPOOL_MIGRATED = Message(
     "",
     fields="GATEWAYD_SPOOL_MESSAGES, GATEWAYD_SPOOL_BYTES",
 )
-SPOOL_BACKLOG = Message(
+SPOOL_BACKLOG = Entry(
     "SPOOL_BACKLOG",
     "a4bf03e305a24ba0b7109393cdc108f5",
     Priority.INFO,
@@ -492,7 +493,7 @@ SPOOL_BACKLOG = Message(
     fields="GATEWAYD_SPOOL_MESSAGES, GATEWAYD_SPOOL_BYTES, GATEWAYD_OLDEST_AGE_SECONDS, "
     "GATEWAYD_PUBLISH_RATE, GATEWAYD_THROTTLED",
 )
-UPLINK_THROTTLED = Message(
+UPLINK_THROTTLED = Entry(
     "UPLINK_THROTTLED",
     "2dc4c614b948489bae5409ac3fefd8e7",
     Priority.INFO,
@@ -504,7 +505,7 @@ UPLINK_THROTTLED = Message(
     fields="GATEWAYD_PUBLISH_RATE",
 )
 
-TPM_ARRIVED = Message(
+TPM_ARRIVED = Entry(
     "TPM_ARRIVED",
     "0073f0de700149c7a426e6209807f3a8",
     Priority.NOTICE,
@@ -512,7 +513,7 @@ TPM_ARRIVED = Message(
     "",
     fields="GATEWAYD_DEVICE",
 )
-TPM_REMOVED = Message(
+TPM_REMOVED = Entry(
     "TPM_REMOVED",
     "4b4059e494cd418094594dbe494af16a",
     Priority.WARNING,
@@ -522,7 +523,7 @@ TPM_REMOVED = Message(
     "announces it again.",
     fields="GATEWAYD_DEVICE",
 )
-NETWORK_CHANGED = Message(
+NETWORK_CHANGED = Entry(
     "NETWORK_CHANGED",
     "506ada7de32f4f41ba19d97995b480fe",
     Priority.INFO,
@@ -531,7 +532,7 @@ NETWORK_CHANGED = Message(
     "",
     fields="GATEWAYD_REASON (what changed), GATEWAYD_ADDRESSES (the host's addresses now)",
 )
-LISTENER_CERT_REISSUED = Message(
+LISTENER_CERT_REISSUED = Entry(
     "LISTENER_CERT_REISSUED",
     "8366a86238474d6f8830a14eb63555ec",
     Priority.NOTICE,
@@ -541,7 +542,7 @@ LISTENER_CERT_REISSUED = Message(
     "",
     fields="GATEWAYD_ADDRESSES, GATEWAYD_REASON",
 )
-HARDWARE_EVENTS_UNAVAILABLE = Message(
+HARDWARE_EVENTS_UNAVAILABLE = Entry(
     "HARDWARE_EVENTS_UNAVAILABLE",
     "b27d868cb7d04affb4912ec8d1f3b777",
     Priority.WARNING,
@@ -550,7 +551,7 @@ HARDWARE_EVENTS_UNAVAILABLE = Message(
     "Run gatewayd where udev runs (systemd-udevd) and allow AF_NETLINK (the packaged unit does).",
     fields="GATEWAYD_REASON",
 )
-SERIAL_OPENED = Message(
+SERIAL_OPENED = Entry(
     "SERIAL_OPENED",
     "8feac67ea25e4d3b954555776d3d3705",
     Priority.INFO,
@@ -559,7 +560,7 @@ SERIAL_OPENED = Message(
     "",
     fields="GATEWAYD_CLIENT_ID, GATEWAYD_DEVICE",
 )
-SERIAL_CLOSED = Message(
+SERIAL_CLOSED = Entry(
     "SERIAL_CLOSED",
     "24d07386c2eb49dc93e8276482085bf2",
     Priority.INFO,
@@ -568,7 +569,7 @@ SERIAL_CLOSED = Message(
     "",
     fields="GATEWAYD_CLIENT_ID, GATEWAYD_DEVICE, GATEWAYD_REASON",
 )
-SERIAL_OPEN_FAILED = Message(
+SERIAL_OPEN_FAILED = Entry(
     "SERIAL_OPEN_FAILED",
     "1cd1f4237e304ccb9480e5dd36d90745",
     Priority.ERR,
@@ -577,7 +578,7 @@ SERIAL_OPEN_FAILED = Message(
     "gatewayd in group dialout; other devices need a DeviceAllow= drop-in.",
     fields="GATEWAYD_DEVICE, GATEWAYD_REASON",
 )
-SERIAL_RECORD_DROPPED = Message(
+SERIAL_RECORD_DROPPED = Entry(
     "SERIAL_RECORD_DROPPED",
     "5504e6e7deeb4e1ab77fbdcc1a3001a0",
     Priority.WARNING,
@@ -589,7 +590,7 @@ SERIAL_RECORD_DROPPED = Message(
     fields="GATEWAYD_CLIENT_ID, GATEWAYD_DEVICE, GATEWAYD_REASON, GATEWAYD_DROPPED",
 )
 
-ALL: tuple[Message, ...] = (
+ALL: tuple[Entry, ...] = (
     STARTED,
     STOPPING,
     STOPPED,
@@ -651,7 +652,7 @@ ALL: tuple[Message, ...] = (
 )
 
 
-def extra(message: Message, **fields: object) -> dict[str, object]:
+def extra(message: Entry, **fields: object) -> dict[str, object]:
     """`extra=` for a logging call: attaches the MESSAGE_ID, the message's own syslog priority (journald's
     PRIORITY, e.g. NOTICE for a record logged at INFO) and structured fields to the record."""
     return {

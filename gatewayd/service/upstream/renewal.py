@@ -19,27 +19,26 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
-from gatewayd.core import messages
+from gatewayd.core import logevents
 from gatewayd.core.config import Config, RenewalSection
-from gatewayd.core.errors import GatewaydError
+from gatewayd.core.errors import GatewaydError, RenewalFailed
 from gatewayd.core.renewal import (
     RESUME,
     Event,
-    RenewBefore,
     Resume,
     Step,
-    parse_duration,
     renewal_due,
     retry_delay,
 )
+from gatewayd.core.templates import expand
 from gatewayd.core.timefmt import iso_utc
-from gatewayd.core.topics import expand
-from gatewayd.service.identity import Identity
-from gatewayd.service.issuer import CommandIssuer, FleetProvisioningIssuer, Issuer, Route
-from gatewayd.service.uplink import Blocked, ChildSpec, Uplink, UplinkStatus
+from gatewayd.service.upstream.identity import Identity
+from gatewayd.service.upstream.issuer import CommandIssuer, FleetProvisioningIssuer, Issuer, Route
+from gatewayd.service.upstream.switchover import confirm, prove
+from gatewayd.service.upstream.uplink import ChildSpec, Uplink
 from gatewayd.stores.identity import IdentityStore, Version
 from gatewayd.stores.renewal import Outcome, RenewalStore
 from gatewayd.stores.x509util import CertSummary
@@ -52,64 +51,6 @@ SpecFor = Callable[[Version, str], ChildSpec]  # (version, client id) -> how to 
 def jitter_for(certificate_id: str) -> float:
     """A stable per-certificate value in [0, 1): the same after a restart, different across a fleet."""
     return int(certificate_id[:8], 16) / 2**32
-
-
-class RenewalFailed(GatewaydError):
-    pass
-
-
-async def trial_connection(spec: ChildSpec, timeout: float) -> str | None:
-    """Connect once with `spec` in a separate uplink process; None when it connected, else why not."""
-    outcome: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-
-    def on_state(status: UplinkStatus) -> None:
-        if outcome.done():
-            return
-        if status.state == "connected":
-            outcome.set_result(None)
-        elif status.state in ("failed", "refused", "setup-failed") or (
-            status.state == "disconnected" and status.last_error
-        ):  # with TLS 1.3 a refused client certificate shows as a connection lost right after the handshake
-            outcome.set_result(status.last_error or status.state)
-
-    async def prepare() -> ChildSpec | Blocked:
-        return spec
-
-    trial = Uplink(prepare, lambda *a: None, on_state=on_state, blocked_retry=timeout, trial=True)
-    async with trial:
-        try:
-            return await asyncio.wait_for(outcome, timeout)
-        except TimeoutError:
-            return f"no connection within {timeout:g} s"
-
-
-async def prove(
-    uplink: Uplink,
-    spec: ChildSpec,
-    separate_client_id: bool,
-    timeout: float,
-    on_success: Callable[[], Awaitable[None]],
-) -> str | None:
-    """Prove `spec` (a staged identity or a candidate trust bundle) with a trial connection; if it
-    connects, await `on_success` (which installs what was proven) before the uplink goes on with it.
-
-    With the thing name as client id a trial would take over the live session, so the uplink is suspended
-    for the trial (sensor traffic waits in the gateway) and resumes afterwards; with a separate trial
-    client id the uplink keeps running and is restarted after a success to switch over. Returns the
-    trial's error, or None.
-    """
-    if not separate_client_id:
-        await uplink.suspend()
-    try:
-        error = await trial_connection(spec, timeout)
-        if error is None:
-            await on_success()
-    finally:
-        if not separate_client_id:
-            uplink.resume()
-    if error is None and separate_client_id:
-        uplink.restart()
-    return error
 
 
 class Renewer:
@@ -161,7 +102,7 @@ class Renewer:
 
     def _issuer(self) -> Issuer | None:
         s = self.settings
-        timeout = parse_duration(s.issue_timeout)
+        timeout = s.issue_timeout.seconds
         if s.issuer == "command":
             env = {"GATEWAYD_THING_NAME": self.config.gateway.thing_name}
             return CommandIssuer(s.command, timeout, env)
@@ -182,8 +123,8 @@ class Renewer:
         if live is None:
             return None, ""
         s = CertSummary.of(live.certificate())
-        policy = RenewBefore.parse(self.settings.renew_before)
-        max_age = parse_duration(self.settings.max_age) if self.settings.max_age else None
+        policy = self.settings.renew_before.policy
+        max_age = self.settings.max_age.seconds or None
         return renewal_due(
             s.not_before.timestamp(), s.not_after.timestamp(), policy, max_age, jitter_for(s.certificate_id)
         )
@@ -258,8 +199,8 @@ class Renewer:
             iso_utc(nxt),
             s.certificate_id if s else "-",
             iso_utc(s.not_after.timestamp()) if s else "-",
-            extra=messages.extra(
-                messages.RENEWAL_SCHEDULED,
+            extra=logevents.extra(
+                logevents.RENEWAL_SCHEDULED,
                 due=iso_utc(nxt),
                 certificate_id=s.certificate_id if s else "",
                 not_after=iso_utc(s.not_after.timestamp()) if s else "",
@@ -279,7 +220,7 @@ class Renewer:
                 # else it looks again after check_interval)
                 self._note_clock_wait(nxt)
                 nxt = None
-            wait = parse_duration(self.settings.check_interval)
+            wait = self.settings.check_interval.seconds
             if issuer is not None and nxt is not None:
                 wait = min(wait, max(nxt - self.now(), 0.0))
             if not self._force and (issuer is None or nxt is None or nxt > self.now()):
@@ -329,8 +270,8 @@ class Renewer:
             "renewal started (issuer %s, certificate %s)",
             issuer.name,
             live.meta.get("certificateId"),
-            extra=messages.extra(
-                messages.RENEWAL_STARTED,
+            extra=logevents.extra(
+                logevents.RENEWAL_STARTED,
                 issuer=issuer.name,
                 certificate_id=str(live.meta.get("certificateId")),
             ),
@@ -360,8 +301,8 @@ class Renewer:
             iso_utc(s.not_before.timestamp()),
             iso_utc(s.not_after.timestamp()),
             version.number,
-            extra=messages.extra(
-                messages.RENEWAL_ISSUED,
+            extra=logevents.extra(
+                logevents.RENEWAL_ISSUED,
                 certificate_id=s.certificate_id,
                 not_before=iso_utc(s.not_before.timestamp()),
                 not_after=iso_utc(s.not_after.timestamp()),
@@ -389,8 +330,8 @@ class Renewer:
                 "certificate %s promoted (previous version %s kept for rollback)",
                 s.certificate_id,
                 self.state.previous_version,
-                extra=messages.extra(
-                    messages.RENEWAL_PROMOTED,
+                extra=logevents.extra(
+                    logevents.RENEWAL_PROMOTED,
                     certificate_id=s.certificate_id,
                     not_after=iso_utc(s.not_after.timestamp()),
                 ),
@@ -400,7 +341,7 @@ class Renewer:
             self.uplink,
             self.spec_for(version, client_id),
             bool(self.settings.trial_client_id),
-            parse_duration(self.settings.trial_timeout),
+            self.settings.trial_timeout.seconds,
             promote,
         )
         if error is not None:
@@ -408,8 +349,8 @@ class Renewer:
                 "trial connection with certificate %s failed: %s",
                 s.certificate_id,
                 error,
-                extra=messages.extra(
-                    messages.RENEWAL_TRIAL_FAILED, certificate_id=s.certificate_id, reason=error
+                extra=logevents.extra(
+                    logevents.RENEWAL_TRIAL_FAILED, certificate_id=s.certificate_id, reason=error
                 ),
             )
             live = self.store.live()
@@ -431,20 +372,17 @@ class Renewer:
         version = self.store.version(self.state.staged_version)
         cid = str(version.meta.get("certificateId"))
         old = self._certificate_id(self.state.previous_version)
-        window = parse_duration(self.settings.rollback_window)
+        window = self.settings.rollback_window.seconds
         # what is left of the window by the (persisted) promotion time, never more than the window (a clock
         # set back), then counted on the monotonic clock (a jump during the window changes nothing)
         left = min(max(self.state.promoted_at + window - self.now(), 0.0), window)
-        deadline = time.monotonic() + left
-        while time.monotonic() < deadline:
-            if self.uplink.connected and self.connected_id() == cid:
-                self._advance(Event.CONFIRMED, attempt=0, last=Outcome(self.now(), "renewed", "", cid))
-                self._retry_mono = None
-                await asyncio.to_thread(self._prune)
-                log.info("connected with certificate %s; renewal complete", cid)
-                self.identity_event("promoted", old, cid, "renewal: the new certificate connected")
-                return
-            await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
+        if await confirm(self.uplink, left, lambda: self.connected_id() == cid):
+            self._advance(Event.CONFIRMED, attempt=0, last=Outcome(self.now(), "renewed", "", cid))
+            self._retry_mono = None
+            await asyncio.to_thread(self._prune)
+            log.info("connected with certificate %s; renewal complete", cid)
+            self.identity_event("promoted", old, cid, "renewal: the new certificate connected")
+            return
         await self._rollback(f"certificate {cid} did not connect within the rollback window")
 
     async def _rollback(self, reason: str) -> None:
@@ -457,7 +395,7 @@ class Renewer:
             "renewal rolled back to version %s: %s",
             previous,
             reason,
-            extra=messages.extra(messages.RENEWAL_ROLLED_BACK, reason=reason, version=str(previous)),
+            extra=logevents.extra(logevents.RENEWAL_ROLLED_BACK, reason=reason, version=str(previous)),
         )
         attempt = self.state.attempt + 1
         self._advance(Event.ROLLED_BACK, attempt=attempt, last=Outcome(self.now(), "rolled-back", reason))
@@ -492,7 +430,7 @@ class Renewer:
         }
         log.info(
             "identity event %s: certificate %s in use, %s no longer", event, active, unused,
-            extra=messages.extra(messages.IDENTITY_EVENT, event=event, certificate_id=active or "",
+            extra=logevents.extra(logevents.IDENTITY_EVENT, event=event, certificate_id=active or "",
                                  unused_certificate_id=unused or ""),
         )  # fmt: skip
         template = self.settings.identity_event_topic
@@ -516,14 +454,14 @@ class Renewer:
             reason,
             ", ".join(removed) or "nothing",
             delay,
-            extra=messages.extra(messages.RENEWAL_FAILED, reason=reason, retry_in=round(delay)),
+            extra=logevents.extra(logevents.RENEWAL_FAILED, reason=reason, retry_in=round(delay)),
         )
 
     def _schedule_retry(self, attempt: int) -> float:
         delay = retry_delay(
             attempt,
-            parse_duration(self.settings.retry_interval),
-            parse_duration(self.settings.retry_max),
+            self.settings.retry_interval.seconds,
+            self.settings.retry_max.seconds,
             self.rand(),
         )
         self._retry_mono = time.monotonic() + delay

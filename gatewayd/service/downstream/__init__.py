@@ -1,0 +1,2 @@
+"""The [downstream] side: the sensors' listeners, the broker and its parts, the certificate registry,
+serial sensors."""

@@ -1,0 +1,1 @@
+"""The [upstream] side: the gateway's identity, the uplink process to AWS IoT Core, renewal and trust."""
