@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gatewayd.core import messages
+from gatewayd.core import logevents
+from gatewayd.core.errors import TrustError
 from gatewayd.core.trust import AMAZON, STARFIELD_SERVICES_G2, expiry_warnings
 from gatewayd.stores import truststore
-from gatewayd.stores.truststore import TrustError
 from gatewayd.stores.x509util import certificate_id, pem_blocks_der
 from gatewayd_dev import pki
 
@@ -45,12 +45,12 @@ def test_starfield_is_in_the_system_store_but_in_no_mode(tmp_path: Path) -> None
         assert STARFIELD_SERVICES_G2.sha256 not in {certificate_id(c) for c in bundle.certs}
 
 
-def test_readme_states_each_modes_bundle_size(tmp_path: Path) -> None:
-    readme = (REPO / "README.md").read_text()
+def test_manual_states_each_modes_bundle_size(tmp_path: Path) -> None:
+    readme = (REPO / "docs" / "trust.md").read_text()
     for mode in ("rsa", "ecc", "all"):
         size = truststore.build(mode, AMAZON, SYSTEM, None, tmp_path / mode).path.stat().st_size
         assert re.search(rf"^\| `{mode}` \|.*\| {size} \|", readme, re.M), (
-            f"README lacks {mode}: {size} bytes"
+            f"docs/trust.md lacks {mode}: {size} bytes"
         )
 
 
@@ -109,7 +109,7 @@ def test_custom_and_legacy_use_only_ca_file(tmp_path: Path) -> None:
 def test_legacy_mode_warns_at_start(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gatewayd.service.upstream import build_trust
+    from gatewayd.service.upstream.link import build_trust
     from gatewayd.stores.configfile import load
     from gatewayd_dev.gateway import write_config
 
@@ -131,7 +131,7 @@ def test_legacy_mode_warns_at_start(
     monkeypatch.setattr(logging.getLogger("gatewayd"), "propagate", True)
     with caplog.at_level(logging.WARNING, logger="gatewayd"):
         build_trust(config)
-    (record,) = [r for r in caplog.records if getattr(r, "message_id", "") == messages.LEGACY_TRUST.id]
+    (record,) = [r for r in caplog.records if getattr(r, "message_id", "") == logevents.LEGACY_TRUST.id]
     assert "AWS no longer supports legacy endpoints" in record.getMessage()
 
 
