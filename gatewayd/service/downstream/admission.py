@@ -16,6 +16,7 @@ from gatewayd.core import logevents
 from gatewayd.core.config import Config
 from gatewayd.core.mqtt.packets import Reason
 from gatewayd.core.mqtt.topics import identity_problem
+from gatewayd.core.throttle import LogThrottle
 
 log = logging.getLogger("gatewayd.broker")
 
@@ -71,21 +72,18 @@ class EarlyCloses:
     CLOSED_LOG_EVERY seconds with the count, so a slow-loris or a scan never floods the journal."""
 
     def __init__(self) -> None:
-        self.count = 0  # since the daemon started
-        self._unlogged = 0
-        self._logged_at = -CLOSED_LOG_EVERY
+        self._throttle = LogThrottle(CLOSED_LOG_EVERY)
+
+    @property
+    def count(self) -> int:
+        """Since the daemon started."""
+        return self._throttle.total
 
     def closed(self, address: str, why: str) -> None:
-        self.count += 1
-        self._unlogged += 1
-        now = time.monotonic()
-        if now - self._logged_at < CLOSED_LOG_EVERY:
+        count = self._throttle.event(time.monotonic())
+        if count is None:
             return
-        self._logged_at = now
         log.info(
-            "%d connection(s) closed before CONNECT; the last from %s: %s",
-            self._unlogged, address, why,
-            extra=logevents.extra(logevents.CLOSED_BEFORE_CONNECT, count=self._unlogged,
-                                  address=address, reason=why),
+            "%d connection(s) closed before CONNECT; the last from %s: %s", count, address, why,
+            extra=logevents.extra(logevents.CLOSED_BEFORE_CONNECT, count=count, address=address, reason=why),
         )  # fmt: skip
-        self._unlogged = 0

@@ -19,6 +19,7 @@ from gatewayd.adapters.tls import TLS12_CIPHERS
 from gatewayd.core import logevents
 from gatewayd.core.config import Config, ListenerSection
 from gatewayd.core.errors import GatewaydError
+from gatewayd.core.throttle import LogThrottle
 from gatewayd.service.downstream.broker import Broker
 from gatewayd.stores.localca import LocalCA, ServerIdentity, host_names_and_addresses
 
@@ -67,24 +68,18 @@ class PendingGate:
     """Connections between accept and an accepted CONNECT (TLS handshake included), counted in all and per
     source address: beyond `downstream.max_pending_connections` or `max_pending_per_address` (loopback
     excepted) a new one is closed at once, so strangers cannot take the file descriptors and memory that
-    sensors need. What is refused is logged at most once per LOG_EVERY seconds, with the counts."""
-
-    LOG_EVERY = 10.0
+    sensors need. What is refused is logged at most once every 10 s, with the counts."""
 
     def __init__(self, total: int, per_address: int) -> None:
         self.total, self.per_address = total, per_address
         self.pending = 0
         self.by_address: dict[str, int] = {}
-        self.refused = 0  # since the daemon started
-        self._unlogged = 0
-        self._logged_at = -self.LOG_EVERY
+        self.refusals = LogThrottle()
 
     def enter(self, address: str) -> bool:
         count = self.by_address.get(address, 0)
         limited = address and not _loopback(address) and count >= self.per_address
         if self.pending >= self.total or limited:
-            self.refused += 1
-            self._unlogged += 1
             self._log(address, "per address" if limited else "in all")
             return False
         self.pending += 1
@@ -99,19 +94,22 @@ class PendingGate:
         else:
             del self.by_address[address]
 
+    @property
+    def refused(self) -> int:
+        """Connections refused since the daemon started."""
+        return self.refusals.total
+
     def _log(self, address: str, which: str) -> None:
-        now = time.monotonic()
-        if now - self._logged_at < self.LOG_EVERY:
+        count = self.refusals.event(time.monotonic())
+        if count is None:
             return
-        self._logged_at = now
         log.warning(
             "closed %d new connection(s) before CONNECT: too many pending (%d %s, limit %d in all and %d per "
-            "address); the last from %s", self._unlogged, self.pending, which, self.total, self.per_address,
+            "address); the last from %s", count, self.pending, which, self.total, self.per_address,
             address or "a local socket",
-            extra=logevents.extra(logevents.CONNECTIONS_LIMITED, refused=self._unlogged, pending=self.pending,
+            extra=logevents.extra(logevents.CONNECTIONS_LIMITED, refused=count, pending=self.pending,
                                  address=address),
         )  # fmt: skip
-        self._unlogged = 0
 
 
 def _loopback(address: str) -> bool:

@@ -14,6 +14,7 @@ from gatewayd.core import logevents
 from gatewayd.core.config import DownstreamSection
 from gatewayd.core.mqtt.packets import Prop, Publish
 from gatewayd.core.mqtt.topics import matches
+from gatewayd.core.throttle import LogThrottle
 
 log = logging.getLogger("gatewayd.broker")
 
@@ -28,8 +29,7 @@ class RetainedMessages:
         self._meta: dict[str, tuple[str, int, float, int | None]] = {}
         self.bytes = 0
         self.by_owner: dict[str, int] = {}  # client id -> bytes it retains
-        self.refused = 0
-        self._logged_at = -LOG_EVERY
+        self._refusals = LogThrottle(LOG_EVERY)
 
     def keep(self, p: Publish, owner: str) -> None:
         """A retained publish: an empty one clears the topic's message, any other replaces it."""
@@ -69,12 +69,14 @@ class RetainedMessages:
         else:
             self.by_owner.pop(owner, None)
 
+    @property
+    def refused(self) -> int:
+        """Retained messages not kept for the bounds, since the daemon started."""
+        return self._refusals.total
+
     def _refused(self, owner: str, topic: str, why: str) -> None:
-        now = time.monotonic()
-        self.refused += 1
-        if now - self._logged_at < LOG_EVERY:
+        if self._refusals.event(time.monotonic()) is None:
             return
-        self._logged_at = now
         log.warning(
             "retained message of %s on %s not kept (delivered all the same): %s", owner, topic, why,
             extra=logevents.extra(logevents.RETAINED_LIMITED, client_id=owner, topic=topic, reason=why,
