@@ -147,7 +147,8 @@ def config_man() -> str:
     flush()
     out += [
         ".SH SEE ALSO",
-        "gatewayd(8), gatewayctl(8), /usr/share/doc/gatewayd/README.md",
+        "gatewayd(8), gatewayctl(8), /usr/share/doc/gatewayd/configuration.md (the manual's page on the",
+        "configuration; README.md beside it leads to the others)",
         "",
     ]
     return "\n".join(out)
