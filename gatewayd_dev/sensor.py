@@ -99,6 +99,21 @@ class Sensor:
         rc = args[1] if PAHO2 else args[0]  # 2.x: (flags, reason, properties); 1.6: (rc,) or (rc, properties)
         self.disconnects.append(_code(rc))
 
+    def _guard_network_thread(self) -> None:
+        """paho-mqtt 1.6's network thread dies on ssl.SSLEOFError when the server closes the connection in the
+        middle of a write (the gateway disconnecting an oversized publisher while paho still sends it): a
+        bug of the library, which then reports nothing. Recorded here as what it is, a lost connection
+        (paho's MQTT_ERR_CONN_LOST, 7, what 1.6 reports for a server's DISCONNECT too)."""
+        run = self.client._thread_main
+
+        def guarded() -> None:
+            try:
+                run()
+            except (ssl.SSLError, OSError):
+                self.disconnects.append(7)
+
+        self.client._thread_main = guarded  # type: ignore[method-assign]
+
     def connect(self, timeout: float = 10) -> int:
         """Connect and wait for CONNACK; returns its code (raises on TLS failure)."""
         kw: dict[str, Any] = {}
@@ -111,6 +126,7 @@ class Sensor:
             props.SessionExpiryInterval = expiry if expiry is not None else 0 if self.clean else 600
             kw = {"clean_start": self.clean, "properties": props}
         self.client.connect(self.host, self.port, self.keepalive, **kw)
+        self._guard_network_thread()
         self.client.loop_start()
         wait_until(lambda: self.connack is not None or bool(self.disconnects), timeout, "CONNACK")
         return self.connack if self.connack is not None else -1
