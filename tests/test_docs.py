@@ -57,3 +57,22 @@ def test_no_pointer_to_a_readme_section_is_left() -> None:
     ]:
         if path.is_file():
             assert not stale.search(path.read_text(errors="replace")), f"{path}: points to a README section"
+
+
+SECTION_REF = re.compile(r"docs/([a-z]+\.md),? \(?\"([^\"]+)\"")
+
+
+def test_pointers_to_a_section_of_the_manual_name_one_that_exists() -> None:
+    """`docs/identity.md, "Renewal"` in a docstring, the reference config or the man page: the page has a
+    heading (or a bold run-in title) of that name."""
+    sources = [*REPO.glob("gatewayd/**/*.py"), REPO / "config" / "gatewayd.toml", *DOCS, REPO / "README.md"]
+    found = 0
+    for path in sources:
+        text = re.sub(r"\s*\n\s*(#\s*)?", " ", path.read_text())  # a reference may wrap across lines
+        for page, section in SECTION_REF.findall(text):
+            found += 1
+            target = (REPO / "docs" / page).read_text()
+            assert re.search(rf"^#+ {re.escape(section)}|\*\*{re.escape(section)}", target, re.M), (
+                f'{path.relative_to(REPO)} points to docs/{page}, "{section}", which it does not have'
+            )
+    assert found >= 5, "the pattern no longer finds the references"

@@ -2,7 +2,7 @@
 
 `build()` returns every component, none of them optional, for the daemon (service/daemon.py) to run;
 `open_registry()` is the registry as both the daemon and gatewayctl's offline mode open it. The order
-components start in, and why, is in docs/architecture.md ("Process model").
+components start in is in docs/architecture.md ("Components").
 """
 
 from __future__ import annotations

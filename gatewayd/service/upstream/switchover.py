@@ -10,7 +10,7 @@ service/upstream/:
 
 Renewal persists its step between 2 and 3 (a power cut during the window resumes at 3), so the steps are
 separate functions rather than one; the trust update runs them in one go (`switch_over`).
-docs/architecture.md, "Renewal", has the data flow.
+docs/architecture.md, "A renewal", has the data flow.
 """
 
 from __future__ import annotations
