@@ -52,23 +52,18 @@ typecheck: deps
 
 # The whole suite: lint, types, then every test twice: on the pinned PyPI libraries in .venv, and on
 # Debian's own python3-* packages (what the .deb runs on); then the .deb in booted Debian 12 and 13
-# containers. CI runs exactly this (.ci/run). The two passes run side by side: each keeps a core busy
-# about two thirds of the time, so on a 2-core machine together they took 16 min where one after the other
-# took 30 (measured 2026-12-02). They share nothing: each has its own temporary directory, the tests take
-# free ports and random 127/8 addresses and make their own namespaces. Each pass's output is printed when
-# it ends (make -O).
-test: lint typecheck
-	$(MAKE) --no-print-directory -j2 -O test-venv test-debian
-	$(MAKE) --no-print-directory test-system
+# containers. CI runs exactly this (.ci/run). The two passes run one after the other: side by side (make
+# -j2) they took 16 min instead of 30 on a 2-core machine, but the contention made timing-sensitive tests
+# fail in two runs of two, so they stay sequential.
+test: lint typecheck test-venv test-debian test-system
 
 test-venv: deps
-	$(VENV)/bin/pytest --basetemp=/tmp/gatewayd-tests-venv $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-debian: deps
 	@echo "== the same suite on Debian's packages: $$(dpkg-query -W -f='$${Package} $${Version}, ' \
 	    python3-tpm2-pytss python3-paho-mqtt python3-cryptography)"
-	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -p no:cacheprovider --basetemp=/tmp/gatewayd-tests-debian \
-	    $(PYTEST_ARGS)
+	PYTHONPATH=$(CURDIR) $(PYTHON) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 # The package installed with apt in booted containers (systest/; needs root, through sudo when not root).
 # Root file systems are cached in $${GATEWAYD_SYSTEST_CACHE:-/var/cache/gatewayd-systest}.
